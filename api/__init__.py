@@ -1,0 +1,1 @@
+"""The Django app that owns the models, migrations, REST API and admin."""

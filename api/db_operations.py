@@ -1,0 +1,116 @@
+"""Custom migration operations: append-only trigger and concurrent, self-repairing index builds."""
+
+from __future__ import annotations
+
+from django.db import migrations
+
+APPEND_ONLY_FUNCTION = """
+CREATE OR REPLACE FUNCTION stopmonitor_event_append_only() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'api_stopmonitorevent is append-only: % refused (invariant 8)', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$ LANGUAGE plpgsql;
+"""
+
+
+class AppendOnlyTrigger(migrations.operations.base.Operation):
+    """On PostgreSQL, a row trigger that refuses UPDATE and DELETE on ``table``.
+
+    TRUNCATE stays possible for the test runner's flush; it needs table ownership, which the
+    application role should not have in production.
+
+    Other databases rely on the ORM guard in ``api.models.StopMonitorEvent``.
+    """
+
+    reduces_to_sql = True
+    reversible = True
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(APPEND_ONLY_FUNCTION, params=None)
+        schema_editor.execute(
+            f'CREATE TRIGGER "{self.table}_append_only" BEFORE UPDATE OR DELETE ON "{self.table}" '
+            "FOR EACH ROW EXECUTE FUNCTION stopmonitor_event_append_only()"
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.table}_append_only" ON "{self.table}"')
+        schema_editor.execute("DROP FUNCTION IF EXISTS stopmonitor_event_append_only()")
+
+    def describe(self):
+        return f"Refuse UPDATE and DELETE on {self.table} (PostgreSQL trigger)"
+
+
+class AddIndexConcurrentlyRepairing(migrations.AddIndex):
+    """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.
+
+    An index left INVALID by an earlier failed concurrent build is dropped (concurrently) and
+    built again instead of being skipped; a valid one already present is kept. The migration
+    using it must set ``atomic = False``. On SQLite it is a plain ``CREATE INDEX``.
+    """
+
+    def __init__(self, model_name, index, lock_timeout: str = "5s"):
+        super().__init__(model_name, index)
+        self.lock_timeout = lock_timeout
+
+    def deconstruct(self):
+        name, args, kwargs = super().deconstruct()
+        kwargs["lock_timeout"] = self.lock_timeout
+        return name, args, kwargs
+
+    @staticmethod
+    def index_state(connection, name: str) -> str:
+        """``"missing"``, ``"valid"`` or ``"invalid"`` for the index ``name`` (PostgreSQL)."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname = %s AND pg_table_is_visible(c.oid)",
+                [name],
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return "missing"
+        return "valid" if row[0] else "invalid"
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        model = to_state.apps.get_model(app_label, self.model_name)
+        if not self.allow_migrate_model(schema_editor.connection.alias, model):
+            return
+        connection = schema_editor.connection
+        if connection.vendor != "postgresql":
+            schema_editor.add_index(model, self.index)
+            return
+        if connection.in_atomic_block:
+            raise RuntimeError("CREATE INDEX CONCURRENTLY needs a non-atomic migration (atomic = False)")
+        collecting = schema_editor.collect_sql
+        state = "missing" if collecting else self.index_state(connection, self.index.name)
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        if state == "invalid":
+            schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
+        if state != "valid":
+            schema_editor.add_index(model, self.index, concurrently=True)
+        schema_editor.execute("RESET lock_timeout")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        model = from_state.apps.get_model(app_label, self.model_name)
+        if not self.allow_migrate_model(schema_editor.connection.alias, model):
+            return
+        if schema_editor.connection.vendor != "postgresql":
+            schema_editor.remove_index(model, self.index)
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
+        schema_editor.execute("RESET lock_timeout")
+
+    def describe(self):
+        return f"Create index {self.index.name} concurrently (repairing an INVALID one) on {self.model_name}"

@@ -1,0 +1,53 @@
+"""The API's one error envelope: ``{"error": {"code", "message", "fields": {field: [reasons]}}}``."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+def _fields(detail) -> dict:
+    if isinstance(detail, dict):
+        return {str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in detail.items()}
+    if isinstance(detail, list):
+        return {"non_field_errors": [str(x) for x in detail]}
+    return {}
+
+
+def exception_handler(exc, context):
+    """Convert every API exception (DRF's and Django's ValidationError) to the one envelope."""
+    if isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    code = getattr(exc, "default_code", "error")
+    if isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        if isinstance(codes, str):
+            code = codes
+    body = {"error": {"code": code, "message": "", "fields": {}}}
+    if isinstance(exc, exceptions.ValidationError):
+        body["error"]["code"] = "invalid"
+        body["error"]["message"] = "The request has invalid fields."
+        body["error"]["fields"] = _fields(exc.detail)
+    else:
+        detail = getattr(exc, "detail", "")
+        body["error"]["message"] = str(detail) if not isinstance(detail, (dict, list)) else "error"
+        if isinstance(detail, (dict, list)):
+            body["error"]["fields"] = _fields(detail)
+    response.data = body
+    return response
+
+
+class Conflict(exceptions.APIException):
+    """409: the operation's state does not allow this change (e.g. CLOSING or CLOSED)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+    default_detail = "The operation's state does not allow this change."
+
+
+__all__ = ["exception_handler", "Conflict", "Response"]

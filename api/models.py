@@ -1,0 +1,283 @@
+"""The schema: tenants, symbols, operations, the event store and its projections.
+
+Money and quantities are ``DecimalField(20, 8)``: prices in the quote asset, quantities in the
+base asset. Times are UTC. The event table is append-only (invariant 8): on PostgreSQL a
+trigger from migration 0015 refuses UPDATE and DELETE, and the ORM methods refuse them too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+def money_field(**kwargs):
+    """``DecimalField(max_digits=20, decimal_places=8)``: the one column type for prices and quantities."""
+    return models.DecimalField(max_digits=20, decimal_places=8, **kwargs)
+
+
+class Side(models.TextChoices):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class Client(models.Model):
+    """A tenant: one trader or desk whose operations, limits and kill switch are its own."""
+
+    name = models.CharField(max_length=120, unique=True)
+    users = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="clients")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Symbol(models.Model):
+    """A spot market and its exchange filters (Binance exchangeInfo: PRICE_FILTER, LOT_SIZE, NOTIONAL)."""
+
+    symbol = models.CharField(max_length=20, unique=True)
+    base_asset = models.CharField(max_length=12)
+    quote_asset = models.CharField(max_length=12)
+    tick_size = money_field(null=True, blank=True)
+    step_size = money_field(null=True, blank=True)
+    min_qty = money_field(null=True, blank=True)
+    min_notional = money_field(null=True, blank=True)
+    is_active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.symbol
+
+
+class OperationStatus(models.TextChoices):
+    PLANNED = "PLANNED"
+    ACTIVE = "ACTIVE"
+    CLOSING = "CLOSING"
+    CLOSED = "CLOSED"
+    CANCELLED = "CANCELLED"
+
+
+class Operation(models.Model):
+    """One position of one tenant on one symbol; its events form one stream.
+
+    ``side`` is the opening side: BUY = long (closed by a SELL), SELL = short (closed by a
+    BUY). ``quantity`` is the opened size in the base asset, ``closed_quantity`` what fills
+    have closed so far. ``stop_price``/``target_price`` are absolute levels in the quote asset;
+    the ``*_percent`` fields are deprecated inputs for ``backfill_stop_price`` only.
+    """
+
+    client = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="operations")
+    symbol = models.ForeignKey(Symbol, on_delete=models.PROTECT, related_name="operations")
+    side = models.CharField(max_length=4, choices=Side.choices)
+    status = models.CharField(max_length=10, choices=OperationStatus.choices, default=OperationStatus.PLANNED)
+    quantity = money_field()
+    entry_price = money_field(null=True, blank=True)
+    stop_loss_percent = models.DecimalField(
+        max_digits=7, decimal_places=4, null=True, blank=True, help_text="Deprecated: use stop_price."
+    )
+    stop_gain_percent = models.DecimalField(
+        max_digits=7, decimal_places=4, null=True, blank=True, help_text="Deprecated: use target_price."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # 0015
+    closed_quantity = money_field(default=Decimal("0"), db_default=Decimal("0"))
+    # 0016 (nullable, no default: no table rewrite); 0017 sets the database default of the count
+    stop_price = money_field(null=True, blank=True)
+    target_price = money_field(null=True, blank=True)
+    stop_execution_token = models.CharField(max_length=36, null=True, blank=True)
+    last_stop_check_at = models.DateTimeField(null=True, blank=True)
+    stop_check_count = models.IntegerField(null=True, blank=True, db_default=0)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["status", "symbol"],
+                name="op_active_stop_idx",
+                condition=Q(status="ACTIVE") & (Q(stop_price__isnull=False) | Q(target_price__isnull=False)),
+            ),
+            models.Index(
+                fields=["stop_execution_token"],
+                name="op_stop_exec_token_idx",
+                condition=Q(stop_execution_token__isnull=False),
+            ),
+        ]
+
+    @property
+    def remaining_quantity(self) -> Decimal:
+        """Base-asset quantity still open (never negative)."""
+        return max(self.quantity - (self.closed_quantity or Decimal("0")), Decimal("0"))
+
+    def __str__(self) -> str:
+        return f"op {self.pk} {self.side} {self.quantity} {self.symbol_id}"
+
+
+class Order(models.Model):
+    """An order known to the service (opening orders from the legacy schema; closes are in executions)."""
+
+    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="orders", null=True, blank=True)
+    client_order_id = models.CharField(max_length=36, unique=True)
+    exchange_order_id = models.BigIntegerField(null=True, blank=True)
+    side = models.CharField(max_length=4, choices=Side.choices)
+    order_type = models.CharField(max_length=20, default="MARKET")
+    status = models.CharField(max_length=20, default="NEW")
+    quantity = money_field()
+    executed_quantity = money_field(default=Decimal("0"))
+    price = money_field(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class AppendOnlyQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        raise PermissionError("the event store is append-only (invariant 8)")
+
+    def delete(self):
+        raise PermissionError("the event store is append-only (invariant 8)")
+
+
+class StopMonitorEvent(models.Model):
+    """One immutable event of one operation's stream.
+
+    ``version`` is 1, 2, 3, … within the stream (unique with the operation); ``sequence`` is
+    the global order, filled by the database, and appends are serialized so that sequence
+    order is commit order (``/events/?after=SEQ`` never skips). ``payload`` holds the
+    type-specific fields with Decimals as strings. Written only by
+    :func:`stopmonitor.events.append_events`.
+    """
+
+    sequence = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="events")
+    version = models.PositiveIntegerField()
+    event_type = models.CharField(max_length=32)
+    tenant = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="events")
+    symbol = models.CharField(max_length=20)
+    execution_token = models.CharField(max_length=36, null=True, blank=True)
+    source = models.CharField(max_length=12)
+    venue = models.CharField(max_length=20)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField()
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["operation", "version"], name="event_stream_version_uniq")]
+        indexes = [
+            models.Index(fields=["execution_token"], name="event_exec_token_idx"),
+            models.Index(fields=["tenant", "event_type", "created_at"], name="event_tenant_type_time_idx"),
+        ]
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise PermissionError("the event store is append-only (invariant 8)")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("the event store is append-only (invariant 8)")
+
+
+class ExecutionStatus(models.TextChoices):
+    TRIGGERED = "TRIGGERED"
+    SUBMITTED = "SUBMITTED"
+    EXECUTED = "EXECUTED"
+    PARTIALLY_EXECUTED = "PARTIALLY_EXECUTED"
+    FAILED = "FAILED"
+
+
+class StopMonitorExecution(models.Model):
+    """Projection: one attempt to close one operation, folded from its events.
+
+    Derived state (invariant 8): :func:`stopmonitor.projections.rebuild` recreates every row
+    from the events. ``execution_token`` is the ``newClientOrderId`` sent to Binance.
+    """
+
+    execution_token = models.CharField(max_length=36, primary_key=True)
+    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="executions")
+    tenant = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="executions")
+    symbol = models.CharField(max_length=20)
+    attempt = models.PositiveIntegerField()
+    trigger = models.CharField(max_length=12)  # STOP_LOSS | TAKE_PROFIT | MANUAL
+    status = models.CharField(max_length=20, choices=ExecutionStatus.choices)
+    side = models.CharField(max_length=4, choices=Side.choices)  # the closing side
+    trigger_price = money_field(null=True, blank=True)
+    observed_price = money_field(null=True, blank=True)
+    requested_quantity = money_field(null=True, blank=True)
+    executed_quantity = money_field(null=True, blank=True)
+    avg_fill_price = money_field(null=True, blank=True)
+    commission = money_field(null=True, blank=True)
+    commission_asset = models.CharField(max_length=12, blank=True, default="")
+    slippage_pct = money_field(null=True, blank=True)
+    exchange_order_id = models.BigIntegerField(null=True, blank=True)
+    exchange_status = models.CharField(max_length=20, blank=True, default="")
+    error_code = models.IntegerField(null=True, blank=True)
+    error_message = models.CharField(max_length=300, blank=True, default="")
+    source = models.CharField(max_length=12)
+    venue = models.CharField(max_length=20)
+    last_version = models.PositiveIntegerField()
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    submitted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "submitted_at"], name="exec_status_submitted_idx")]
+
+
+class SlippageAction(models.TextChoices):
+    WARN = "warn"
+    BLOCK = "block"
+
+
+class TenantConfig(models.Model):
+    """A tenant's risk controls: kill switch, slippage limit and action, execution rate limits."""
+
+    client = models.OneToOneField(Client, on_delete=models.CASCADE, related_name="risk_config")
+    kill_switch = models.BooleanField(default=False)
+    kill_switch_reason = models.CharField(max_length=300, blank=True, default="")
+    kill_switch_at = models.DateTimeField(null=True, blank=True)
+    kill_switch_by = models.CharField(max_length=150, blank=True, default="")
+    max_slippage_pct = models.DecimalField(max_digits=7, decimal_places=4, default=Decimal("1.0"))
+    slippage_action = models.CharField(max_length=5, choices=SlippageAction.choices, default=SlippageAction.WARN)
+    max_executions_per_minute = models.PositiveIntegerField(default=30)
+    max_executions_per_hour = models.PositiveIntegerField(default=600)
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.CharField(max_length=150, blank=True, default="")
+
+
+class BreakerState(models.TextChoices):
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+class CircuitBreakerState(models.Model):
+    """Per-symbol circuit breaker (CLOSED → OPEN after N consecutive failed closes → HALF_OPEN after the cool-down)."""
+
+    symbol = models.CharField(max_length=20, unique=True)
+    state = models.CharField(max_length=10, choices=BreakerState.choices, default=BreakerState.CLOSED)
+    failure_count = models.PositiveIntegerField(default=0)
+    opened_at = models.DateTimeField(null=True, blank=True)
+    retry_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+
+class Outbox(models.Model):
+    """One event waiting to be published to RabbitMQ (written in the event's transaction)."""
+
+    event = models.OneToOneField(StopMonitorEvent, on_delete=models.PROTECT, related_name="outbox")
+    operation_id_ref = models.BigIntegerField()
+    routing_key = models.CharField(max_length=120)
+    created_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["event"], name="outbox_unpublished_idx", condition=Q(published_at__isnull=True)),
+        ]

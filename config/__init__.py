@@ -1,0 +1,1 @@
+"""Project configuration package: settings, urls, wsgi/asgi and the Celery app."""

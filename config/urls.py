@@ -1,0 +1,13 @@
+"""URL configuration: the admin, the REST API under /api/v1/, OpenAPI schema and docs.
+
+``/health`` and ``/health/ready`` are answered by ``api.health.HealthProbeMiddleware``.
+"""
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+]
