@@ -1,0 +1,1 @@
+"""The exchange port (``base``) and its adapters: ``binance``, ``paper``, ``replay``."""

@@ -1,0 +1,36 @@
+"""Shared fixtures: no outbound network (loopback only), and small factories."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+_real_connect = socket.socket.connect
+
+
+def _is_loopback(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX
+        return True
+    host = address[0]
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _block_outbound_network(monkeypatch, request):
+    """Refuse any socket connection that is not loopback (Binance is never called by tests)."""
+    if request.node.get_closest_marker("live_testnet"):
+        return
+
+    def guarded_connect(self, address):
+        if not _is_loopback(address):
+            raise RuntimeError(f"test tried to reach the network: {address!r}")
+        return _real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
