@@ -176,6 +176,9 @@ class Exchange(Protocol):
 
     venue: str
 
+    def clock(self) -> datetime:
+        """Now, UTC, as the venue sees it (wall clock for Binance, replay time for replay)."""
+
     def book_tickers(self, symbols: Iterable[str]) -> dict[str, Quote]:
         """Best bid/ask for ``symbols`` in ONE request (invariant 9). Missing symbols are absent
         from the result. Raises RateLimited, ExchangeUnavailable."""
@@ -183,8 +186,10 @@ class Exchange(Protocol):
     def symbol_filters(self, symbols: Iterable[str]) -> dict[str, SymbolFilters]:
         """Filters per symbol (cached by the adapter). Raises RateLimited, ExchangeUnavailable."""
 
-    def free_balances(self) -> dict[str, Decimal]:
-        """Free balance per asset (base-asset units). Raises RateLimited, ClockSkew, ExchangeUnavailable."""
+    def free_balances(self) -> dict[str, Decimal] | None:
+        """Free balance per asset (in that asset's units); None when the venue does not limit
+        closes by balance (paper without an account). Raises RateLimited, ClockSkew,
+        ExchangeUnavailable."""
 
     def place_market_order(self, request: OrderRequest) -> OrderResult:
         """Send one MARKET order (FULL response). Never retried by the adapter itself except once

@@ -1,0 +1,253 @@
+"""The execution state machine: event types, ``decide_outcome`` and the ``apply`` fold.
+
+Plain Python: no Django, no exchange, no clock. ``apply(state, event)`` folds one stored
+event into the execution projection; the same fold serves the live append and the rebuild
+(invariant 8), so both give the same rows. Quantities in the base asset, prices in the quote
+asset, as ``Decimal``; payload values are strings (see :func:`stopmonitor.rules.decimal_str`).
+
+States: TRIGGERED → SUBMITTED → EXECUTED | PARTIALLY_EXECUTED | FAILED. SUBMITTED with an
+unknown outcome stays SUBMITTED until reconciled (invariant 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from stopmonitor.rules import decimal_str, slippage_pct
+
+STOP_TRIGGERED = "STOP_TRIGGERED"
+EXECUTION_SUBMITTED = "EXECUTION_SUBMITTED"
+EXECUTED = "EXECUTED"
+PARTIALLY_EXECUTED = "PARTIALLY_EXECUTED"
+FAILED = "FAILED"
+BLOCKED = "BLOCKED"
+RECONCILED = "RECONCILED"
+GUARD_WARNING = "GUARD_WARNING"
+STOP_SET = "STOP_SET"
+STOP_MOVED = "STOP_MOVED"
+TARGET_SET = "TARGET_SET"
+OPERATION_CLOSED = "OPERATION_CLOSED"
+
+EVENT_TYPES = (
+    STOP_TRIGGERED, EXECUTION_SUBMITTED, EXECUTED, PARTIALLY_EXECUTED, FAILED, BLOCKED, RECONCILED,
+    GUARD_WARNING, STOP_SET, STOP_MOVED, TARGET_SET, OPERATION_CLOSED,
+)
+SOURCES = ("cron", "loop", "stream", "api", "manual", "backfill")
+VENUES = ("binance", "binance-testnet", "paper")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: type, JSON payload (strings for Decimals) and its execution token."""
+
+    event_type: str
+    payload: dict[str, Any]
+    execution_token: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as read back from the store (what :func:`apply` folds)."""
+
+    operation_id: int
+    tenant_id: int
+    symbol: str
+    version: int
+    event_type: str
+    execution_token: str | None
+    source: str
+    venue: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ExecutionState:
+    """One close attempt. Field names equal ``api.models.StopMonitorExecution`` columns
+    (a test compares them); ``operation_id``/``tenant_id`` are the foreign keys."""
+
+    execution_token: str
+    operation_id: int
+    tenant_id: int
+    symbol: str
+    attempt: int
+    trigger: str
+    status: str
+    side: str
+    trigger_price: Decimal | None
+    observed_price: Decimal | None
+    requested_quantity: Decimal | None
+    executed_quantity: Decimal | None
+    avg_fill_price: Decimal | None
+    commission: Decimal | None
+    commission_asset: str
+    slippage_pct: Decimal | None
+    exchange_order_id: int | None
+    exchange_status: str
+    error_code: int | None
+    error_message: str
+    source: str
+    venue: str
+    last_version: int
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None
+
+
+def _dec(value) -> Decimal | None:
+    return None if value is None or value == "" else Decimal(str(value))
+
+
+def apply(state: ExecutionState | None, event: StoredEvent) -> ExecutionState | None:
+    """Fold ``event`` into the execution it belongs to; returns the new state.
+
+    Events without an execution token leave the state unchanged. Never appends, never calls
+    the exchange, never reads the clock (times come from the event).
+    """
+    if event.execution_token is None:
+        return state
+    p = event.payload
+    if event.event_type == STOP_TRIGGERED:
+        return ExecutionState(
+            execution_token=event.execution_token,
+            operation_id=event.operation_id,
+            tenant_id=event.tenant_id,
+            symbol=event.symbol,
+            attempt=int(p["attempt"]),
+            trigger=p["trigger"],
+            status="TRIGGERED",
+            side=p["close_side"],
+            trigger_price=_dec(p.get("level")),
+            observed_price=_dec(p.get("observed_price")),
+            requested_quantity=_dec(p.get("quantity")),
+            executed_quantity=None,
+            avg_fill_price=None,
+            commission=None,
+            commission_asset="",
+            slippage_pct=None,
+            exchange_order_id=None,
+            exchange_status="",
+            error_code=None,
+            error_message="",
+            source=event.source,
+            venue=event.venue,
+            last_version=event.version,
+            created_at=event.created_at,
+            updated_at=event.created_at,
+            submitted_at=None,
+        )
+    if state is None:
+        raise ValueError(f"{event.event_type} v{event.version} for {event.execution_token} before STOP_TRIGGERED")
+    common = {"last_version": event.version, "updated_at": event.created_at}
+    if event.event_type == EXECUTION_SUBMITTED:
+        return replace(
+            state, status="SUBMITTED", requested_quantity=_dec(p.get("quantity")), submitted_at=event.created_at, **common
+        )
+    if event.event_type in (EXECUTED, PARTIALLY_EXECUTED):
+        return replace(
+            state,
+            status=event.event_type,
+            executed_quantity=_dec(p.get("executed_qty")),
+            avg_fill_price=_dec(p.get("avg_price")),
+            commission=_dec(p.get("commission")),
+            commission_asset=p.get("commission_asset", ""),
+            slippage_pct=_dec(p.get("slippage_pct")),
+            exchange_order_id=p.get("order_id"),
+            exchange_status=p.get("exchange_status", ""),
+            **common,
+        )
+    if event.event_type == FAILED:
+        return replace(
+            state,
+            status="FAILED",
+            error_code=p.get("code"),
+            error_message=(p.get("message") or "")[:300],
+            exchange_order_id=p.get("order_id", state.exchange_order_id),
+            exchange_status=p.get("exchange_status", state.exchange_status),
+            executed_quantity=_dec(p.get("executed_qty")) if "executed_qty" in p else state.executed_quantity,
+            **common,
+        )
+    if event.event_type == RECONCILED and p.get("resubmitted"):
+        return replace(state, status="SUBMITTED", submitted_at=event.created_at, **common)
+    return replace(state, **common)
+
+
+def fold(events) -> dict[str, ExecutionState]:
+    """Fold a stream (or the whole log) in order; returns ``{execution_token: state}``."""
+    states: dict[str, ExecutionState] = {}
+    for event in events:
+        if event.execution_token is None:
+            continue
+        states[event.execution_token] = apply(states.get(event.execution_token), event)
+    return states
+
+
+def state_field_names() -> list[str]:
+    """The projection's field names (compared with the Django model's columns by a test)."""
+    return [f.name for f in fields(ExecutionState)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an exchange answer means for the execution and the operation.
+
+    ``event`` is EXECUTED, PARTIALLY_EXECUTED or FAILED — or None when the order is not final
+    yet (stay SUBMITTED). ``closed_qty`` is what the fills closed (base asset); ``failure``
+    counts for the symbol's circuit breaker.
+    """
+
+    event: NewEvent | None
+    closed_qty: Decimal
+    failure: bool
+
+
+def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result, source_note: str = "") -> Outcome:
+    """Invariant 4 — record fills, not wishes.
+
+    ``result`` is an :class:`~stopmonitor.exchange.base.OrderResult`. FILLED with the full
+    quantity → EXECUTED; any final status with ``0 < executedQty < requested`` (a MARKET order
+    that ends EXPIRED) → PARTIALLY_EXECUTED; a final status with ``executedQty`` 0 → FAILED
+    (closes nothing); not final → None (reconcile later).
+    """
+    executed = result.executed_qty
+    if not result.is_final:
+        return Outcome(None, Decimal("0"), False)
+    if executed <= 0:
+        payload = {
+            "code": None,
+            "message": f"order {result.status} with executedQty 0",
+            "reason": f"{result.status}_NO_FILL",
+            "order_id": result.exchange_order_id,
+            "exchange_status": result.status,
+            "executed_qty": "0",
+            "definite": True,
+        }
+        return Outcome(NewEvent(FAILED, payload, token), Decimal("0"), True)
+    avg = result.avg_price
+    slip = slippage_pct(result.side, level, avg) if (level and avg) else None
+    payload = {
+        "order_id": result.exchange_order_id,
+        "client_order_id": result.client_order_id,
+        "exchange_status": result.status,
+        "requested_qty": decimal_str(requested),
+        "executed_qty": decimal_str(executed),
+        "avg_price": decimal_str(avg.quantize(Decimal("0.00000001")) if avg is not None else None),
+        "cummulative_quote_qty": decimal_str(result.cummulative_quote_qty),
+        "commission": decimal_str(result.commission),
+        "commission_asset": result.commission_asset,
+        "slippage_pct": decimal_str(slip),
+        "fills": [
+            {"price": decimal_str(f.price), "qty": decimal_str(f.qty), "commission": decimal_str(f.commission),
+             "commission_asset": f.commission_asset}
+            for f in result.fills
+        ],
+    }
+    if source_note:
+        payload["note"] = source_note
+    kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
+    if kind == PARTIALLY_EXECUTED:
+        payload["unfilled_qty"] = decimal_str(requested - executed)
+    return Outcome(NewEvent(kind, payload, token), executed, False)

@@ -1,0 +1,147 @@
+"""Trigger rule, close quantity and slippage: pure functions on ``Decimal``.
+
+Prices are in the quote asset, quantities in the base asset. No Django, no exchange.
+Source of each rule: ../shared/design/stop-execution.md (Vocabulary; invariants 4 and 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
+
+BUY, SELL = "BUY", "SELL"
+STOP_LOSS, TAKE_PROFIT, MANUAL = "STOP_LOSS", "TAKE_PROFIT", "MANUAL"
+CLIENT_ORDER_ID_RE = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A crossed level: ``kind`` STOP_LOSS or TAKE_PROFIT, the ``level`` crossed and the
+    ``observed`` price that crossed it (best bid for a long, best ask for a short)."""
+
+    kind: str
+    level: Decimal
+    observed: Decimal
+
+
+def close_side(opening_side: str) -> str:
+    """The side that closes a position opened with ``opening_side`` (BUY → SELL, SELL → BUY)."""
+    if opening_side == BUY:
+        return SELL
+    if opening_side == SELL:
+        return BUY
+    raise ValueError(f"side must be BUY or SELL, got {opening_side!r}")
+
+
+def evaluate_trigger(
+    side: str, stop_price: Decimal | None, target_price: Decimal | None, bid: Decimal, ask: Decimal
+) -> Trigger | None:
+    """Apply the bid/ask trigger rule (inclusive); the stop-loss wins when both are crossed.
+
+    Long (``side`` BUY): ``bid <= stop_price`` → STOP_LOSS, ``bid >= target_price`` → TAKE_PROFIT.
+    Short (``side`` SELL): ``ask >= stop_price`` → STOP_LOSS, ``ask <= target_price`` → TAKE_PROFIT.
+    Returns None when nothing is crossed. Callers must have rejected zero/empty quotes.
+    """
+    if side == BUY:
+        if stop_price is not None and bid <= stop_price:
+            return Trigger(STOP_LOSS, stop_price, bid)
+        if target_price is not None and bid >= target_price:
+            return Trigger(TAKE_PROFIT, target_price, bid)
+        return None
+    if side == SELL:
+        if stop_price is not None and ask >= stop_price:
+            return Trigger(STOP_LOSS, stop_price, ask)
+        if target_price is not None and ask <= target_price:
+            return Trigger(TAKE_PROFIT, target_price, ask)
+        return None
+    raise ValueError(f"side must be BUY or SELL, got {side!r}")
+
+
+def floor_to_step(quantity: Decimal, step: Decimal | None) -> Decimal:
+    """``quantity`` floored to a multiple of ``step`` (LOT_SIZE.stepSize); unchanged when step is 0/None."""
+    if not step or step <= 0:
+        return quantity
+    return (quantity / step).to_integral_value(rounding=ROUND_DOWN) * step
+
+
+def round_to_tick(price: Decimal, tick: Decimal, up: bool) -> Decimal:
+    """``price`` rounded to a multiple of ``tick`` (PRICE_FILTER.tickSize), up or down."""
+    if not tick or tick <= 0:
+        return price
+    return (price / tick).to_integral_value(rounding=ROUND_UP if up else ROUND_DOWN) * tick
+
+
+@dataclass(frozen=True)
+class CloseQuantity:
+    """Result of :func:`close_quantity`: ``quantity`` to send, or ``blocked_reason`` and why."""
+
+    quantity: Decimal
+    blocked_reason: str | None = None
+    detail: str = ""
+
+
+def close_quantity(
+    remaining: Decimal,
+    available: Decimal | None,
+    step_size: Decimal | None,
+    min_qty: Decimal | None,
+    min_notional: Decimal | None,
+    price: Decimal,
+) -> CloseQuantity:
+    """Invariant 5: min(remaining position, available balance), floored to stepSize.
+
+    ``available`` is the free balance of what the close spends: the base asset for a SELL
+    close, or the quote balance divided by the price for a BUY close (None = unknown, not
+    limiting). Blocked reasons: ``INSUFFICIENT_BALANCE`` (nothing available),
+    ``BELOW_MIN_QTY`` (under LOT_SIZE.minQty), ``BELOW_MIN_NOTIONAL`` (quantity × price under
+    NOTIONAL.minNotional).
+    """
+    qty = remaining if available is None else min(remaining, available)
+    if qty <= 0:
+        return CloseQuantity(Decimal("0"), "INSUFFICIENT_BALANCE", f"available {available}, remaining {remaining}")
+    qty = floor_to_step(qty, step_size)
+    if qty <= 0 or (min_qty and qty < min_qty):
+        return CloseQuantity(qty, "BELOW_MIN_QTY", f"quantity {qty} < minQty {min_qty} (stepSize {step_size})")
+    if min_notional and qty * price < min_notional:
+        return CloseQuantity(
+            qty, "BELOW_MIN_NOTIONAL", f"notional {qty * price} < minNotional {min_notional} at price {price}"
+        )
+    return CloseQuantity(qty)
+
+
+def slippage_pct(closing_side: str, reference: Decimal, price: Decimal) -> Decimal:
+    """Adverse slippage of ``price`` against ``reference`` in percent (positive = worse).
+
+    A SELL close is worse when it fills below the reference, a BUY close when above.
+    Rounded to 4 decimals.
+    """
+    if reference <= 0:
+        raise ValueError("reference price must be positive")
+    diff = (reference - price) if closing_side == SELL else (price - reference)
+    return (diff / reference * 100).quantize(Decimal("0.0001"))
+
+
+def execution_token(operation_id: int, kind: str, level: Decimal | None, attempt: int) -> str:
+    """Deterministic client order id for one close attempt (never from the wall clock).
+
+    ``sm<op>-<S|T|M><attempt>-<8 hex of the level>``, at most 36 characters matching
+    Binance's ``^[.A-Z:/a-z0-9_-]{1,36}$`` (newClientOrderId).
+    """
+    letter = {STOP_LOSS: "S", TAKE_PROFIT: "T", MANUAL: "M"}[kind]
+    digest = hashlib.sha256(f"{operation_id}|{kind}|{level}".encode()).hexdigest()[:8]
+    token = f"sm{operation_id}-{letter}{attempt}-{digest}"
+    if not CLIENT_ORDER_ID_RE.match(token):
+        raise ValueError(f"execution token {token!r} does not fit newClientOrderId")
+    return token
+
+
+def decimal_str(value: Decimal | None) -> str | None:
+    """Fixed-point string of ``value`` without exponent or trailing zeros (``1E-5`` → ``"0.00001"``)."""
+    if value is None:
+        return None
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
