@@ -1,0 +1,37 @@
+"""Build the configured exchange adapter (``settings.EXCHANGE_VENUE``).
+
+``binance``/``binance-testnet`` → :class:`~stopmonitor.exchange.binance.BinanceExchange`
+(python-binance is imported only then); ``replay`` → recorded real prices with the replay
+position kept in Django's cache; ``paper`` → an empty in-memory book. Staging/production
+never fall back to paper silently: ``config.env`` refuses a missing Binance configuration.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+
+def build_exchange(venue: str | None = None):
+    """Return the adapter for ``venue`` (default: the configured one). Raises ``ValueError`` on an unknown venue."""
+    venue = venue or settings.EXCHANGE_VENUE
+    if venue in ("binance", "binance-testnet"):
+        from stopmonitor.exchange.binance import BinanceExchange
+
+        return BinanceExchange(
+            settings.BINANCE_API_KEY,
+            settings.BINANCE_API_SECRET,
+            testnet=venue == "binance-testnet",
+            api_url=settings.BINANCE_API_URL,
+            timeout=settings.BINANCE_TIMEOUT_SECONDS,
+        )
+    if venue == "replay":
+        from django.core.cache import cache
+
+        from stopmonitor.exchange.replay import ReplayExchange
+
+        return ReplayExchange(cursor_store=cache)
+    if venue == "paper":
+        from stopmonitor.exchange.paper import PaperExchange
+
+        return PaperExchange()
+    raise ValueError(f"unknown exchange venue {venue!r}")

@@ -1,0 +1,729 @@
+"""The engine's use cases: :func:`run_pass`, :func:`close_operation`, :func:`reconcile_submitted`.
+
+The monitor command, the loop, the Celery task and the API's "close now" all call these.
+Protocol (../shared/design/stop-execution.md, "The pass"): each close takes three short
+transactions — (1) row lock, re-check, guardrails, ``STOP_TRIGGERED`` + ``CLOSING``;
+(2) ``EXECUTION_SUBMITTED`` with the client order id; then the order is placed with no
+transaction and no lock held; (3) the outcome. Functions here commit and reach the network:
+they must be called outside any transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Callable
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+
+from stopmonitor import guardrails as g
+from stopmonitor.events import ConcurrencyConflict, append_events, stream_head
+from stopmonitor.exchange.base import (
+    ClockSkew,
+    ExchangeError,
+    ExchangeUnavailable,
+    OrderOutcomeUnknown,
+    OrderRejected,
+    OrderRequest,
+    Quote,
+    RateLimited,
+)
+from stopmonitor.execution import (
+    BLOCKED,
+    EXECUTION_SUBMITTED,
+    FAILED,
+    GUARD_WARNING,
+    OPERATION_CLOSED,
+    RECONCILED,
+    STOP_TRIGGERED,
+    NewEvent,
+    decide_outcome,
+)
+from stopmonitor.rules import (
+    MANUAL,
+    Trigger,
+    close_quantity,
+    close_side,
+    decimal_str,
+    evaluate_trigger,
+    execution_token,
+)
+
+log = logging.getLogger("stopmonitor.engine")
+PASS_LOCK_KEY = 0x4D4F4E49  # "MONI": one pass at a time across pods (pg_try_advisory_lock)
+
+
+class PassError(Exception):
+    """The pass could not run (database or exchange unreachable, rate-limit ban). Exit non-zero."""
+
+
+@dataclass
+class Decision:
+    """One engine decision, printed as a JSON line: what happened to which operation and why."""
+
+    action: str
+    operation_id: int | None = None
+    tenant_id: int | None = None
+    symbol: str | None = None
+    execution_token: str | None = None
+    event_type: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if v not in (None, "", {})}
+        return {"type": "decision", **d}
+
+
+@dataclass
+class PassSummary:
+    """Counts and duration of one pass (the command's last JSON line)."""
+
+    started_at: str
+    source: str
+    venue: str
+    dry_run: bool
+    watched: int = 0
+    symbols: int = 0
+    triggered: int = 0
+    executed: int = 0
+    partially_executed: int = 0
+    failed: int = 0
+    unknown: int = 0
+    blocked: int = 0
+    reconciled: int = 0
+    skipped: int = 0
+    exchange_requests: int = 0
+    duration_s: float = 0.0
+    lock_held_elsewhere: bool = False
+
+    def count(self, decision: Decision) -> None:
+        key = {
+            "triggered": "triggered",
+            "would_trigger": "triggered",
+            "executed": "executed",
+            "partially_executed": "partially_executed",
+            "failed": "failed",
+            "unknown": "unknown",
+            "blocked": "blocked",
+            "reconciled": "reconciled",
+            "skipped": "skipped",
+        }.get(decision.action)
+        if key:
+            setattr(self, key, getattr(self, key) + 1)
+
+    def as_dict(self) -> dict:
+        return {"type": "summary", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine knobs (``settings.STOPMONITOR``)."""
+
+    quote_max_age_seconds: int = 10
+    reconcile_after_seconds: int = 30
+    breaker_threshold: int = 3
+    breaker_cooldown_seconds: int = 300
+
+    @classmethod
+    def from_settings(cls) -> "EngineSettings":
+        s = getattr(settings, "STOPMONITOR", {})
+        return cls(
+            quote_max_age_seconds=s.get("QUOTE_MAX_AGE_SECONDS", 10),
+            reconcile_after_seconds=s.get("RECONCILE_AFTER_SECONDS", 30),
+            breaker_threshold=s.get("CIRCUIT_BREAKER_THRESHOLD", 3),
+            breaker_cooldown_seconds=s.get("CIRCUIT_BREAKER_COOLDOWN_SECONDS", 300),
+        )
+
+
+@dataclass(frozen=True)
+class Watched:
+    """An ACTIVE operation with a stop or target, as loaded by the pass (no ORM objects)."""
+
+    operation_id: int
+    symbol: str
+    side: str
+    stop_price: Decimal | None
+    target_price: Decimal | None
+
+
+def exchange_now(exchange) -> datetime:
+    """The venue's clock (replay time for replay), else the wall clock, UTC."""
+    clock = getattr(exchange, "clock", None)
+    return clock() if callable(clock) else datetime.now(timezone.utc)
+
+
+Emit = Callable[[Decision], None]
+
+
+def _noop(_: Decision) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def pass_lock():
+    """Session-level advisory lock so overlapping CronJob pods don't both work (PostgreSQL).
+
+    Yields True when this process holds it, False when another pass does. Row locks keep
+    correctness either way; this only avoids duplicate work. Elsewhere always yields True.
+    """
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PASS_LOCK_KEY])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [PASS_LOCK_KEY])
+
+
+def load_watched() -> list[Watched]:
+    """Every ACTIVE operation with a stop or target, in one query (partial index from 0018)."""
+    from api.models import Operation
+
+    rows = (
+        Operation.objects.filter(status="ACTIVE")
+        .filter(Q(stop_price__isnull=False) | Q(target_price__isnull=False))
+        .values_list("id", "symbol__symbol", "side", "stop_price", "target_price")
+    )
+    return [Watched(*row) for row in rows]
+
+
+def run_pass(
+    exchange,
+    *,
+    source: str = "cron",
+    dry_run: bool = False,
+    now: datetime | None = None,
+    emit: Emit = _noop,
+    engine: EngineSettings | None = None,
+    use_lock: bool = True,
+) -> PassSummary:
+    """One monitor pass: reconcile SUBMITTED executions, then evaluate and close triggers.
+
+    ``dry_run`` evaluates and reports without appending events or placing orders. Each
+    decision goes to ``emit``. Raises :class:`PassError` when the pass cannot run (quotes
+    unavailable, rate-limit ban). Must be called outside any transaction.
+    """
+    engine = engine or EngineSettings.from_settings()
+    started = time.monotonic()
+    now = now or exchange_now(exchange)
+    summary = PassSummary(started_at=now.isoformat(), source=source, venue=exchange.venue, dry_run=dry_run)
+
+    def record(decision: Decision) -> None:
+        decision.source = decision.source or source
+        summary.count(decision)
+        emit(decision)
+
+    with (pass_lock() if use_lock else _always()) as acquired:
+        if not acquired:
+            summary.lock_held_elsewhere = True
+            summary.duration_s = round(time.monotonic() - started, 4)
+            return summary
+        if not dry_run:
+            reconcile_submitted(exchange, now=now, source=source, emit=record, engine=engine)
+        watched = load_watched()
+        summary.watched = len(watched)
+        symbols = sorted({w.symbol for w in watched})
+        summary.symbols = len(symbols)
+        if not symbols:
+            summary.duration_s = round(time.monotonic() - started, 4)
+            return summary
+        try:
+            quotes = exchange.book_tickers(symbols)
+        except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+            raise PassError(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
+        summary.exchange_requests += 1
+
+        triggered: list[tuple[Watched, Trigger, Quote]] = []
+        quote_blocks: list[tuple[Watched, g.Block]] = []
+        for w in watched:
+            quote = quotes.get(w.symbol)
+            problem = g.quote_problem(quote, now, engine.quote_max_age_seconds)
+            if problem is not None:
+                quote_blocks.append((w, problem))
+                continue
+            trig = evaluate_trigger(w.side, w.stop_price, w.target_price, quote.bid, quote.ask)
+            if trig is not None:
+                triggered.append((w, trig, quote))
+
+        for w, block in quote_blocks:
+            if dry_run:
+                record(Decision("blocked", w.operation_id, symbol=w.symbol, reason=block.reason, detail=block.detail))
+            else:
+                record(_record_block_outside(w.operation_id, block, None, exchange.venue, source, now))
+        if not triggered:
+            summary.duration_s = round(time.monotonic() - started, 4)
+            return summary
+        if dry_run:
+            for w, trig, quote in triggered:
+                record(Decision("would_trigger", w.operation_id, symbol=w.symbol, reason=trig.kind,
+                                detail=f"level {trig.level} observed {trig.observed}"))
+            summary.duration_s = round(time.monotonic() - started, 4)
+            return summary
+        try:
+            context = CloseContext.fetch(exchange, {w.symbol for w, _, _ in triggered})
+        except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+            raise PassError(f"balances or filters unavailable: {exc}") from exc
+        summary.exchange_requests += 2
+        for w, trig, quote in triggered:
+            for decision in close_triggered(w.operation_id, trig, quote, exchange, context, now=now, source=source,
+                                            engine=engine):
+                record(decision)
+    summary.duration_s = round(time.monotonic() - started, 4)
+    return summary
+
+
+@contextmanager
+def _always():
+    yield True
+
+
+# --------------------------------------------------------------------------------------
+# Closing one operation
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloseContext:
+    """What a close needs from the exchange, fetched once per pass: free balances (None = not
+    limiting) and symbol filters. Balances are decremented locally as closes fill."""
+
+    balances: dict[str, Decimal] | None
+    filters: dict
+
+    @classmethod
+    def fetch(cls, exchange, symbols) -> "CloseContext":
+        filters = exchange.symbol_filters(sorted(symbols))
+        balances = exchange.free_balances()
+        return cls(balances, filters)
+
+    def available(self, symbol: str, closing: str, price: Decimal) -> Decimal | None:
+        """What the close can spend, in the base asset: free base for a SELL, free quote / price for a BUY."""
+        if self.balances is None:
+            return None
+        f = self.filters.get(symbol)
+        if f is None:
+            return None
+        if closing == "SELL":
+            return self.balances.get(f.base_asset, Decimal("0"))
+        quote_free = self.balances.get(f.quote_asset, Decimal("0"))
+        return quote_free / price if price > 0 else Decimal("0")
+
+    def spend(self, symbol: str, closing: str, qty: Decimal, price: Decimal) -> None:
+        if self.balances is None or symbol not in self.filters:
+            return
+        f = self.filters[symbol]
+        if closing == "SELL":
+            self.balances[f.base_asset] = self.balances.get(f.base_asset, Decimal("0")) - qty
+        else:
+            self.balances[f.quote_asset] = self.balances.get(f.quote_asset, Decimal("0")) - qty * price
+
+
+def _tenant_config(client_id: int, lock: bool):
+    from api.models import TenantConfig
+
+    qs = TenantConfig.objects.filter(client_id=client_id)
+    if lock:
+        qs = qs.select_for_update()
+    cfg = qs.first()
+    if cfg is None:
+        cfg = TenantConfig(client_id=client_id)
+    return cfg
+
+
+def _breaker(symbol: str, lock: bool):
+    from api.models import CircuitBreakerState
+
+    if lock:
+        row, _ = CircuitBreakerState.objects.select_for_update().get_or_create(symbol=symbol)
+        return row
+    return CircuitBreakerState.objects.filter(symbol=symbol).first() or CircuitBreakerState(symbol=symbol)
+
+
+def _breaker_domain(row) -> g.BreakerState:
+    return g.BreakerState(row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error)
+
+
+def _save_breaker(row, state: g.BreakerState) -> None:
+    row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error = (
+        state.state, state.failure_count, state.opened_at, state.retry_at, state.last_error
+    )
+    row.save()
+
+
+def _already_blocked(last, reason: str) -> bool:
+    """Invariant 5/6: a block is recorded once — not again while it is the stream's last event."""
+    return last is not None and last.event_type == BLOCKED and last.payload.get("reason") == reason
+
+
+def _record_block(op, version: int, last, block: g.Block, trig: Trigger | None, venue: str, source: str,
+                  now: datetime) -> Decision:
+    """Append one BLOCKED event unless the same block is already the stream's last event.
+    Caller holds the operation's row lock inside a transaction."""
+    symbol = op.symbol.symbol
+    if _already_blocked(last, block.reason):
+        return Decision("skipped", op.pk, op.client_id, symbol, reason=block.reason, detail="block already recorded")
+    payload = {"reason": block.reason, "detail": block.detail}
+    if trig is not None:
+        payload.update(trigger=trig.kind, level=decimal_str(trig.level), observed_price=decimal_str(trig.observed))
+    append_events(op, version, [NewEvent(BLOCKED, payload)], source=source, venue=venue, now=now)
+    log.info("blocked", extra={"operation_id": op.pk, "tenant_id": op.client_id, "symbol": symbol,
+                               "reason": block.reason, "event_type": BLOCKED, "source": source})
+    return Decision("blocked", op.pk, op.client_id, symbol, event_type=BLOCKED, reason=block.reason, detail=block.detail)
+
+
+def _record_block_outside(operation_id: int, block: g.Block, trig, venue: str, source: str, now: datetime) -> Decision:
+    from api.models import Operation
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        version, last = stream_head(op.pk)
+        return _record_block(op, version, last, block, trig, venue, source, now)
+
+
+def _attempts_so_far(operation_id: int) -> int:
+    from api.models import StopMonitorEvent
+
+    return StopMonitorEvent.objects.filter(operation_id=operation_id, event_type=STOP_TRIGGERED).count()
+
+
+def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, context: CloseContext, *, now: datetime,
+                source: str, engine: EngineSettings) -> tuple[Decision, str | None]:
+    """Transaction 1 (invariant 1): lock the operation, re-check the trigger, run the guardrails
+    and the close-quantity rule, then append ``STOP_TRIGGERED`` and move it ACTIVE → CLOSING.
+
+    Returns the decision and the execution token (None when nothing was started). A
+    ``MANUAL`` trigger skips the level re-check. Commits before returning.
+    """
+    from api.models import Operation, StopMonitorEvent
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        symbol = op.symbol.symbol
+        if op.status != "ACTIVE":
+            return Decision("skipped", op.pk, op.client_id, symbol, reason="NOT_ACTIVE",
+                            detail=f"status {op.status}: another closer holds it"), None
+        if trig.kind != MANUAL:
+            again = evaluate_trigger(op.side, op.stop_price, op.target_price, quote.bid, quote.ask)
+            if again is None or again.kind != trig.kind or again.level != trig.level:
+                return Decision("skipped", op.pk, op.client_id, symbol, reason="LEVEL_MOVED",
+                                detail="stop or target changed since the pass loaded it"), None
+        version, last = stream_head(op.pk)
+        cfg = _tenant_config(op.client_id, lock=True)
+        closing = close_side(op.side)
+        observed = quote.bid if closing == "SELL" else quote.ask
+
+        block = g.kill_switch(cfg.kill_switch, cfg.kill_switch_reason)
+        breaker_row = _breaker(symbol, lock=True)
+        breaker_state, breaker_block = g.breaker_allows(_breaker_domain(breaker_row), now)
+        block = block or breaker_block
+        if block is None:
+            recent = StopMonitorEvent.objects.filter(
+                tenant_id=op.client_id, event_type=STOP_TRIGGERED, created_at__gt=now - timedelta(hours=1)
+            ).values_list("created_at", flat=True)
+            recent = list(recent)
+            last_minute = sum(1 for t in recent if t > now - timedelta(minutes=1))
+            block = g.rate_limit(last_minute, len(recent), cfg.max_executions_per_minute, cfg.max_executions_per_hour)
+        slip = None
+        if block is None and trig.kind != MANUAL:
+            slip = g.check_slippage(closing, trig.level, observed, Decimal(cfg.max_slippage_pct), cfg.slippage_action)
+            block = slip.block
+        f = context.filters.get(symbol)
+        qty = None
+        if block is None:
+            qty = close_quantity(
+                op.remaining_quantity,
+                context.available(symbol, closing, observed),
+                (f.market_step_size or f.step_size) if f else op.symbol.step_size,
+                f.min_qty if f else op.symbol.min_qty,
+                f.min_notional if f else op.symbol.min_notional,
+                observed,
+            )
+            if qty.blocked_reason:
+                block = g.Block(qty.blocked_reason, qty.detail)
+        if block is not None:
+            return _record_block(op, version, last, block, trig, exchange.venue, source, now), None
+
+        attempt = _attempts_so_far(op.pk) + 1
+        token = execution_token(op.pk, trig.kind, trig.level, attempt)
+        payload = {
+            "trigger": trig.kind,
+            "level": decimal_str(trig.level),
+            "observed_price": decimal_str(observed),
+            "bid": decimal_str(quote.bid),
+            "ask": decimal_str(quote.ask),
+            "quote_time": quote.observed_at.isoformat(),
+            "close_side": closing,
+            "quantity": decimal_str(qty.quantity),
+            "remaining_before": decimal_str(op.remaining_quantity),
+            "attempt": attempt,
+        }
+        events = [NewEvent(STOP_TRIGGERED, payload, token)]
+        if slip is not None:
+            payload["observed_slippage_pct"] = decimal_str(slip.pct)
+            if slip.breach:
+                events.append(NewEvent(GUARD_WARNING, {
+                    "reason": g.SLIPPAGE_BREACH,
+                    "detail": f"observed {observed} is {slip.pct}% past level {trig.level} (max {cfg.max_slippage_pct}%); closing anyway (action warn)",
+                }, token))
+        if breaker_state.state != breaker_row.state:
+            _save_breaker(breaker_row, breaker_state)  # OPEN → HALF_OPEN: this close is the trial
+        op.status = "CLOSING"
+        op.stop_execution_token = token
+        op.last_stop_check_at = now
+        op.stop_check_count = (op.stop_check_count or 0) + 1
+        op.save(update_fields=["status", "stop_execution_token", "last_stop_check_at", "stop_check_count", "updated_at"])
+        append_events(op, version, events, source=source, venue=exchange.venue, now=now)
+    context.spend(symbol, closing, qty.quantity, observed)
+    log.info("stop triggered", extra={"operation_id": op.pk, "tenant_id": op.client_id, "symbol": symbol,
+                                      "execution_token": token, "event_type": STOP_TRIGGERED, "source": source})
+    return Decision("triggered", op.pk, op.client_id, symbol, token, STOP_TRIGGERED, trig.kind,
+                    f"level {trig.level} observed {observed} qty {decimal_str(qty.quantity)}"), token
+
+
+def close_triggered(operation_id: int, trig: Trigger, quote: Quote, exchange, context: CloseContext, *,
+                    now: datetime, source: str, engine: EngineSettings) -> list[Decision]:
+    """Run the whole close protocol for one crossed level; returns the decisions made."""
+    decision, token = begin_close(operation_id, trig, quote, exchange, context, now=now, source=source, engine=engine)
+    decisions = [decision]
+    if token is not None:
+        decisions.extend(submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine))
+    return decisions
+
+
+def submit_and_place(operation_id: int, token: str, exchange, *, now: datetime, source: str,
+                     engine: EngineSettings, resubmit_note: str = "") -> list[Decision]:
+    """Transaction 2 then the order (invariants 2 and 3).
+
+    Commits ``EXECUTION_SUBMITTED`` (or, with ``resubmit_note``, a ``RECONCILED`` resubmission)
+    only if the execution is still where the caller saw it, then places the MARKET order with
+    ``newClientOrderId`` = ``token`` outside any transaction, then records the outcome.
+    """
+    from api.models import Operation, StopMonitorExecution
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        execution = StopMonitorExecution.objects.get(pk=token)
+        symbol = op.symbol.symbol
+        expected = "SUBMITTED" if resubmit_note else "TRIGGERED"
+        if op.status != "CLOSING" or op.stop_execution_token != token or execution.status != expected:
+            return [Decision("skipped", op.pk, op.client_id, symbol, token, reason="NOT_OURS",
+                             detail=f"execution is {execution.status}, operation {op.status}")]
+        version, _ = stream_head(op.pk)
+        request = OrderRequest(symbol, execution.side, execution.requested_quantity, token)
+        if resubmit_note:
+            event = NewEvent(RECONCILED, {"found": False, "resubmitted": True, "note": resubmit_note,
+                                          "client_order_id": token, "quantity": decimal_str(request.quantity)}, token)
+        else:
+            event = NewEvent(EXECUTION_SUBMITTED, {
+                "client_order_id": token, "symbol": symbol, "side": request.side, "type": "MARKET",
+                "quantity": decimal_str(request.quantity),
+            }, token)
+        append_events(op, version, [event], source=source, venue=exchange.venue, now=now)
+    decisions = [Decision("submitted", op.pk, op.client_id, symbol, token, event.event_type, source=source)]
+    try:
+        result = exchange.place_market_order(request)
+    except OrderOutcomeUnknown as exc:
+        log.warning("order outcome unknown", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol})
+        decisions.append(Decision("unknown", op.pk, op.client_id, symbol, token, reason="OUTCOME_UNKNOWN",
+                                  detail=str(exc)[:300]))
+        return decisions
+    except (OrderRejected, ClockSkew, RateLimited) as exc:
+        decisions.append(record_failure(operation_id, token, exc, exchange.venue, now=now, source=source, engine=engine))
+        return decisions
+    decisions.append(record_outcome(operation_id, token, result, exchange.venue, now=now, source=source, engine=engine))
+    return decisions
+
+
+def record_failure(operation_id: int, token: str, exc: ExchangeError, venue: str, *, now: datetime, source: str,
+                   engine: EngineSettings) -> Decision:
+    """Transaction 3 after a definite refusal: ``FAILED``, the operation back to ACTIVE (a later
+    pass may try again with the next attempt), one failure on the symbol's circuit breaker
+    (a rate-limit refusal does not count against the symbol)."""
+    from api.models import Operation, StopMonitorExecution
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        execution = StopMonitorExecution.objects.get(pk=token)
+        symbol = op.symbol.symbol
+        if execution.status not in ("SUBMITTED", "TRIGGERED"):
+            return Decision("skipped", op.pk, op.client_id, symbol, token, reason="ALREADY_RECORDED")
+        version, _ = stream_head(op.pk)
+        reason = "RATE_LIMITED" if isinstance(exc, RateLimited) else ("CLOCK_SKEW" if isinstance(exc, ClockSkew) else "REJECTED")
+        payload = {"code": exc.code, "message": str(exc)[:300], "reason": reason, "definite": True}
+        append_events(op, version, [NewEvent(FAILED, payload, token)], source=source, venue=venue, now=now)
+        _release(op)
+        if not isinstance(exc, RateLimited):
+            row = _breaker(symbol, lock=True)
+            _save_breaker(row, g.breaker_on_failure(_breaker_domain(row), now, engine.breaker_threshold,
+                                                    engine.breaker_cooldown_seconds, f"{exc.code}: {exc}"))
+    log.warning("close failed", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol,
+                                       "event_type": FAILED, "code": exc.code, "source": source})
+    return Decision("failed", op.pk, op.client_id, symbol, token, FAILED, reason, f"code {exc.code}: {exc}"[:300])
+
+
+def _release(op) -> None:
+    """The close is over without closing everything: back to ACTIVE (the rest stays protected)."""
+    op.status = "ACTIVE"
+    op.stop_execution_token = None
+    op.save(update_fields=["status", "stop_execution_token", "updated_at"])
+
+
+def record_outcome(operation_id: int, token: str, result, venue: str, *, now: datetime, source: str,
+                   engine: EngineSettings, reconciled: bool = False) -> Decision:
+    """Transaction 3 with the exchange's answer (invariant 4): EXECUTED / PARTIALLY_EXECUTED /
+    FAILED (zero fill), the operation's closed quantity and status, the breaker.
+
+    Not final yet (NEW) → nothing recorded, the execution stays SUBMITTED.
+    """
+    from api.models import Operation, StopMonitorExecution
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        execution = StopMonitorExecution.objects.get(pk=token)
+        symbol = op.symbol.symbol
+        if execution.status not in ("SUBMITTED",):
+            return Decision("skipped", op.pk, op.client_id, symbol, token, reason="ALREADY_RECORDED",
+                            detail=f"execution is {execution.status}")
+        outcome = decide_outcome(token, execution.requested_quantity, execution.trigger_price, result)
+        if outcome.event is None:
+            return Decision("unknown", op.pk, op.client_id, symbol, token, reason="NOT_FINAL",
+                            detail=f"order status {result.status}")
+        version, _ = stream_head(op.pk)
+        events = []
+        if reconciled:
+            events.append(NewEvent(RECONCILED, {"found": True, "exchange_status": result.status,
+                                                "order_id": result.exchange_order_id}, token))
+        events.append(outcome.event)
+        op.closed_quantity = (op.closed_quantity or Decimal("0")) + outcome.closed_qty
+        closed = op.remaining_quantity <= 0
+        if closed:
+            events.append(NewEvent(OPERATION_CLOSED, {"closed_quantity": decimal_str(op.closed_quantity),
+                                                      "execution_token": token}))
+            op.status = "CLOSED"
+        else:
+            op.status = "ACTIVE"
+            op.stop_execution_token = None
+        op.save(update_fields=["closed_quantity", "status", "stop_execution_token", "updated_at"])
+        append_events(op, version, events, source=source, venue=venue, now=now)
+        row = _breaker(symbol, lock=True)
+        current = _breaker_domain(row)
+        new = (g.breaker_on_failure(current, now, engine.breaker_threshold, engine.breaker_cooldown_seconds,
+                                    outcome.event.payload.get("message", ""))
+               if outcome.failure else g.breaker_on_success(current))
+        if new != current:
+            _save_breaker(row, new)
+    ev = outcome.event
+    action = {"EXECUTED": "executed", "PARTIALLY_EXECUTED": "partially_executed", "FAILED": "failed"}[ev.event_type]
+    log.info("close recorded", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol,
+                                      "event_type": ev.event_type, "source": source})
+    return Decision(action, op.pk, op.client_id, symbol, token, ev.event_type,
+                    detail=f"executed {ev.payload.get('executed_qty')} at {ev.payload.get('avg_price')}",
+                    extra={"operation_status": op.status})
+
+
+# --------------------------------------------------------------------------------------
+# Reconcile (invariant 7)
+# --------------------------------------------------------------------------------------
+
+
+def reconcile_submitted(exchange, *, now: datetime, source: str, emit: Emit = _noop,
+                        engine: EngineSettings | None = None) -> int:
+    """Resolve executions left TRIGGERED or SUBMITTED for longer than ``reconcile_after_seconds``.
+
+    TRIGGERED (crash before the submission was committed: no order can exist) → submitted
+    and placed now. SUBMITTED → asked by ``origClientOrderId``: found and final → its fills
+    are recorded (no second order); not found (-2013) → claimed with a ``RECONCILED``
+    resubmission and placed once with the same client order id. Returns how many it handled.
+    """
+    from api.models import StopMonitorExecution
+
+    engine = engine or EngineSettings.from_settings()
+    cutoff = now - timedelta(seconds=engine.reconcile_after_seconds)
+    pending = list(
+        StopMonitorExecution.objects.filter(status__in=("TRIGGERED", "SUBMITTED"), updated_at__lte=cutoff)
+        .order_by("created_at")
+        .values_list("execution_token", "operation_id", "symbol", "status", "last_version")
+    )
+    handled = 0
+    for token, operation_id, symbol, status, last_version in pending:
+        try:
+            if status == "TRIGGERED":
+                decisions = submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine)
+            else:
+                decisions = _reconcile_one(operation_id, token, symbol, last_version, exchange, now, source, engine)
+        except ConcurrencyConflict as exc:
+            decisions = [Decision("skipped", operation_id, symbol=symbol, execution_token=token,
+                                  reason="CONCURRENT_WRITER", detail=str(exc))]
+        for d in decisions:
+            if d.action in ("executed", "partially_executed", "failed", "submitted"):
+                d.extra = {**d.extra, "reconciled": True}
+            emit(d)
+        handled += 1
+    return handled
+
+
+def _reconcile_one(operation_id, token, symbol, last_version, exchange, now, source, engine) -> list[Decision]:
+    try:
+        order = exchange.get_order(symbol, token)
+    except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
+        return [Decision("unknown", operation_id, symbol=symbol, execution_token=token, reason="RECONCILE_DEFERRED",
+                         detail=str(exc)[:300])]
+    if order is not None:
+        return [Decision("reconciled", operation_id, symbol=symbol, execution_token=token, event_type=RECONCILED,
+                         detail=f"order found: {order.status}"),
+                record_outcome(operation_id, token, order, exchange.venue, now=now, source=source, engine=engine,
+                               reconciled=True)]
+    return submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine,
+                            resubmit_note="no order with this client order id at the exchange (-2013); placing it once")
+
+
+# --------------------------------------------------------------------------------------
+# Manual close (API, admin)
+# --------------------------------------------------------------------------------------
+
+
+def close_operation(operation_id: int, exchange, *, source: str = "api", now: datetime | None = None,
+                    engine: EngineSettings | None = None) -> list[Decision]:
+    """Close an operation now at market (the API's and the admin's "close now").
+
+    Same protocol and guarantees as the monitor: if the monitor (or another request) is
+    already closing it, this returns a ``skipped`` decision and places nothing. Raises
+    :class:`PassError` when the quote, balances or filters cannot be read.
+    """
+    from api.models import Operation
+
+    engine = engine or EngineSettings.from_settings()
+    now = now or exchange_now(exchange)
+    op = Operation.objects.select_related("symbol").get(pk=operation_id)
+    symbol = op.symbol.symbol
+    try:
+        quote = exchange.book_tickers([symbol]).get(symbol)
+        context = CloseContext.fetch(exchange, {symbol})
+    except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+        raise PassError(f"cannot close {symbol} now: {exc}") from exc
+    problem = g.quote_problem(quote, now, engine.quote_max_age_seconds)
+    if problem is not None:
+        return [_record_block_outside(operation_id, problem, None, exchange.venue, source, now)]
+    closing = close_side(op.side)
+    observed = quote.bid if closing == "SELL" else quote.ask
+    trig = Trigger(MANUAL, op.stop_price or observed, observed)
+    return close_triggered(operation_id, trig, quote, exchange, context, now=now, source=source, engine=engine)
