@@ -275,7 +275,7 @@ def run_pass(
         if dry_run:
             for w, trig, quote in triggered:
                 record(Decision("would_trigger", w.operation_id, symbol=w.symbol, reason=trig.kind,
-                                detail=f"level {trig.level} observed {trig.observed}"))
+                                detail=f"level {decimal_str(trig.level)} observed {decimal_str(trig.observed)}"))
             summary.duration_s = round(time.monotonic() - started, 4)
             return summary
         try:
@@ -496,7 +496,7 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
     log.info("stop triggered", extra={"operation_id": op.pk, "tenant_id": op.client_id, "symbol": symbol,
                                       "execution_token": token, "event_type": STOP_TRIGGERED, "source": source})
     return Decision("triggered", op.pk, op.client_id, symbol, token, STOP_TRIGGERED, trig.kind,
-                    f"level {trig.level} observed {observed} qty {decimal_str(qty.quantity)}"), token
+                    f"level {decimal_str(trig.level)} observed {decimal_str(observed)} qty {decimal_str(qty.quantity)}"), token
 
 
 def close_triggered(operation_id: int, trig: Trigger, quote: Quote, exchange, context: CloseContext, *,

@@ -13,7 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from pathlib import Path
 from typing import Iterable
 
@@ -149,7 +149,8 @@ class PaperExchange:
             step = min(left, depth)
             move = top * self.slippage_bps / Decimal("10000") * level
             price = top - move if request.side == "SELL" else top + move
-            price = (price / tick).to_integral_value(rounding=ROUND_DOWN) * tick
+            # a SELL walks down the bids, a BUY up the asks: round against the taker
+            price = (price / tick).to_integral_value(rounding=ROUND_DOWN if request.side == "SELL" else ROUND_UP) * tick
             quote_qty = price * step
             commission = (quote_qty if request.side == "SELL" else step) * COMMISSION_RATE
             asset = (filters.quote_asset if request.side == "SELL" else filters.base_asset) if filters else ""

@@ -11,7 +11,7 @@ clock starting at the first file's first candle; each quote keeps its real candl
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -75,6 +75,11 @@ class ReplayExchange(PaperExchange):
         self.steps: dict[str, Decimal] = {}
         for symbol, path in (files or DEFAULT_FILES).items():
             self.paths[symbol], self.steps[symbol] = load_path(Path(path))
+        # the recordings are older than today's filters: ADAUSDT traded on a 0.00001 tick in
+        # 2020 (0.0001 now), so the replay uses each file's own price step as the tickSize
+        for symbol, step in self.steps.items():
+            if symbol in self.filters and self.filters[symbol].tick_size > step:
+                self.filters[symbol] = replace(self.filters[symbol], tick_size=step)
         self.epoch = min(points[0].candle_time for points in self.paths.values())
         self.cursor_store = cursor_store
         if cursor_store is not None:

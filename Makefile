@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+
+.PHONY: demo test monitor bench clean-venv
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+## demo: virtualenv, install, migrate the embedded SQLite default, replay real Binance prices through the monitor
+demo: $(VENV)/.installed
+	$(VENV)/bin/python manage.py migrate --noinput -v0
+	$(VENV)/bin/python manage.py replay_demo
+
+## monitor: one monitor pass, as the CronJob runs it (replay venue on the embedded default)
+monitor: $(VENV)/.installed
+	$(VENV)/bin/python manage.py migrate --noinput -v0
+	$(VENV)/bin/python manage.py monitor_stops --json
+
+## test: the whole suite against PostgreSQL (plus Redis and RabbitMQ on loopback)
+test: $(VENV)/.installed
+	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/pytest
+
+## bench: the monitor-pass benchmark on PostgreSQL
+bench: $(VENV)/.installed
+	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/python bench/bench_pass.py

@@ -1,0 +1,111 @@
+"""``python manage.py replay_demo``: the monitor on recorded real Binance prices, no keys.
+
+Creates a tenant and long and short operations on BTCUSDT (2018-04-28, 1m candles) and
+ADAUSDT (2020-04-24, 1m candles), then runs one monitor pass per replayed observation
+(:mod:`stopmonitor.exchange.replay`: four per candle) through the same ``run_pass`` the
+CronJob runs. Prints each decision as it happens, then the event log and the closed
+operations. Venue ``paper``: nothing here is a real fill.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal as D
+
+from django.core.management.base import BaseCommand, CommandError
+
+from stopmonitor.rules import decimal_str as ds
+
+# (symbol, side, quantity, stop, target): levels chosen to fire at known candles
+DEMO_OPERATIONS = [
+    ("BTCUSDT", "BUY", "0.05", "9060", "9300"),   # long: stop-loss in the 02:55 dip to 9050
+    ("BTCUSDT", "BUY", "0.05", "9000", "9250"),   # long: take-profit on the 09:xx rally
+    ("BTCUSDT", "SELL", "0.05", "9200", "9000"),  # short: stop-loss when the ask reaches 9200
+    ("BTCUSDT", "BUY", "0.0004", "9060", None),   # 3.6 USDT: below minNotional, blocked once
+    ("ADAUSDT", "BUY", "2000", "0.0420", None),   # long: stop-loss in the 19:00 drop
+    ("ADAUSDT", "SELL", "2000", "0.0440", "0.0410"),  # short: take-profit at the 22:44 low
+    ("ADAUSDT", "BUY", "2000", "0.0400", None),   # never crossed: still protected at the end
+]
+
+
+class Command(BaseCommand):
+    help = "Replay recorded real BTCUSDT/ADAUSDT prices through the monitor (SQLite, no keys, no network)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--max-steps", type=int, default=0, help="stop after N observations (0 = whole recording)")
+        parser.add_argument("--quiet", action="store_true", help="print only the final log and operations")
+
+    def handle(self, *args, **opts):
+        from django.db import transaction
+        from django.db.utils import OperationalError, ProgrammingError
+
+        from api.models import Client, Operation, StopMonitorEvent, Symbol
+        from stopmonitor.exchange.replay import ReplayExchange
+        from stopmonitor.operations import open_operation
+        from stopmonitor.services import EngineSettings, run_pass
+
+        if opts["max_steps"] < 0:
+            raise CommandError("--max-steps must be 0 or positive")
+        exchange = ReplayExchange()
+        try:
+            with transaction.atomic():
+                tenant = Client.objects.create(name=f"replay-demo-{time.time_ns()}")
+                symbols = {}
+                for name, f in exchange.filters.items():
+                    symbols[name], _ = Symbol.objects.get_or_create(
+                        symbol=name,
+                        defaults=dict(base_asset=f.base_asset, quote_asset=f.quote_asset, tick_size=f.tick_size,
+                                      step_size=f.step_size, min_qty=f.min_qty, min_notional=f.min_notional),
+                    )
+        except (OperationalError, ProgrammingError) as exc:
+            raise CommandError(f"database not ready ({exc.__class__.__name__}); run `python manage.py migrate` first") from None
+
+        ops = []
+        for symbol, side, qty, stop, target in DEMO_OPERATIONS:
+            entry = exchange.quotes[symbol].bid
+            ops.append(open_operation(tenant, symbols[symbol], side, D(qty), entry, D(stop),
+                                      D(target) if target else None, source="manual", venue=exchange.venue,
+                                      now=exchange.clock()))
+        out = self.stdout
+        out.write(f"replay: {exchange.length} observations of {', '.join(exchange.paths)}; tenant {tenant.name}; "
+                  f"{len(ops)} operations")
+        engine = EngineSettings.from_settings()
+
+        def emit(d):
+            if opts["quiet"] or d.action in ("skipped",):
+                return
+            market = exchange.market_time(d.symbol).strftime("%Y-%m-%d %H:%M") if d.symbol else ""
+            out.write(f"  [{market} UTC] {d.action:<12} op {d.operation_id} {d.symbol} {d.reason or ''} {d.detail}")
+
+        import logging
+
+        logging.getLogger("stopmonitor.engine").setLevel(logging.WARNING)  # the decisions are printed below
+        started = time.monotonic()
+        steps = 0
+        while True:
+            run_pass(exchange, source="loop", emit=emit, engine=engine, use_lock=False)
+            steps += 1
+            if (opts["max_steps"] and steps >= opts["max_steps"]) or not exchange.advance():
+                break
+        elapsed = time.monotonic() - started
+
+        out.write("\nEvent log (version, type, source, venue, details):")
+        for op in ops:
+            out.write(f"operation {op.pk}: {op.side} {ds(op.quantity)} {op.symbol.symbol} "
+                      f"stop {ds(op.stop_price)} target {ds(op.target_price) or '-'}")
+            for e in StopMonitorEvent.objects.filter(operation=op).order_by("version"):
+                p = e.payload
+                detail = {
+                    "STOP_TRIGGERED": lambda: f"{p['trigger']} level {p['level']} observed {p['observed_price']} qty {p['quantity']}",
+                    "EXECUTED": lambda: f"filled {p['executed_qty']} at {p['avg_price']} slippage {p['slippage_pct']}% fee {p['commission']} {p['commission_asset']}",
+                    "BLOCKED": lambda: f"{p['reason']}: {p['detail']}",
+                    "EXECUTION_SUBMITTED": lambda: f"client order id {p['client_order_id']} {p['side']} {p['quantity']}",
+                }.get(e.event_type, lambda: "")()
+                out.write(f"  v{e.version} {e.event_type:<20} {e.source:<7} {e.venue:<6} {detail}")
+        out.write("\nOperations:")
+        for op in Operation.objects.filter(client=tenant).order_by("pk"):
+            out.write(f"  op {op.pk} {op.symbol.symbol} {op.side:<4} {op.status:<7} closed {ds(op.closed_quantity)} "
+                      f"of {ds(op.quantity)}")
+        closed = Operation.objects.filter(client=tenant, status="CLOSED").count()
+        out.write(f"\n{steps} passes in {elapsed:.1f}s; {closed} of {len(ops)} operations closed; venue paper "
+                  "(simulated fills on recorded Binance prices)")
