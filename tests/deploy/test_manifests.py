@@ -1,0 +1,505 @@
+"""Offline checks of the deployment files: Kubernetes manifests, kustomization, quota, Docker, compose.
+
+Every manifest is validated with kubernetes-validate (strict, the newest schema it ships). The
+kustomization is "built" by reading its ``resources`` (no kubectl needed); when kubectl is on
+PATH, ``kubectl kustomize`` must also succeed on the base and the staging overlay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shutil
+import subprocess
+from decimal import Decimal
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy" / "k8s" / "base"
+OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "staging"
+DOCKER = ROOT / "docker"
+
+QUOTA = {"requests.cpu": "4", "requests.memory": "8Gi", "limits.cpu": "8", "limits.memory": "16Gi"}
+LIMIT_RANGE = {
+    "defaultRequest": {"cpu": "100m", "memory": "128Mi"},
+    "default": {"cpu": "500m", "memory": "512Mi"},
+    "max": {"cpu": "2", "memory": "4Gi"},
+}
+API_HOSTS = {"api.staging.stopmonitor.example"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def k8s_version() -> str:
+    version = kv_utils.latest_version()
+    major, minor = (int(x) for x in version.split(".")[:2])
+    assert (major, minor) >= (1, 30), f"kubernetes-validate ships only {version}"
+    return version
+
+
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": Decimal("0.001")}
+
+
+def quantity(value) -> Decimal:
+    """A Kubernetes quantity ('250m', '1', '512Mi', '4Gi') as a Decimal (cores or bytes)."""
+    text = str(value)
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text)
+    assert match, f"bad quantity {text!r}"
+    number, suffix = Decimal(match.group(1)), match.group(2)
+    return number * Decimal(_SUFFIX[suffix]) if suffix else number
+
+
+def load_kustomization(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def build_base() -> list[dict]:
+    """The documents a ``kustomize build`` of the base would emit (before transformers)."""
+    docs: list[dict] = []
+    for resource in load_kustomization(BASE)["resources"]:
+        path = (BASE / resource).resolve()
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    return build_base()
+
+
+def find(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''}"
+    return found if name is None else found[0]
+
+
+def pod_spec(doc: dict) -> dict:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def workloads(docs):
+    return [d for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")]
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+def test_base_kustomization_has_no_paths_outside_its_folder():
+    kustomization = load_kustomization(BASE)
+    resources = kustomization["resources"]
+    assert resources
+    for resource in resources:
+        assert ".." not in Path(resource).parts and not os.path.isabs(resource), resource
+        path = (BASE / resource).resolve()
+        assert path.is_file() and BASE.resolve() in path.parents, resource
+    assert "secret.example.yaml" not in resources
+    assert (BASE / "secret.example.yaml").is_file()
+    # no other value of the base's kustomization reaches outside either
+
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    assert not [s for s in strings(kustomization) if ".." in s]
+
+
+def test_every_yaml_in_the_base_is_listed_or_is_the_secret_example():
+    listed = set(load_kustomization(BASE)["resources"])
+    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk - listed == {"secret.example.yaml"}
+
+
+def test_staging_overlay_points_at_the_base():
+    overlay = load_kustomization(OVERLAY)
+    assert overlay["resources"] == ["../../base"]
+    assert overlay["namespace"] == "stopmonitor-staging"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("folder", [BASE, OVERLAY], ids=["base", "staging"])
+def test_kubectl_kustomize_builds(folder):
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert len(built) == len(build_base())
+    for doc in built:
+        kubernetes_validate.validate(doc, k8s_version(), strict=True)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _all_manifest_docs():
+    for path in sorted(BASE.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if doc:
+                yield pytest.param(doc, id=f"{path.name}#{index}:{doc['kind']}/{doc['metadata']['name']}")
+
+
+@pytest.mark.parametrize("doc", list(_all_manifest_docs()))
+def test_manifest_is_valid_kubernetes(doc):
+    kubernetes_validate.validate(doc, k8s_version(), strict=True)
+
+
+# --------------------------------------------------------------------------- guard rails
+
+
+def test_namespace_guardrails(docs):
+    quota = find(docs, "ResourceQuota")[0]["spec"]["hard"]
+    assert {k: quantity(v) for k, v in quota.items()} == {k: quantity(v) for k, v in QUOTA.items()}
+    (limit,) = find(docs, "LimitRange")[0]["spec"]["limits"]
+    assert limit["type"] == "Container"
+    for section, values in LIMIT_RANGE.items():
+        assert {k: quantity(v) for k, v in limit[section].items()} == {k: quantity(v) for k, v in values.items()}
+
+
+def test_seven_network_policies(docs):
+    policies = {d["metadata"]["name"]: d["spec"] for d in find(docs, "NetworkPolicy")}
+    assert len(policies) == 7
+    assert set(policies) == {
+        "default-deny-ingress",
+        "default-deny-egress",
+        "block-production-namespace",
+        "allow-dns",
+        "allow-https-egress",
+        "allow-backend-to-datastores",
+        "allow-ingress-controller-to-web",
+    }
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    assert policies["default-deny-egress"] == {"podSelector": {}, "policyTypes": ["Egress"]}
+
+    def ports(rules):
+        return {(p["protocol"], p["port"]) for rule in rules for p in rule.get("ports", [])}
+
+    assert ports(policies["allow-dns"]["egress"]) == {("UDP", 53), ("TCP", 53)}
+    assert ports(policies["allow-https-egress"]["egress"]) == {("TCP", 443)}
+    datastores = policies["allow-backend-to-datastores"]
+    assert ports(datastores["egress"]) == ports(datastores["ingress"]) == {("TCP", 5432), ("TCP", 6379), ("TCP", 5672)}
+    web = policies["allow-ingress-controller-to-web"]
+    assert ports(web["ingress"]) == {("TCP", 8000)}
+    assert web["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "traefik"}
+    # production excluded by name and by label from every namespace-wide peer
+    block = policies["block-production-namespace"]
+    for rule in block["ingress"] + block["egress"]:
+        for peer in rule.get("from", []) + rule.get("to", []):
+            expressions = peer["namespaceSelector"]["matchExpressions"]
+            assert all(e["operator"] == "NotIn" for e in expressions)
+            assert any("production" in e["values"] for e in expressions)
+    # no other policy admits arbitrary namespaces
+    for name, spec in policies.items():
+        if name == "block-production-namespace":
+            continue
+        for rule in spec.get("ingress", []) + spec.get("egress", []):
+            for peer in rule.get("from", []) + rule.get("to", []):
+                assert peer.get("namespaceSelector") != {}, name
+
+
+def test_every_container_fits_the_limit_range(docs):
+    maximum = {k: quantity(v) for k, v in LIMIT_RANGE["max"].items()}
+    for doc in workloads(docs):
+        for container in pod_spec(doc)["containers"]:
+            resources = container["resources"]
+            for kind in ("cpu", "memory"):
+                request = quantity(resources["requests"][kind])
+                limit = quantity(resources["limits"][kind])
+                assert request <= limit <= maximum[kind], (doc["metadata"]["name"], kind)
+
+
+def _pod_totals(doc) -> dict[str, Decimal]:
+    totals = {k: Decimal(0) for k in QUOTA}
+    for container in pod_spec(doc)["containers"] + pod_spec(doc).get("initContainers", []):
+        for section in ("requests", "limits"):
+            for kind in ("cpu", "memory"):
+                totals[f"{section}.{kind}"] += quantity(container["resources"][section][kind])
+    return totals
+
+
+def test_quota_arithmetic(docs):
+    """Worst case at one instant: web replicas + the rolling-update surge pod, one monitor
+    CronJob pod (concurrencyPolicy Forbid) and the migrate and backfill Jobs together."""
+    web = find(docs, "Deployment", "stopmonitor-web")
+    assert web["spec"]["replicas"] == 2
+    surge = web["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    web_pods = web["spec"]["replicas"] + int(surge)
+    cron = find(docs, "CronJob", "stopmonitor-monitor-stops")
+    migrate = find(docs, "Job", "stopmonitor-migrate")
+    backfill = find(docs, "Job", "stopmonitor-backfill")
+
+    total = {k: Decimal(0) for k in QUOTA}
+    for doc, count in ((web, web_pods), (cron, 1), (migrate, 1), (backfill, 1)):
+        for key, value in _pod_totals(doc).items():
+            total[key] += value * count
+    hard = {k: quantity(v) for k, v in QUOTA.items()}
+    for key in QUOTA:
+        assert total[key] <= hard[key], f"{key}: {total[key]} > {hard[key]}"
+    # the numbers written in deploy/README.md
+    assert total == {
+        "requests.cpu": Decimal("1.000"),
+        "requests.memory": 2176 * 2**20,
+        "limits.cpu": Decimal("4.250"),
+        "limits.memory": 4352 * 2**20,
+    }
+    # the steady state (2 web + the CronJob pod) as well
+    steady = {k: _pod_totals(web)[k] * 2 + _pod_totals(cron)[k] for k in QUOTA}
+    assert steady["requests.cpu"] == Decimal("0.550") and steady["requests.memory"] == 1152 * 2**20
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    for figure in ("1000m", "2176Mi", "4250m", "4352Mi"):
+        assert figure in readme
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def test_web_deployment_probes_and_ports(docs):
+    web = find(docs, "Deployment", "stopmonitor-web")
+    (container,) = pod_spec(web)["containers"]
+    assert container["args"] == ["web"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # graceful shutdown fits in the grace period: preStop sleep + gunicorn graceful_timeout
+    config_map = find(docs, "ConfigMap", "stopmonitor-config")["data"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pre_stop + int(config_map["GUNICORN_GRACEFUL_TIMEOUT"]) < pod_spec(web)["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        ("Deployment", "stopmonitor-web"),
+        ("CronJob", "stopmonitor-monitor-stops"),
+        ("Job", "stopmonitor-migrate"),
+        ("Job", "stopmonitor-backfill"),
+    ],
+)
+def test_pod_security_env_and_tmp(docs, kind, name):
+    doc = find(docs, kind, name)
+    spec = pod_spec(doc)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    assert spec["automountServiceAccountToken"] is False
+    tmp_volumes = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    for container in spec["containers"]:
+        ctx = container["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 10001
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts.get("/tmp") in tmp_volumes
+        # both spellings: canonical and RBS_* secrets, optional, plus the operator's database secret
+        secrets = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+        assert {s["name"] for s in secrets} == {"stopmonitor-secrets", "stopmonitor-rbs-secrets"}
+        assert all(s["optional"] is True for s in secrets)
+        assert {"configMapRef": {"name": "stopmonitor-config"}} in container["envFrom"]
+        mapped = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        assert set(mapped) == {"RBS_PG_HOST", "RBS_PG_PORT", "RBS_PG_DATABASE", "RBS_PG_USER", "RBS_PG_PASSWORD"}
+        assert all(ref["optional"] is True for ref in mapped.values())
+        assert container["image"] == "stopmonitor:latest"
+
+
+def test_monitor_cronjob(docs):
+    cron = find(docs, "CronJob", "stopmonitor-monitor-stops")
+    spec = cron["spec"]
+    assert spec["schedule"] == "*/1 * * * *"
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert 0 < spec["startingDeadlineSeconds"] <= 60
+    assert spec["successfulJobsHistoryLimit"] <= 3
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0
+    assert 0 < job["activeDeadlineSeconds"] < 60  # a pass ends before the next minute's
+    pod = pod_spec(cron)
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["args"] == ["monitor"]
+    requests = container["resources"]["requests"]
+    assert quantity(requests["cpu"]) <= Decimal("0.05") and quantity(requests["memory"]) <= 128 * 2**20
+
+
+def test_jobs(docs):
+    migrate = find(docs, "Job", "stopmonitor-migrate")
+    assert pod_spec(migrate)["containers"][0]["args"] == ["migrate"]
+    assert pod_spec(migrate)["restartPolicy"] == "Never"
+    backfill = find(docs, "Job", "stopmonitor-backfill")
+    assert pod_spec(backfill)["containers"][0]["args"] == ["backfill"]
+    assert backfill["spec"]["suspend"] is True  # started on purpose, never by an apply
+
+
+def test_service_and_ingress(docs):
+    web = find(docs, "Deployment", "stopmonitor-web")
+    service = find(docs, "Service", "stopmonitor-web")
+    labels = web["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    ingress = find(docs, "Ingress")
+    assert len(ingress) == 1
+    ingress = ingress[0]
+    assert ingress["spec"]["ingressClassName"] == "traefik"
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
+    assert hosts == API_HOSTS
+    assert {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]} == API_HOSTS
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"] == {"name": "stopmonitor-web", "port": {"name": "http"}}
+
+
+def test_config_map(docs):
+    data = find(docs, "ConfigMap", "stopmonitor-config")["data"]
+    assert data["ENVIRONMENT"] == "staging"
+    assert set(data["ALLOWED_HOSTS"].split(",")) == API_HOSTS
+    assert data["CACHE_DIR"].startswith("/tmp/")
+    for secret_name in ("SECRET_KEY", "DATABASE_URL", "BINANCE_API_KEY", "BINANCE_API_SECRET", "RBS_PG_PASSWORD"):
+        assert secret_name not in data
+    # database connection bound per pod (see docker/README.md)
+    workers, per_worker = int(data["GUNICORN_WORKERS"]), int(data["GUNICORN_WORKER_CONNECTIONS"])
+    assert workers * per_worker <= int(data["GUNICORN_DB_CONNECTION_BUDGET"])
+
+
+# --------------------------------------------------------------------------- Docker
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (DOCKER / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_lints():
+    instructions = _dockerfile_instructions()
+    froms = [rest for kw, rest in instructions if kw == "FROM"]
+    assert len(froms) >= 2, "multi-stage"
+    assert all(f.split()[0] == "python:3.12-slim-bookworm" for f in froms)
+    users = [rest for kw, rest in instructions if kw == "USER"]
+    assert users and re.fullmatch(r"\d+(:\d+)?", users[-1]) and not users[-1].startswith("0")
+    healthchecks = [rest for kw, rest in instructions if kw == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/health" in healthchecks[0] and "curl" not in healthchecks[0]
+    assert ("ENTRYPOINT", '["/app/docker/entrypoint.sh"]') in instructions
+    assert ("CMD", '["web"]') in instructions
+    runs = [rest for kw, rest in instructions if kw == "RUN"]
+    installs = [c.strip() for run in runs for c in re.split(r"&&|;|\|\|", run) if "pip install" in c]
+    assert installs, "dependencies come from requirements.txt"
+    for command in installs:
+        args = command.split("pip install", 1)[1].split()
+        assert "-r" in args, f"pip install of something other than requirements: {command}"
+        extra = [a for a in args if not a.startswith("-") and "requirements" not in a]
+        assert not extra, f"pip install of {extra}"
+    runs = " ".join(runs)
+    assert "collectstatic" in runs and "ENVIRONMENT=development" in runs
+    envs = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in envs and "CACHE_DIR=/tmp/" in envs
+    assert any(kw == "COPY" and "requirements.txt" in rest for kw, rest in instructions)
+    assert any(kw == "COPY" and rest.startswith("--from=builder") for kw, rest in instructions)
+
+
+def test_dockerignore_keeps_what_the_build_needs():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for needed in ("requirements.txt", "manage.py", "docker", "config", "api", "stopmonitor", "docker/entrypoint.sh"):
+        assert needed not in patterns
+    for excluded in (".git", ".venv", "staticfiles", "db.sqlite3"):
+        assert excluded in patterns
+
+
+def test_entrypoint_script():
+    path = DOCKER / "entrypoint.sh"
+    assert os.access(path, os.X_OK)
+    subprocess.run(["sh", "-n", str(path)], check=True, timeout=10)
+    text = path.read_text()
+    assert "manage.py doctor --quick" in text
+    for target in (
+        "gunicorn -c docker/gunicorn.conf.py config.wsgi:application",
+        "manage.py monitor_stops",
+        "manage.py migrate",
+        "celery -A config.celery:app worker",
+        "celery -A config.celery:app beat",
+        "manage.py backfill_stop_price",
+        "manage.py publish_outbox",
+    ):
+        assert target in text, target
+
+
+def test_gunicorn_config_values(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("GUNICORN_") or name == "PORT":
+            monkeypatch.delenv(name)
+    conf = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
+    assert conf["worker_class"] == "gevent"
+    assert conf["preload_app"] is False
+    assert conf["worker_tmp_dir"] == "/dev/shm"
+    assert conf["bind"] == ["0.0.0.0:8000"]
+    assert (conf["workers"], conf["worker_connections"]) == (2, 50)
+    assert conf["accesslog"] == "-" and conf["errorlog"] == "-"
+    # the budget caps workers x worker_connections
+    monkeypatch.setenv("GUNICORN_WORKERS", "4")
+    monkeypatch.setenv("GUNICORN_DB_CONNECTION_BUDGET", "40")
+    monkeypatch.setenv("PORT", "9000")
+    conf = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
+    assert (conf["workers"], conf["worker_connections"]) == (4, 10)
+    assert conf["bind"] == ["0.0.0.0:9000"]
+    # nothing from Django or psycopg in the config (it runs in the arbiter, before gevent patches)
+    text = (DOCKER / "gunicorn.conf.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(django|psycopg|config|api|stopmonitor)\b", text, re.M)
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_services():
+    compose = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    services = compose["services"]
+    assert services["postgres"]["image"] == "postgres:16"
+    assert services["redis"]["image"] == "redis:7"
+    assert services["rabbitmq"]["image"] == "rabbitmq:3-management"
+    for infra in ("postgres", "redis", "rabbitmq"):
+        assert services[infra]["healthcheck"]["test"]
+    app = {"migrate", "web", "monitor", "worker", "beat", "outbox"}
+    assert app <= set(services)
+    assert services["migrate"]["command"] == ["migrate"]
+    assert services["migrate"]["restart"] == "no"
+    assert services["web"]["command"] == ["web"]
+    assert services["monitor"]["command"] == ["monitor", "--loop", "--interval", "60"]
+    assert services["worker"]["command"] == ["worker"]
+    assert services["beat"]["command"] == ["beat"]
+    assert services["outbox"]["command"] == ["outbox", "--loop"]
+    assert "disable" not in services["web"]["healthcheck"]
+    for name in app:
+        service = services[name]
+        assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+        assert service["user"] == "10001:10001"
+        env = service["environment"]
+        for key in ("ENVIRONMENT", "SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL", "REDIS_URL", "RABBITMQ_URL"):
+            assert env[key], key
+        depends = service["depends_on"]
+        assert depends["postgres"]["condition"] == "service_healthy"
+        if name != "migrate":
+            assert depends["migrate"]["condition"] == "service_completed_successfully"
