@@ -90,7 +90,7 @@ class AddIndexConcurrentlyRepairing(migrations.AddIndex):
         if connection.vendor != "postgresql":
             schema_editor.add_index(model, self.index)
             return
-        if connection.in_atomic_block:
+        if connection.in_atomic_block and not schema_editor.collect_sql:
             raise RuntimeError("CREATE INDEX CONCURRENTLY needs a non-atomic migration (atomic = False)")
         collecting = schema_editor.collect_sql
         state = "missing" if collecting else self.index_state(connection, self.index.name)

@@ -1,0 +1,142 @@
+"""Migrations 0015–0018 on PostgreSQL: data kept, reversible, 0018 concurrent and self-repairing,
+the event table append-only, and nothing left for makemigrations."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.db.migrations.executor import MigrationExecutor
+from django.db.utils import InternalError, ProgrammingError
+
+pg_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL behaviour")
+
+
+def migrate_to(target):
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate([target])
+
+
+def index_state(name):
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = %s", [name])
+        return cur.fetchone()
+
+
+def columns(table):
+    with connection.cursor() as cur:
+        return {c.name for c in connection.introspection.get_table_description(cur, table)}
+
+
+@pytest.mark.django_db
+def test_makemigrations_finds_nothing_to_do():
+    call_command("makemigrations", "--check", "--dry-run", stdout=StringIO())
+
+
+@pg_only
+@pytest.mark.django_db
+def test_sqlmigrate_0018_builds_concurrently():
+    out = StringIO()
+    call_command("sqlmigrate", "api", "0018", stdout=out)
+    sql = out.getvalue()
+    assert 'CREATE INDEX CONCURRENTLY "op_active_stop_idx"' in sql
+    assert 'CREATE INDEX CONCURRENTLY "op_stop_exec_token_idx"' in sql
+    assert "SET lock_timeout = '5s'" in sql
+    assert "BEGIN;" not in sql  # non-atomic
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_migrate_from_before_0015_to_0018_keeps_operations_and_back_again():
+    migrate_to(("api", "0001_initial"))
+    assert "stop_price" not in columns("api_operation")
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO api_client (name, created_at) VALUES ('legacy', now()) RETURNING id")
+        client_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO api_symbol (symbol, base_asset, quote_asset, tick_size, is_active, updated_at) "
+                    "VALUES ('BTCUSDT', 'BTC', 'USDT', 0.01, true, now()) RETURNING id")
+        symbol_id = cur.fetchone()[0]
+        for i in range(50):
+            cur.execute(
+                "INSERT INTO api_operation (client_id, symbol_id, side, status, quantity, entry_price, stop_loss_percent, "
+                "created_at, updated_at) VALUES (%s, %s, 'BUY', 'ACTIVE', %s, 9000.5, 2.5, now(), now())",
+                [client_id, symbol_id, f"0.{i + 1:03d}"])
+    migrate_to(("api", "0018_create_stop_indexes_concurrent"))
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*), sum(quantity), min(stop_loss_percent), count(stop_price), "
+                    "sum(closed_quantity), count(stop_check_count) FROM api_operation")
+        assert cur.fetchone() == (50, Decimal("1.27500000"), Decimal("2.5000"), 0, Decimal("0E-8"), 0)
+        cur.execute("SELECT column_default FROM information_schema.columns "
+                    "WHERE table_name = 'api_operation' AND column_name = 'stop_check_count'")
+        assert cur.fetchone()[0] == "0"
+    assert index_state("op_active_stop_idx")[0] is True
+    # back to before 0015 and forward again
+    migrate_to(("api", "0001_initial"))
+    assert "stop_price" not in columns("api_operation") and "api_stopmonitorevent" not in connection.introspection.table_names()
+    migrate_to(("api", "0018_create_stop_indexes_concurrent"))
+    assert index_state("op_stop_exec_token_idx")[0] is True
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM api_operation")
+        assert cur.fetchone()[0] == 50
+        cur.execute("DELETE FROM api_operation")
+        cur.execute("DELETE FROM api_symbol")
+        cur.execute("DELETE FROM api_client")
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_0018_rebuilds_an_index_left_invalid_by_a_failed_build():
+    migrate_to(("api", "0017_set_stop_check_default"))
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO api_client (name, created_at) VALUES ('x', now()) RETURNING id")
+        client_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO api_symbol (symbol, base_asset, quote_asset, is_active, updated_at) "
+                    "VALUES ('ETHUSDT', 'ETH', 'USDT', true, now()) RETURNING id")
+        symbol_id = cur.fetchone()[0]
+        for _ in range(2):
+            cur.execute("INSERT INTO api_operation (client_id, symbol_id, side, status, quantity, created_at, updated_at) "
+                        "VALUES (%s, %s, 'BUY', 'ACTIVE', 1, now(), now())", [client_id, symbol_id])
+        # a concurrent build that fails (duplicate keys) leaves an INVALID index with the name 0018 uses
+        with pytest.raises(Exception):
+            cur.execute('CREATE UNIQUE INDEX CONCURRENTLY "op_active_stop_idx" ON api_operation (side)')
+    assert index_state("op_active_stop_idx")[0] is False
+    migrate_to(("api", "0018_create_stop_indexes_concurrent"))
+    valid, definition = index_state("op_active_stop_idx")
+    assert valid is True
+    assert "UNIQUE" not in definition and "WHERE" in definition and "status" in definition
+    with connection.cursor() as cur:
+        cur.execute("DELETE FROM api_operation")
+        cur.execute("DELETE FROM api_symbol")
+        cur.execute("DELETE FROM api_client")
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_event_table_refuses_update_and_delete_even_in_raw_sql():
+    from datetime import datetime, timezone
+
+    from api.models import Client, Symbol
+    from stopmonitor.operations import open_operation
+
+    client = Client.objects.create(name="t")
+    symbol = Symbol.objects.create(symbol="BTCUSDT", base_asset="BTC", quote_asset="USDT")
+    op = open_operation(client, symbol, "BUY", Decimal("1"), Decimal("100"), Decimal("90"),
+                        now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    for sql in ("UPDATE api_stopmonitorevent SET event_type = 'X'", "DELETE FROM api_stopmonitorevent"):
+        with pytest.raises((InternalError, ProgrammingError)) as err, transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute(sql)
+        assert "append-only" in str(err.value)
+    from api.models import StopMonitorEvent
+
+    with pytest.raises(PermissionError):
+        StopMonitorEvent.objects.filter(operation=op).update(event_type="X")
+    with pytest.raises(PermissionError):
+        StopMonitorEvent.objects.filter(operation=op).delete()
+    assert list(StopMonitorEvent.objects.values_list("event_type", flat=True)) == ["STOP_SET"]
