@@ -33,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import urlencode
 
 import requests
 from binance.client import Client
@@ -186,11 +187,35 @@ def parse_symbol_filters(entry: dict) -> SymbolFilters:
     )
 
 
+class _Client(Client):
+    """python-binance 1.0.29's Client, signing a POST/PUT/DELETE body as it goes on the wire.
+
+    The stock client signs ``k=v&…`` with raw values but ``requests`` form-encodes the body, so
+    a value with ``:`` or ``/`` (both legal in newClientOrderId) would be refused with -1022.
+    GET query strings are sent unencoded by python-binance, so they keep the stock signing.
+    """
+
+    _signing_method = "get"
+
+    def _request(self, method, uri, signed, force_params=False, **kwargs):
+        self._signing_method = method.lower()
+        try:
+            return super()._request(method, uri, signed, force_params, **kwargs)
+        finally:
+            self._signing_method = "get"
+
+    def _generate_signature(self, data, uri_encode=True):
+        if self._signing_method == "get" or self.PRIVATE_KEY:
+            return super()._generate_signature(data, uri_encode)
+        return self._hmac_signature(urlencode(self._order_params(data)))
+
+
 class BinanceExchange:
     """The :class:`~stopmonitor.exchange.base.Exchange` port on Binance spot (live or testnet).
 
-    ``api_url`` replaces python-binance's REST base (``…/api``) for both live and testnet, so a
-    rehearsal exchange or the local fake can stand in. ``timeout`` (seconds) applies to every
+    ``api_url`` replaces python-binance's REST base for both live and testnet, so a rehearsal
+    exchange or the local fake can stand in; give the host root (``https://host``, as
+    ``BINANCE_API_URL``) or the REST base (``https://host/api``) — ``/api`` is added if missing. ``timeout`` (seconds) applies to every
     HTTP request. ``state`` keeps the ban horizon, the server-time offset and exchangeInfo
     across processes (default: :class:`CacheState` on Django's cache, per venue).
 
@@ -210,16 +235,23 @@ class BinanceExchange:
         self.venue = "binance-testnet" if testnet else "binance"
         self.state: ExchangeState = state if state is not None else CacheState(prefix=f"stopmonitor:binance:{self.venue}:")
         self._secrets = tuple(s for s in (api_key, api_secret) if s)
-        self._client = Client(api_key, api_secret, testnet=testnet, ping=False, requests_params={"timeout": timeout})
+        self._client = _Client(api_key, api_secret, testnet=testnet, ping=False, requests_params={"timeout": timeout})
         if api_url:
-            self._client.API_URL = api_url
-            self._client.API_TESTNET_URL = api_url
+            base = api_url.rstrip("/")
+            if not base.endswith("/api"):
+                base += "/api"  # accept the host root too (BINANCE_API_URL as the doctor command uses it)
+            self._client.API_URL = base
+            self._client.API_TESTNET_URL = base
         offset = self.state.get_time_offset_ms()
         if offset is not None:
             self._client.timestamp_offset = offset
 
     def __repr__(self) -> str:  # never show the key or the secret
         return f"BinanceExchange(venue={self.venue!r})"
+
+    def clock(self) -> datetime:
+        """Now, UTC, by the local wall clock (the server-time offset only shifts signed timestamps)."""
+        return _now()
 
     def close(self) -> None:
         """Close the HTTP session (idempotent)."""
