@@ -281,3 +281,35 @@ class Outbox(models.Model):
         indexes = [
             models.Index(fields=["event"], name="outbox_unpublished_idx", condition=Q(published_at__isnull=True)),
         ]
+
+
+class MonitorPass(models.Model):
+    """One monitor pass as it ended: the :class:`~stopmonitor.services.PassSummary` counts.
+
+    Written once per pass (one INSERT, by :func:`stopmonitor.metrics.record_pass`) so a web
+    pod can export "time of the last completed pass" for a CronJob pod that lived seconds.
+    ``completed`` is False when the pass could not run (``error`` says why);
+    ``lock_held_elsewhere`` when it found another pass running and did nothing.
+    Times are UTC; ``duration_s`` in seconds.
+    """
+
+    finished_at = models.DateTimeField(db_index=True)
+    started_at = models.DateTimeField()
+    source = models.CharField(max_length=12)
+    venue = models.CharField(max_length=20)
+    dry_run = models.BooleanField(default=False)
+    completed = models.BooleanField(default=True)
+    lock_held_elsewhere = models.BooleanField(default=False)
+    watched = models.PositiveIntegerField(default=0)
+    symbols = models.PositiveIntegerField(default=0)
+    triggered = models.PositiveIntegerField(default=0)
+    executed = models.PositiveIntegerField(default=0)
+    partially_executed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    unknown = models.PositiveIntegerField(default=0)
+    blocked = models.PositiveIntegerField(default=0)
+    reconciled = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    exchange_requests = models.PositiveIntegerField(default=0)
+    duration_s = models.FloatField(default=0.0)
+    error = models.CharField(max_length=500, blank=True, default="")
