@@ -1,0 +1,1 @@
+"""``python manage.py`` commands of the api app: ``backfill_stop_price``."""

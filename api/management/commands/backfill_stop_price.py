@@ -1,0 +1,509 @@
+"""``python manage.py backfill_stop_price``: legacy percentage stops and targets → absolute prices.
+
+For every PLANNED or ACTIVE operation with ``stop_loss_percent`` and no ``stop_price`` (or
+``stop_gain_percent`` and no ``target_price``), computes the level from the entry price and
+writes it together with a ``STOP_SET`` / ``TARGET_SET`` event (``source=backfill``, payload:
+the level, the percentage, the entry price and the tickSize) in one transaction. Closed,
+closing and cancelled operations are not monitored and are left alone.
+
+Levels (prices in the quote asset, ``Decimal`` throughout), every one rounded to the symbol's
+tickSize **towards the entry price**:
+
+- long (BUY): stop ``entry × (1 − pct/100)`` rounded up (protective: the stop never ends
+  further from the entry than asked); target ``entry × (1 + pct/100)`` rounded down (the
+  conservative side: never further than asked).
+- short (SELL): stop ``entry × (1 + pct/100)`` rounded down; target ``entry × (1 − pct/100)``
+  rounded up.
+
+An operation is skipped — nothing of it is written — and reported by id with a reason when a
+level cannot be computed or would be wrong: ``no_entry_price`` (missing or not positive),
+``no_tick_size``, ``percent_out_of_range`` (≤ 0 or ≥ 100), ``wrong_side`` (after rounding the
+level is not strictly beyond the entry on its side, e.g. a tiny percentage on a coarse tick),
+``locked`` (another transaction — the API, the monitor — holds the row; a re-run picks it up)
+and ``conflict`` (its event stream moved while we held the lock; a re-run picks it up).
+
+How it runs on a live database: candidates are found by walking the primary key (keyset:
+``id > last ORDER BY id LIMIT batch``), then each batch is one short transaction that locks
+its rows with ``SELECT … FOR UPDATE SKIP LOCKED`` (never waits on, never overwrites a row
+someone else is changing), re-checks them under the lock, appends the events through
+:func:`stopmonitor.events.append_events` and updates the rows. A written row no longer matches,
+so the command is resumable by construction: stopping it at any point (Ctrl-C, SIGTERM, a
+killed pod) loses at most the uncommitted batch, and a new run continues; a second full run
+changes nothing and says so. SIGINT/SIGTERM finish the current batch, print the summary and
+exit with 128 + the signal number.
+
+Output: progress on stderr (a bar with rows/s and ETA on a terminal, plain lines every
+``--progress-interval`` seconds otherwise); on stdout one line per skipped operation (and per
+operation that would change with ``--dry-run``) and a final summary (``--json``: JSON lines).
+Exit status: 0 done with nothing skipped, 1 done with skipped operations, 2 on error (one line,
+no traceback), 128 + signal number when interrupted.
+
+Test hooks (environment, seconds; unset in production): ``STOPMONITOR_BACKFILL_BATCH_SLEEP``
+sleeps inside each batch's transaction after its writes and before the commit (announced on
+stderr with ``hook: inside batch N``); ``STOPMONITOR_BACKFILL_PAUSE`` sleeps after each commit.
+They let tests kill the process inside a batch or between batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from django.core.management.base import BaseCommand, CommandError
+
+OPEN_STATUSES = ("PLANNED", "ACTIVE")
+NO_ENTRY_PRICE = "no_entry_price"
+NO_TICK_SIZE = "no_tick_size"
+PERCENT_OUT_OF_RANGE = "percent_out_of_range"
+WRONG_SIDE = "wrong_side"
+LOCKED = "locked"
+CONFLICT = "conflict"
+SKIP_REASONS = (NO_ENTRY_PRICE, NO_TICK_SIZE, PERCENT_OUT_OF_RANGE, WRONG_SIDE, LOCKED, CONFLICT)
+# (kind, level field, percentage field, event type)
+LEVELS = (
+    ("stop", "stop_price", "stop_loss_percent", "STOP_SET"),
+    ("target", "target_price", "stop_gain_percent", "TARGET_SET"),
+)
+MAX_LISTED_SKIPS = 1000  # skips kept for the --json summary; every skip is printed as it happens
+RETRYABLE_PGCODES = ("40P01", "40001")  # deadlock detected, serialization failure
+
+
+class Skip(Exception):
+    """A level that cannot be computed or would be wrong: ``reason`` (one of ``SKIP_REASONS``) and ``detail``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal, tick: Decimal | None) -> Decimal:
+    """The absolute ``kind`` ("stop" or "target") level of a ``side`` (BUY long, SELL short)
+    operation, in the quote asset, rounded to ``tick`` towards ``entry`` (see the module
+    docstring). Raises :class:`Skip` with the reason when it cannot be computed or lands on the
+    wrong side of the entry (the rule of :func:`stopmonitor.operations.check_levels`)."""
+    from stopmonitor.operations import LevelError, check_levels
+    from stopmonitor.rules import round_to_tick
+
+    if entry is None or entry <= 0:
+        raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
+    if tick is None or tick <= 0:
+        raise Skip(NO_TICK_SIZE, "the symbol has no tickSize")
+    if percent <= 0 or percent >= 100:
+        raise Skip(PERCENT_OUT_OF_RANGE, f"{kind} percentage {percent} is not between 0 and 100")
+    below = (kind == "stop") == (side == "BUY")  # a long's stop and a short's target sit below the entry
+    raw = entry * (1 - percent / 100) if below else entry * (1 + percent / 100)
+    price = round_to_tick(raw, tick, up=below)
+    try:
+        check_levels(side, entry, price if kind == "stop" else None, price if kind == "target" else None)
+    except LevelError as exc:
+        raise Skip(WRONG_SIDE, f"{kind} {price} from {percent}% at tickSize {tick}: {exc}") from None
+    return price
+
+
+def event_venue(configured: str) -> str:
+    """The ``venue`` recorded on backfill events: ``paper`` for the paper and replay venues, else the configured one."""
+    return "paper" if configured in ("paper", "replay") else configured
+
+
+@dataclass
+class Summary:
+    """What a run did. ``scanned`` counts candidate operations looked at (locked ones included)."""
+
+    dry_run: bool
+    total: int = 0
+    scanned: int = 0
+    updated: int = 0
+    stops_set: int = 0
+    targets_set: int = 0
+    already_done: int = 0
+    batches: int = 0
+    skipped_by_reason: Counter = field(default_factory=Counter)
+    skipped_operations: int = 0
+    skips: list = field(default_factory=list)
+    duration_s: float = 0.0
+    interrupted: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        rate = self.scanned / self.duration_s if self.duration_s > 0 else 0.0
+        return {
+            "type": "summary",
+            "dry_run": self.dry_run,
+            "scanned": self.scanned,
+            "updated": self.updated,
+            "stops_set": self.stops_set,
+            "targets_set": self.targets_set,
+            "already_done": self.already_done,
+            "skipped": self.skipped_operations,
+            "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
+            "skips": self.skips,
+            "skips_truncated": self.skipped_operations > len(self.skips),
+            "batches": self.batches,
+            "duration_s": round(self.duration_s, 3),
+            "rows_per_s": round(rate, 1),
+            "interrupted": self.interrupted,
+            "error": self.error,
+            "nothing_to_do": self.scanned == 0 and self.error is None,
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    """The levels one operation gets: ``{level field: (price, percentage)}``."""
+
+    operation_id: int
+    levels: dict
+
+
+def candidates_query(tenant_id: int | None):
+    """Operations that still need a level: open, with a percentage and no absolute price."""
+    from django.db.models import Q
+
+    from api.models import Operation
+
+    qs = Operation.objects.filter(status__in=OPEN_STATUSES).filter(
+        Q(stop_price__isnull=True, stop_loss_percent__isnull=False)
+        | Q(target_price__isnull=True, stop_gain_percent__isnull=False)
+    )
+    if tenant_id is not None:
+        qs = qs.filter(client_id=tenant_id)
+    return qs
+
+
+def plan_operation(op) -> tuple[Change | None, list[tuple[str, Skip]]]:
+    """Decide for one operation read under its row lock: ``(change or None, [(level field, skip)])``.
+    Any skip means nothing of the operation is written; ``(None, [])`` means nothing is left to do."""
+    levels, skips = {}, []
+    for kind, price_field, pct_field, _ in LEVELS:
+        percent = getattr(op, pct_field)
+        if getattr(op, price_field) is not None or percent is None:
+            continue
+        try:
+            levels[price_field] = (compute_level(kind, op.side, op.entry_price, percent, op.symbol.tick_size), percent)
+        except Skip as skip:
+            skips.append((price_field, skip))
+    if skips or not levels:
+        return None, skips
+    return Change(op.pk, levels), []
+
+
+class Backfill:
+    """One run: walks the candidates in batches and reports through ``out`` (stdout lines) and ``progress``."""
+
+    def __init__(self, *, batch_size: int, limit: int | None, tenant_id: int | None, dry_run: bool, venue: str,
+                 as_json: bool, out, progress):
+        self.batch_size = batch_size
+        self.limit = limit
+        self.tenant_id = tenant_id
+        self.dry_run = dry_run
+        self.venue = venue
+        self.as_json = as_json
+        self.out = out
+        self.progress = progress
+        self.summary = Summary(dry_run=dry_run)
+        self.stop_signal: int | None = None
+        self.batch_sleep = float(os.environ.get("STOPMONITOR_BACKFILL_BATCH_SLEEP") or 0)
+        self.pause = float(os.environ.get("STOPMONITOR_BACKFILL_PAUSE") or 0)
+
+    # -- output ---------------------------------------------------------------------------
+    def _line(self, record: dict, text: str) -> None:
+        self.out.write(json.dumps(record, separators=(",", ":")) if self.as_json else text)
+        self.out.flush()
+
+    def _report_skip(self, operation_id: int, field_name: str | None, reason: str, detail: str) -> None:
+        record = {"type": "skip", "operation_id": operation_id, "field": field_name, "reason": reason, "detail": detail}
+        if len(self.summary.skips) < MAX_LISTED_SKIPS:
+            self.summary.skips.append({k: v for k, v in record.items() if k != "type"})
+        where = f" {field_name}" if field_name else ""
+        self._line(record, f"skip op={operation_id}{where} {reason}: {detail}")
+
+    def _report_would_set(self, op, change: Change) -> None:
+        from stopmonitor.rules import decimal_str
+
+        record = {"type": "would_set", "operation_id": op.pk, "side": op.side, "entry_price": decimal_str(op.entry_price),
+                  "tick_size": decimal_str(op.symbol.tick_size)}
+        parts = []
+        for name, (price, pct) in change.levels.items():
+            record[name] = decimal_str(price)
+            parts.append(f"{name}={decimal_str(price)} ({decimal_str(pct)}%)")
+        self._line(record, f"would set op={op.pk} {op.side} entry={decimal_str(op.entry_price)} "
+                           f"tickSize={decimal_str(op.symbol.tick_size)} " + " ".join(parts))
+
+    # -- the walk ---------------------------------------------------------------------------
+    def run(self) -> Summary:
+        """Walk every candidate once. Commits one transaction per batch (none with dry-run)."""
+        s = self.summary
+        started = time.monotonic()
+        total = candidates_query(self.tenant_id).count()
+        s.total = min(total, self.limit) if self.limit is not None else total
+        self.progress.start(s.total)
+        last_id = 0
+        try:
+            while self.stop_signal is None:
+                size = self.batch_size
+                if self.limit is not None:
+                    size = min(size, self.limit - s.scanned)
+                    if size <= 0:
+                        break
+                ids = list(candidates_query(self.tenant_id).filter(pk__gt=last_id).order_by("pk")
+                           .values_list("pk", flat=True)[:size])
+                if not ids:
+                    break
+                self._batch_with_retry(ids)
+                last_id = ids[-1]
+                s.scanned += len(ids)
+                s.batches += 1
+                s.duration_s = time.monotonic() - started
+                self.progress.update(s)
+                if self.pause:
+                    time.sleep(self.pause)
+        finally:
+            s.duration_s = time.monotonic() - started
+            self.progress.finish(s)
+        if self.stop_signal is not None:
+            s.interrupted = signal.Signals(self.stop_signal).name
+        return s
+
+    def _batch_with_retry(self, ids: list[int]) -> None:
+        from django.db import DatabaseError
+
+        for attempt in range(3):
+            try:
+                return self._batch(ids)
+            except DatabaseError as exc:
+                code = getattr(exc.__cause__, "sqlstate", None) or getattr(exc.__cause__, "pgcode", None)
+                if code not in RETRYABLE_PGCODES or attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _batch(self, ids: list[int]) -> None:
+        """One transaction: lock what is free, re-check under the lock, append events, update rows.
+        Counters are applied only after the commit, so a retried batch counts once."""
+        from django.db import transaction
+        from django.db.models import Max
+
+        from api.models import Operation, StopMonitorEvent
+        from stopmonitor.events import ConcurrencyConflict, append_events
+        from stopmonitor.execution import NewEvent
+        from stopmonitor.rules import decimal_str
+
+        now = datetime.now(timezone.utc)
+        skips: list[tuple[int, str | None, str, str]] = []
+        written: list[Change] = []
+        would: list = []
+        already = 0
+        with transaction.atomic():
+            rows = list(
+                Operation.objects.select_for_update(skip_locked=True, of=("self",)).select_related("symbol")
+                .filter(pk__in=ids).order_by("pk")
+            )
+            locked_ids = set(ids) - {op.pk for op in rows}
+            skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
+                         for pk in sorted(locked_ids))
+            plans = []
+            for op in rows:
+                if op.status not in OPEN_STATUSES:
+                    already += 1  # closed or cancelled since it was listed
+                    continue
+                change, level_skips = plan_operation(op)
+                if level_skips:
+                    skips.extend((op.pk, name, sk.reason, sk.detail) for name, sk in level_skips)
+                elif change is None:
+                    already += 1  # its levels were set since it was listed
+                else:
+                    plans.append((op, change))
+            if self.dry_run:
+                would = plans
+            elif plans:
+                versions = dict(
+                    StopMonitorEvent.objects.filter(operation_id__in=[op.pk for op, _ in plans])
+                    .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
+                )
+                to_update = []
+                for op, change in plans:
+                    events = []
+                    for kind, price_field, pct_field, event_type in LEVELS:
+                        if price_field not in change.levels:
+                            continue
+                        price, pct = change.levels[price_field]
+                        events.append(NewEvent(event_type, {
+                            price_field: decimal_str(price),
+                            pct_field: decimal_str(pct),
+                            "entry_price": decimal_str(op.entry_price),
+                            "tick_size": decimal_str(op.symbol.tick_size),
+                            "rounding": "towards_entry",
+                        }))
+                    try:
+                        append_events(op, versions.get(op.pk, 0), events, source="backfill", venue=self.venue, now=now)
+                    except ConcurrencyConflict as exc:
+                        skips.append((op.pk, None, CONFLICT, str(exc)))
+                        continue
+                    for name, (price, _) in change.levels.items():
+                        setattr(op, name, price)
+                    op.updated_at = now
+                    to_update.append(op)
+                    written.append(change)
+                if to_update:
+                    Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
+            if self.batch_sleep:
+                self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
+                time.sleep(self.batch_sleep)
+        # committed (or a read-only dry run): count and report
+        s = self.summary
+        s.already_done += already
+        for op, change in would:
+            self._report_would_set(op, change)
+        for change in (written if not self.dry_run else [c for _, c in would]):
+            s.updated += 1
+            s.stops_set += "stop_price" in change.levels
+            s.targets_set += "target_price" in change.levels
+        skipped_ops: dict[int, set] = {}
+        for pk, field_name, reason, detail in skips:
+            self._report_skip(pk, field_name, reason, detail)
+            skipped_ops.setdefault(pk, set()).add(reason)
+        s.skipped_operations += len(skipped_ops)
+        for reasons in skipped_ops.values():
+            s.skipped_by_reason.update(reasons)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress on ``stream`` (stderr): a redrawn bar on a terminal, a plain line every ``interval`` s otherwise."""
+
+    def __init__(self, stream, interval: float, tty: bool | None = None):
+        self.stream = stream
+        self.interval = interval
+        self.tty = stream.isatty() if tty is None else tty
+        self.total = 0
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.started = time.monotonic()
+        if not self.tty:
+            self._write(f"backfill: {total} operations to look at\n")
+
+    def note(self, text: str) -> None:
+        self._write(("\n" if self.tty else "") + text + "\n")
+
+    def update(self, s: Summary, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and not self.tty and self.interval > 0 and now - self.last < self.interval:
+            return
+        if not force and self.tty and now - self.last < 0.1:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = s.scanned / elapsed
+        total = max(self.total, s.scanned)
+        eta = (total - s.scanned) / rate if rate > 0 else 0
+        pct = 100.0 * s.scanned / total if total else 100.0
+        counts = f"updated={s.updated} skipped={s.skipped_operations}"
+        if self.tty:
+            width = 30
+            filled = int(width * pct / 100)
+            bar = "#" * filled + "." * (width - filled)
+            self._write(f"\r[{bar}] {pct:5.1f}% {s.scanned}/{total} {rate:,.0f} rows/s ETA {_fmt_eta(eta)} {counts}")
+        else:
+            self._write(f"backfill: {s.scanned}/{total} ({pct:.1f}%) {rate:.0f} rows/s ETA {_fmt_eta(eta)} "
+                        f"batches={s.batches} {counts}\n")
+
+    def finish(self, s: Summary) -> None:
+        if self.tty:
+            self.update(s, force=True)
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed: progress is best effort
+            pass
+
+
+class Command(BaseCommand):
+    help = "Backfill stop_price/target_price from the deprecated percentages, with STOP_SET/TARGET_SET events."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--batch-size", type=int, default=1000, help="operations per transaction (default 1000)")
+        parser.add_argument("--limit", type=int, default=None, help="look at no more than N operations")
+        parser.add_argument("--tenant", type=int, default=None, help="only this tenant's (client id) operations")
+        parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+        parser.add_argument("--json", action="store_true", help="skips, would-set lines and the summary as JSON lines")
+        parser.add_argument("--progress-interval", type=float, default=5.0,
+                            help="seconds between progress lines when stderr is not a terminal (0 = every batch)")
+
+    def handle(self, *args, **opts):
+        from django.conf import settings
+        from django.db import DatabaseError
+
+        from api.models import Client
+
+        if opts["batch_size"] <= 0:
+            raise CommandError("--batch-size must be a positive integer", returncode=2)
+        if opts["limit"] is not None and opts["limit"] < 0:
+            raise CommandError("--limit must not be negative", returncode=2)
+        try:
+            if opts["tenant"] is not None and not Client.objects.filter(pk=opts["tenant"]).exists():
+                raise CommandError(f"tenant {opts['tenant']} does not exist", returncode=2)
+        except DatabaseError as exc:
+            raise CommandError(f"database error: {type(exc).__name__}: {_one_line(exc)}", returncode=2) from None
+
+        run = Backfill(batch_size=opts["batch_size"], limit=opts["limit"], tenant_id=opts["tenant"],
+                       dry_run=opts["dry_run"], venue=event_venue(settings.EXCHANGE_VENUE), as_json=opts["json"],
+                       out=self.stdout, progress=Progress(sys.stderr, opts["progress_interval"]))
+
+        def _stop(signum, frame):
+            run.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            summary = run.run()
+        except DatabaseError as exc:
+            run.summary.error = f"database error: {type(exc).__name__}: {_one_line(exc)}"
+            self._print_summary(run.summary, opts["json"])
+            raise CommandError(run.summary.error, returncode=2) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._print_summary(summary, opts["json"])
+        if summary.interrupted:
+            sys.exit(128 + signal.Signals[summary.interrupted].value)
+        if summary.skipped_operations:
+            sys.exit(1)
+
+    def _print_summary(self, s: Summary, as_json: bool) -> None:
+        if as_json:
+            self.stdout.write(json.dumps(s.as_dict(), separators=(",", ":")))
+            return
+        d = s.as_dict()
+        reasons = ", ".join(f"{k}={v}" for k, v in d["skipped_by_reason"].items())
+        verb = "would update" if s.dry_run else "updated"
+        line = (f"backfill{' (dry run)' if s.dry_run else ''}: scanned={s.scanned} {verb}={s.updated} "
+                f"(stops={s.stops_set} targets={s.targets_set}) skipped={s.skipped_operations}"
+                f"{' (' + reasons + ')' if reasons else ''} already_done={s.already_done} batches={s.batches} "
+                f"{d['duration_s']:.3f}s {d['rows_per_s']:.0f} rows/s")
+        if s.interrupted:
+            line += f"; interrupted by {s.interrupted}: run again to continue"
+        self.stdout.write(line)
+        if d["nothing_to_do"]:
+            self.stdout.write("nothing to backfill: every open operation already has its absolute levels")
+        elif s.updated == 0 and not s.dry_run and not s.interrupted:
+            self.stdout.write("no changes: the operations listed above need attention")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]

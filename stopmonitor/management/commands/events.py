@@ -1,0 +1,81 @@
+"""``python manage.py events``: read the event store — one operation's stream, or the global feed.
+
+``--operation ID`` prints that operation's stream in version order; otherwise the global feed
+after ``--after SEQ`` in sequence order (``--limit N``, default 100). A table by default, or
+one JSON object per line with ``--json`` — what an operator reads when a user asks "why was my
+position closed?". Times are UTC. Exit 0, or 2 on error (unknown operation, database).
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+CHUNK = 2000
+
+
+def event_record(e) -> dict:
+    """One ``StopMonitorEvent`` as a JSON-ready dict (payload as stored: Decimals are strings)."""
+    return {
+        "sequence": e.sequence,
+        "operation_id": e.operation_id,
+        "version": e.version,
+        "event_type": e.event_type,
+        "created_at": e.created_at.isoformat(),
+        "tenant_id": e.tenant_id,
+        "symbol": e.symbol,
+        "execution_token": e.execution_token,
+        "source": e.source,
+        "venue": e.venue,
+        "payload": e.payload,
+        "event_id": str(e.event_id),
+    }
+
+
+class Command(BaseCommand):
+    help = "Print one operation's event stream (--operation) or the global feed after a sequence (--after)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--operation", type=int, default=None, help="print this operation's stream")
+        parser.add_argument("--after", type=int, default=0, help="global feed: events with sequence > SEQ")
+        parser.add_argument("--limit", type=int, default=None,
+                            help="at most N events (default: the whole stream; 100 for the feed)")
+        parser.add_argument("--json", action="store_true", help="one JSON object per event")
+
+    def handle(self, *args, **opts):
+        from django.db import DatabaseError
+
+        from api.models import Operation, StopMonitorEvent
+
+        limit = opts["limit"]
+        if limit is not None and limit <= 0:
+            raise CommandError("--limit must be a positive integer", returncode=2)
+        try:
+            if opts["operation"] is not None:
+                if not Operation.objects.filter(pk=opts["operation"]).exists():
+                    raise CommandError(f"operation {opts['operation']} does not exist", returncode=2)
+                qs = StopMonitorEvent.objects.filter(operation_id=opts["operation"]).order_by("version")
+            else:
+                qs = StopMonitorEvent.objects.filter(sequence__gt=opts["after"]).order_by("sequence")
+                limit = limit or 100
+            if limit is not None:
+                qs = qs[:limit]
+            count = 0
+            if not opts["json"]:
+                self.stdout.write(f"{'SEQ':>8} {'OP':>7} {'V':>3} {'TIME (UTC)':<19} {'TYPE':<19} {'SOURCE':<8} "
+                                  f"{'VENUE':<15} {'TOKEN':<22} PAYLOAD")
+            for e in qs.iterator(chunk_size=CHUNK):
+                count += 1
+                if opts["json"]:
+                    self.stdout.write(json.dumps(event_record(e), separators=(",", ":"), sort_keys=False))
+                else:
+                    payload = json.dumps(e.payload, separators=(",", ":"), sort_keys=True)
+                    self.stdout.write(
+                        f"{e.sequence:>8} {e.operation_id:>7} {e.version:>3} {e.created_at:%Y-%m-%d %H:%M:%S} "
+                        f"{e.event_type:<19} {e.source:<8} {e.venue:<15} {e.execution_token or '-':<22} {payload}")
+        except DatabaseError as exc:
+            raise CommandError(f"database error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                               returncode=2) from None
+        if not opts["json"] and count == 0:
+            self.stdout.write("(no events)")
