@@ -12,7 +12,7 @@ value raises :class:`ConfigError` naming every missing variable with its accepte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 from urllib.parse import quote
 
 EX_CONFIG = 78

@@ -89,8 +89,12 @@ def close_quantity(
     min_qty: Decimal | None,
     min_notional: Decimal | None,
     price: Decimal,
+    max_qty: Decimal | None = None,
 ) -> CloseQuantity:
     """Invariant 5: min(remaining position, available balance), floored to stepSize.
+
+    ``max_qty`` (MARKET_LOT_SIZE/LOT_SIZE maxQty) caps one order: the rest stays open and
+    protected, and a later pass closes it.
 
     ``available`` is the free balance of what the close spends: the base asset for a SELL
     close, or the quote balance divided by the price for a BUY close (None = unknown, not
@@ -99,6 +103,8 @@ def close_quantity(
     NOTIONAL.minNotional).
     """
     qty = remaining if available is None else min(remaining, available)
+    if max_qty and max_qty > 0:
+        qty = min(qty, max_qty)
     if qty <= 0:
         return CloseQuantity(Decimal("0"), "INSUFFICIENT_BALANCE", f"available {available}, remaining {remaining}")
     qty = floor_to_step(qty, step_size)

@@ -453,9 +453,10 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
                 op.remaining_quantity,
                 context.available(symbol, closing, observed),
                 (f.market_step_size or f.step_size) if f else op.symbol.step_size,
-                f.min_qty if f else op.symbol.min_qty,
+                (f.market_min_qty or f.min_qty) if f else op.symbol.min_qty,
                 f.min_notional if f else op.symbol.min_notional,
                 observed,
+                (f.market_max_qty or f.max_qty) if f else None,
             )
             if qty.blocked_reason:
                 block = g.Block(qty.blocked_reason, qty.detail)

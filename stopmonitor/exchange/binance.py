@@ -30,7 +30,7 @@ import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import urlencode
@@ -52,6 +52,7 @@ from .base import (
     RateLimited,
     SymbolFilters,
 )
+from .filters import decimal_field as _dec, parse_symbol_filters  # noqa: F401 (re-exported)
 from .state import FILTERS_TTL_SECONDS, CacheState, ExchangeState, MemoryState
 
 __all__ = ["BinanceExchange", "CacheState", "MemoryState", "ExchangeState", "format_decimal"]
@@ -80,19 +81,6 @@ def format_decimal(value: Decimal) -> str:
         raise ValueError(f"not a finite decimal: {value!r}")
     text = format(value.normalize(), "f")
     return "0" if text in ("-0", "") else text
-
-
-def _dec(value: Any, field: str) -> Decimal:
-    """Parse a Binance decimal string field; floats are refused so no binary rounding sneaks in."""
-    if isinstance(value, float) or value is None or isinstance(value, bool):
-        raise ValueError(f"field {field!r} is not a decimal string: {value!r}")
-    try:
-        parsed = Decimal(str(value))
-    except InvalidOperation as e:
-        raise ValueError(f"field {field!r} is not a decimal: {value!r}") from e
-    if not parsed.is_finite():
-        raise ValueError(f"field {field!r} is not finite: {value!r}")
-    return parsed
 
 
 def _ms_to_utc(ms: Any) -> datetime | None:
@@ -131,59 +119,6 @@ def parse_order(data: dict) -> OrderResult:
         cummulative_quote_qty=_dec(data["cummulativeQuoteQty"], "cummulativeQuoteQty"),
         fills=fills,
         transact_time=_ms_to_utc(when),
-    )
-
-
-def parse_symbol_filters(entry: dict) -> SymbolFilters:
-    """SymbolFilters from one exchangeInfo ``symbols[]`` entry.
-
-    ``market_*`` are the effective limits of a MARKET order: LOT_SIZE and MARKET_LOT_SIZE both
-    apply, so min = the larger minQty, max = the smaller non-zero maxQty, step = MARKET_LOT_SIZE
-    stepSize unless it is 0 (then LOT_SIZE's). They are None when MARKET_LOT_SIZE is absent.
-    ``min_notional`` comes from NOTIONAL (or the older MIN_NOTIONAL) and is 0 when the filter
-    says it does not apply to MARKET orders (``applyMinToMarket``/``applyToMarket`` false) or
-    is absent. Raises ValueError/KeyError on a malformed entry.
-    """
-    filters = {f["filterType"]: f for f in entry.get("filters", ())}
-    price = filters["PRICE_FILTER"]
-    lot = filters["LOT_SIZE"]
-    step = _dec(lot["stepSize"], "LOT_SIZE.stepSize")
-    min_qty = _dec(lot["minQty"], "LOT_SIZE.minQty")
-    max_qty = _dec(lot["maxQty"], "LOT_SIZE.maxQty")
-
-    market_step = market_min = market_max = None
-    market = filters.get("MARKET_LOT_SIZE")
-    if market is not None:
-        m_step = _dec(market["stepSize"], "MARKET_LOT_SIZE.stepSize")
-        m_min = _dec(market["minQty"], "MARKET_LOT_SIZE.minQty")
-        m_max = _dec(market["maxQty"], "MARKET_LOT_SIZE.maxQty")
-        market_step = m_step if m_step > 0 else step
-        market_min = max(min_qty, m_min)
-        market_max = min(max_qty, m_max) if m_max > 0 else max_qty
-
-    min_notional = Decimal("0")
-    notional = filters.get("NOTIONAL")
-    legacy = filters.get("MIN_NOTIONAL")
-    if notional is not None:
-        if notional.get("applyMinToMarket", True):
-            min_notional = _dec(notional["minNotional"], "NOTIONAL.minNotional")
-    elif legacy is not None:
-        if legacy.get("applyToMarket", True):
-            min_notional = _dec(legacy["minNotional"], "MIN_NOTIONAL.minNotional")
-
-    return SymbolFilters(
-        symbol=str(entry["symbol"]),
-        base_asset=str(entry["baseAsset"]),
-        quote_asset=str(entry["quoteAsset"]),
-        tick_size=_dec(price["tickSize"], "PRICE_FILTER.tickSize"),
-        step_size=step,
-        min_qty=min_qty,
-        max_qty=max_qty,
-        min_notional=min_notional,
-        market_step_size=market_step,
-        market_min_qty=market_min,
-        market_max_qty=market_max,
-        status=str(entry.get("status", "TRADING")),
     )
 
 

@@ -1,4 +1,4 @@
-"""Parse Binance exchangeInfo symbol entries into :class:`SymbolFilters` (shared by every adapter).
+"""Parse Binance exchangeInfo entries into :class:`SymbolFilters` — the one parser every adapter uses.
 
 Source: Binance Spot API docs, "Filters" (PRICE_FILTER, LOT_SIZE, MARKET_LOT_SIZE, NOTIONAL,
 and the older MIN_NOTIONAL).
@@ -6,37 +6,73 @@ and the older MIN_NOTIONAL).
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from stopmonitor.exchange.base import SymbolFilters
 
 
+def decimal_field(value: Any, field: str) -> Decimal:
+    """Parse a Binance decimal string field; floats are refused so no binary rounding sneaks in."""
+    if isinstance(value, float) or value is None or isinstance(value, bool):
+        raise ValueError(f"field {field!r} is not a decimal string: {value!r}")
+    try:
+        parsed = Decimal(str(value))
+    except InvalidOperation as e:
+        raise ValueError(f"field {field!r} is not a decimal: {value!r}") from e
+    if not parsed.is_finite():
+        raise ValueError(f"field {field!r} is not finite: {value!r}")
+    return parsed
+
+
 def parse_symbol_filters(entry: dict) -> SymbolFilters:
-    """One ``exchangeInfo.symbols[]`` entry → :class:`SymbolFilters` (Decimals from the strings).
+    """SymbolFilters from one exchangeInfo ``symbols[]`` entry.
 
-    A MARKET_LOT_SIZE stepSize of 0 means "use LOT_SIZE" (Binance sends 0.00000000 there).
-    Raises ``KeyError``/``ValueError`` on an entry without PRICE_FILTER or LOT_SIZE.
+    ``market_*`` are the effective limits of a MARKET order: LOT_SIZE and MARKET_LOT_SIZE both
+    apply, so min = the larger minQty, max = the smaller non-zero maxQty, step = MARKET_LOT_SIZE
+    stepSize unless it is 0 (then LOT_SIZE's). They are None when MARKET_LOT_SIZE is absent.
+    ``min_notional`` comes from NOTIONAL (or the older MIN_NOTIONAL) and is 0 when the filter
+    says it does not apply to MARKET orders (``applyMinToMarket``/``applyToMarket`` false) or
+    is absent. Raises ValueError/KeyError on a malformed entry.
     """
-    by_type = {f["filterType"]: f for f in entry.get("filters", [])}
-    price, lot = by_type["PRICE_FILTER"], by_type["LOT_SIZE"]
-    market = by_type.get("MARKET_LOT_SIZE")
-    notional = by_type.get("NOTIONAL") or by_type.get("MIN_NOTIONAL") or {}
+    filters = {f["filterType"]: f for f in entry.get("filters", ())}
+    price = filters["PRICE_FILTER"]
+    lot = filters["LOT_SIZE"]
+    step = decimal_field(lot["stepSize"], "LOT_SIZE.stepSize")
+    min_qty = decimal_field(lot["minQty"], "LOT_SIZE.minQty")
+    max_qty = decimal_field(lot["maxQty"], "LOT_SIZE.maxQty")
 
-    def dec(value) -> Decimal:
-        return Decimal(str(value))
+    market_step = market_min = market_max = None
+    market = filters.get("MARKET_LOT_SIZE")
+    if market is not None:
+        m_step = decimal_field(market["stepSize"], "MARKET_LOT_SIZE.stepSize")
+        m_min = decimal_field(market["minQty"], "MARKET_LOT_SIZE.minQty")
+        m_max = decimal_field(market["maxQty"], "MARKET_LOT_SIZE.maxQty")
+        market_step = m_step if m_step > 0 else step
+        market_min = max(min_qty, m_min)
+        market_max = min(max_qty, m_max) if m_max > 0 else max_qty
 
-    market_step = dec(market["stepSize"]) if market else None
+    min_notional = Decimal("0")
+    notional = filters.get("NOTIONAL")
+    legacy = filters.get("MIN_NOTIONAL")
+    if notional is not None:
+        if notional.get("applyMinToMarket", True):
+            min_notional = decimal_field(notional["minNotional"], "NOTIONAL.minNotional")
+    elif legacy is not None:
+        if legacy.get("applyToMarket", True):
+            min_notional = decimal_field(legacy["minNotional"], "MIN_NOTIONAL.minNotional")
+
     return SymbolFilters(
-        symbol=entry["symbol"],
-        base_asset=entry.get("baseAsset", ""),
-        quote_asset=entry.get("quoteAsset", ""),
-        tick_size=dec(price["tickSize"]),
-        step_size=dec(lot["stepSize"]),
-        min_qty=dec(lot["minQty"]),
-        max_qty=dec(lot["maxQty"]),
-        min_notional=dec(notional.get("minNotional", "0")),
-        market_step_size=market_step if market_step else None,
-        market_min_qty=dec(market["minQty"]) if market else None,
-        market_max_qty=dec(market["maxQty"]) if market else None,
-        status=entry.get("status", "TRADING"),
+        symbol=str(entry["symbol"]),
+        base_asset=str(entry["baseAsset"]),
+        quote_asset=str(entry["quoteAsset"]),
+        tick_size=decimal_field(price["tickSize"], "PRICE_FILTER.tickSize"),
+        step_size=step,
+        min_qty=min_qty,
+        max_qty=max_qty,
+        min_notional=min_notional,
+        market_step_size=market_step,
+        market_min_qty=market_min,
+        market_max_qty=market_max,
+        status=str(entry.get("status", "TRADING")),
     )

@@ -86,3 +86,8 @@ def test_decimal_str_never_uses_exponent():
     assert decimal_str(D("1E-5")) == "0.00001"
     assert decimal_str(D("0.12300000")) == "0.123"
     assert decimal_str(D("100")) == "100"
+
+
+def test_close_quantity_capped_by_market_max_qty():
+    r = close_quantity(D("200"), None, D("0.00001"), D("0.00001"), D("5"), D("9000"), max_qty=D("128.52621715"))
+    assert (r.quantity, r.blocked_reason) == (D("128.52621"), None)
