@@ -15,15 +15,7 @@ def build_exchange(venue: str | None = None):
     """Return the adapter for ``venue`` (default: the configured one). Raises ``ValueError`` on an unknown venue."""
     venue = venue or settings.EXCHANGE_VENUE
     if venue in ("binance", "binance-testnet"):
-        from stopmonitor.exchange.binance import BinanceExchange
-
-        return BinanceExchange(
-            settings.BINANCE_API_KEY,
-            settings.BINANCE_API_SECRET,
-            testnet=venue == "binance-testnet",
-            api_url=settings.BINANCE_API_URL,
-            timeout=settings.BINANCE_TIMEOUT_SECONDS,
-        )
+        return LazyBinance(venue)
     if venue == "replay":
         from django.core.cache import cache
 
@@ -35,3 +27,36 @@ def build_exchange(venue: str | None = None):
 
         return PaperExchange()
     raise ValueError(f"unknown exchange venue {venue!r}")
+
+
+class LazyBinance:
+    """The Binance adapter, built (and python-binance imported, ~0.5 s) on first use only.
+
+    A pass with nothing to watch never pays for the import. ``venue`` and ``clock()`` answer
+    without building it.
+    """
+
+    def __init__(self, venue: str):
+        self.venue = venue
+        self._real = None
+
+    def clock(self):
+        from datetime import datetime, timezone
+
+        return datetime.now(timezone.utc)
+
+    def _build(self):
+        if self._real is None:
+            from stopmonitor.exchange.binance import BinanceExchange
+
+            self._real = BinanceExchange(
+                settings.BINANCE_API_KEY,
+                settings.BINANCE_API_SECRET,
+                testnet=self.venue == "binance-testnet",
+                api_url=settings.BINANCE_API_URL,
+                timeout=settings.BINANCE_TIMEOUT_SECONDS,
+            )
+        return self._real
+
+    def __getattr__(self, name):
+        return getattr(self._build(), name)

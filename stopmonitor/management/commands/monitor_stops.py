@@ -18,6 +18,9 @@ from stopmonitor.logs import emit_json
 
 class Command(BaseCommand):
     help = "Run one stop-monitor pass (or --loop): reconcile, read best bid/ask, close crossed stops."
+    # start-up budget: the system checks import the URLconf (DRF, drf-spectacular, admin) that a
+    # pass never uses; `manage.py check` and `doctor` run them instead
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("--loop", action="store_true", help="run passes until SIGTERM (Deployment mode)")
