@@ -219,9 +219,30 @@ def run_pass(
     """One monitor pass: reconcile SUBMITTED executions, then evaluate and close triggers.
 
     ``dry_run`` evaluates and reports without appending events or placing orders. Each
-    decision goes to ``emit``. Raises :class:`PassError` when the pass cannot run (quotes
-    unavailable, rate-limit ban). Must be called outside any transaction.
+    decision goes to ``emit`` and is counted and logged as one JSON line; the summary is
+    recorded as one ``MonitorPass`` row (:mod:`stopmonitor.metrics`). Raises
+    :class:`PassError` when the pass cannot run (quotes unavailable, rate-limit ban).
+    Must be called outside any transaction.
     """
+    from stopmonitor import metrics
+
+    def observed(decision: Decision) -> None:
+        metrics.observe_decision(decision)
+        emit(decision)
+
+    try:
+        summary = _run_pass(metrics.instrument(exchange), source=source, dry_run=dry_run, now=now, emit=observed,
+                            engine=engine, use_lock=use_lock)
+    except PassError as exc:
+        metrics.record_pass(PassSummary(started_at=(now or exchange_now(exchange)).isoformat(), source=source,
+                                        venue=exchange.venue, dry_run=dry_run), error=str(exc))
+        raise
+    metrics.record_pass(summary)
+    return summary
+
+
+def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emit: Emit,
+              engine: EngineSettings | None, use_lock: bool) -> PassSummary:
     engine = engine or EngineSettings.from_settings()
     started = time.monotonic()
     now = now or exchange_now(exchange)
