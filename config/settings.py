@@ -46,11 +46,14 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "api",
     "stopmonitor",
+    "django_prometheus",
 ]
 
 MIDDLEWARE = [
     # probes first: /health answers before host validation and the SSL redirect
     "api.health.HealthProbeMiddleware",
+    # request counts and latencies for /metrics (probes above are not counted)
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -59,6 +62,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -155,6 +159,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "OperationStatusEnum": "api.models.OperationStatus",
+        "ExecutionStatusEnum": "api.models.ExecutionStatus",
+    },
 }
 
 # The exchange (see stopmonitor.exchange.factory)

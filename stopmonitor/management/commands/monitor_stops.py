@@ -30,6 +30,8 @@ class Command(BaseCommand):
         parser.add_argument("--venue", choices=["binance", "binance-testnet", "paper", "replay"],
                             help="override EXCHANGE_VENUE (replay/paper refused in production)")
         parser.add_argument("--max-passes", type=int, default=0, help="stop --loop after N passes (0 = no limit)")
+        parser.add_argument("--metrics-port", type=int, default=0,
+                            help="with --loop: serve Prometheus /metrics on this port (0 = off)")
 
     def handle(self, *args, **opts):
         from django.conf import settings
@@ -67,6 +69,10 @@ class Command(BaseCommand):
         if opts["loop"]:
             signal.signal(signal.SIGTERM, _term)
             signal.signal(signal.SIGINT, _term)
+            if opts["metrics_port"]:
+                from stopmonitor.metrics import serve
+
+                serve(opts["metrics_port"])
         passes = 0
         while True:
             started = time.monotonic()

@@ -1,0 +1,120 @@
+"""Django admin: tenants, symbols and operations editable; events and executions read-only.
+
+An operation's levels and status are read-only here: they change only through the engine
+(the API's PATCH, the monitor, the "close now" action) so that its event stream stays complete.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+
+from api.models import (
+    CircuitBreakerState,
+    Client,
+    Operation,
+    StopMonitorEvent,
+    StopMonitorExecution,
+    Symbol,
+    TenantConfig,
+)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """No add, change or delete: the rows are the event log or derived from it (invariant 8)."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Client)
+class ClientAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "created_at"]
+    search_fields = ["name"]
+    filter_horizontal = ["users"]
+
+
+@admin.register(Symbol)
+class SymbolAdmin(admin.ModelAdmin):
+    list_display = ["symbol", "base_asset", "quote_asset", "tick_size", "step_size", "min_qty", "min_notional",
+                    "is_active", "updated_at"]
+    list_filter = ["is_active", "quote_asset"]
+    search_fields = ["symbol", "base_asset"]
+
+
+@admin.action(description="Close now at market (engine, source manual)")
+def close_now(modeladmin, request, queryset):
+    """Run :func:`stopmonitor.services.close_operation` for each selected ACTIVE operation."""
+    from api.views import get_exchange
+    from stopmonitor.services import PassError, close_operation
+
+    exchange = get_exchange()
+    for op in queryset.filter(status="ACTIVE"):
+        try:
+            decisions = close_operation(op.pk, exchange, source="manual")
+        except PassError as exc:
+            modeladmin.message_user(request, f"operation {op.pk}: {exc}", messages.ERROR)
+            continue
+        last = decisions[-1]
+        modeladmin.message_user(request, f"operation {op.pk}: {last.action} {last.reason or ''} {last.detail}".strip())
+
+
+@admin.register(Operation)
+class OperationAdmin(admin.ModelAdmin):
+    list_display = ["id", "client", "symbol", "side", "status", "quantity", "closed_quantity", "entry_price",
+                    "stop_price", "target_price", "updated_at"]
+    list_filter = ["status", "side", "client", "symbol"]
+    list_select_related = ["client", "symbol"]
+    search_fields = ["id", "stop_execution_token"]
+    readonly_fields = ["status", "closed_quantity", "stop_price", "target_price", "stop_execution_token",
+                       "last_stop_check_at", "stop_check_count", "created_at", "updated_at"]
+    raw_id_fields = ["client", "symbol"]
+    actions = [close_now]
+
+
+@admin.register(StopMonitorEvent)
+class StopMonitorEventAdmin(ReadOnlyAdmin):
+    list_display = ["sequence", "operation_id", "version", "event_type", "tenant", "symbol", "source", "venue",
+                    "execution_token", "created_at"]
+    list_filter = ["tenant", "symbol", "event_type", "source", "venue"]
+    list_select_related = ["tenant"]
+    search_fields = ["execution_token", "=operation__id"]
+    ordering = ["-sequence"]
+
+
+@admin.register(StopMonitorExecution)
+class StopMonitorExecutionAdmin(ReadOnlyAdmin):
+    list_display = ["execution_token", "operation_id", "tenant", "symbol", "status", "trigger", "side",
+                    "requested_quantity", "executed_quantity", "avg_fill_price", "source", "venue", "created_at"]
+    list_filter = ["tenant", "symbol", "status", "trigger", "source", "venue"]
+    list_select_related = ["tenant"]
+    search_fields = ["execution_token", "=operation__id"]
+    ordering = ["-created_at"]
+
+
+@admin.register(TenantConfig)
+class TenantConfigAdmin(admin.ModelAdmin):
+    list_display = ["client", "kill_switch", "kill_switch_reason", "max_slippage_pct", "slippage_action",
+                    "max_executions_per_minute", "max_executions_per_hour", "updated_by", "updated_at"]
+    readonly_fields = ["kill_switch_at", "kill_switch_by", "updated_by", "updated_at"]
+
+    def save_model(self, request, obj, form, change):
+        """Record who changed it (and when the kill switch moved), like the API does."""
+        from django.utils import timezone
+
+        obj.updated_by = request.user.get_username()[:150]
+        if "kill_switch" in form.changed_data:
+            obj.kill_switch_at = timezone.now()
+            obj.kill_switch_by = obj.updated_by
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(CircuitBreakerState)
+class CircuitBreakerStateAdmin(ReadOnlyAdmin):
+    list_display = ["symbol", "state", "failure_count", "opened_at", "retry_at", "last_error", "updated_at"]
+    list_filter = ["state"]

@@ -1,0 +1,425 @@
+"""REST API views under ``/api/v1/``: they parse input, call the stopmonitor use cases, render.
+
+Every query is narrowed to the caller's tenant (:mod:`api.permissions`); another tenant's
+object answers 404. Writes that change what is monitored go through
+:mod:`stopmonitor.operations` and :func:`stopmonitor.services.close_operation`, so the event
+stream of an operation is complete whoever changed it. Errors come back in the one envelope
+of :mod:`api.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from django.conf import settings
+from django.db import transaction
+from django.http import Http404
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.errors import Conflict
+from api.filters import ExecutionFilter, OperationFilter
+from api.models import (
+    CircuitBreakerState,
+    Client,
+    Operation,
+    StopMonitorEvent,
+    StopMonitorExecution,
+    Symbol,
+    TenantConfig,
+)
+from api.pagination import (
+    ExecutionCursorPagination,
+    OperationCursorPagination,
+    SequencePagination,
+    StreamCursorPagination,
+)
+from api.permissions import IsStaff, NoTenant, require_tenant_id, scope_to_tenant, tenant_id_of
+from api.serializers import (
+    CircuitBreakerSerializer,
+    CloseRequestSerializer,
+    CloseResultSerializer,
+    ErrorSerializer,
+    EventSerializer,
+    ExecutionSerializer,
+    OperationCreateSerializer,
+    OperationDetailSerializer,
+    OperationSerializer,
+    OperationUpdateSerializer,
+    RiskConfigSerializer,
+    RiskConfigUpdateSerializer,
+    SymbolSerializer,
+)
+from stopmonitor.events import ConcurrencyConflict
+from stopmonitor.operations import LevelError, StateConflict, move_levels, open_operation
+
+audit = logging.getLogger("api.audit")
+
+
+class ExchangeUnavailable(exceptions.APIException):
+    """503: the exchange could not be read (quotes, balances or filters); nothing was changed."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "exchange_unavailable"
+    default_detail = "The exchange cannot be reached now; nothing was changed. Try again."
+
+
+def get_exchange():
+    """The configured exchange adapter (``settings.EXCHANGE_VENUE``); tests replace this function."""
+    from stopmonitor.exchange.factory import build_exchange
+
+    return build_exchange()
+
+
+def lifecycle_venue() -> str:
+    """The venue recorded on lifecycle events (``STOP_SET``…): replay trades on paper."""
+    venue = settings.EXCHANGE_VENUE
+    return "paper" if venue in ("paper", "replay") else venue
+
+
+def actor_of(request) -> str:
+    """Who made the request, as recorded on changes (the username)."""
+    return request.user.get_username()[:150]
+
+
+# --------------------------------------------------------------------------------------
+# OpenAPI: every error answer is described with the envelope
+# --------------------------------------------------------------------------------------
+
+_ERROR_TEXT = {
+    400: "Invalid input or a body that is not JSON: `fields` gives each refused field and its reasons. Nothing changed.",
+    401: "Missing or invalid bearer token.",
+    403: "Not allowed (staff only, or the user belongs to no tenant).",
+    404: "No such object for this tenant (another tenant's objects are not found either), or an invalid cursor.",
+    409: "The operation's state does not allow this (CLOSING, CLOSED or CANCELLED; or being closed by someone else).",
+    415: "The request body must be application/json.",
+    429: "Too many requests for this user; retry after the Retry-After header.",
+    503: "The exchange cannot be read now; nothing was changed.",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI responses for ``codes`` plus 401 and 429 (every endpoint), all with the error envelope."""
+    return {code: OpenApiResponse(ErrorSerializer, description=_ERROR_TEXT[code])
+            for code in sorted({401, 429, *codes})}
+
+
+class NotFoundAsAPIError:
+    """``get_object`` raising DRF's ``NotFound`` (code ``not_found``) rather than Django's ``Http404``,
+    so the envelope carries a machine-readable code and a message."""
+
+    def get_object(self):
+        try:
+            return super().get_object()
+        except Http404:
+            raise exceptions.NotFound() from None
+
+
+# --------------------------------------------------------------------------------------
+# Operations
+# --------------------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the tenant's operations (newest first).",
+                       responses={200: OperationSerializer(many=True), **error_responses(400, 404)}),
+    retrieve=extend_schema(summary="One operation with its latest execution.",
+                           responses={200: OperationDetailSerializer, **error_responses(404)}),
+)
+class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """``/operations/``: the positions being monitored."""
+
+    queryset = Operation.objects.select_related("symbol")
+    serializer_class = OperationSerializer
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = OperationFilter
+    pagination_class = OperationCursorPagination
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def get_queryset(self):
+        return scope_to_tenant(super().get_queryset(), self.request.user, "client")
+
+    def get_serializer_class(self):
+        return OperationDetailSerializer if self.action == "retrieve" else OperationSerializer
+
+    def _detail(self, pk: int, status_code=status.HTTP_200_OK, headers=None) -> Response:
+        op = Operation.objects.select_related("symbol").get(pk=pk)
+        return Response(OperationDetailSerializer(op).data, status=status_code, headers=headers)
+
+    @extend_schema(
+        summary="Open an operation: appends STOP_SET (and TARGET_SET).",
+        request=OperationCreateSerializer,
+        responses={201: OperationDetailSerializer, **error_responses(400, 403, 415)},
+    )
+    def create(self, request):
+        tenant_id = require_tenant_id(request.user)
+        data = OperationCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        try:
+            op = open_operation(Client.objects.get(pk=tenant_id), v["symbol"], v["side"], v["quantity"],
+                                v["entry_price"], v["stop_price"], v.get("target_price"), source="api",
+                                venue=lifecycle_venue())
+        except LevelError as exc:
+            raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
+        return self._detail(op.pk, status.HTTP_201_CREATED, {"Location": f"{request.path}{op.pk}/"})
+
+    @extend_schema(
+        summary="Move the stop and/or target: appends STOP_MOVED / TARGET_SET.",
+        request=OperationUpdateSerializer,
+        responses={200: OperationDetailSerializer, **error_responses(400, 404, 409, 415)},
+    )
+    def partial_update(self, request, pk=None):
+        op = self.get_object()
+        data = OperationUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            move_levels(op.pk, stop_price=data.validated_data.get("stop_price"),
+                        target_price=data.validated_data.get("target_price"), source="api",
+                        venue=lifecycle_venue(), actor=actor_of(request))
+        except StateConflict as exc:
+            raise Conflict(str(exc)) from None
+        except LevelError as exc:
+            raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
+        return self._detail(op.pk)
+
+    @extend_schema(
+        summary="Close now at market through the engine (source api, exactly once).",
+        description=(
+            "Runs the same close protocol as the monitor. `outcome` is the last decision: executed, "
+            "partially_executed, failed, unknown (the order may exist; the monitor reconciles it) or blocked "
+            "(a guardrail held it; the reason is in the decision and in the stream). 409 when the operation is "
+            "not ACTIVE or someone else (the monitor, another request) is closing it: no order is placed."
+        ),
+        request=CloseRequestSerializer,
+        responses={200: CloseResultSerializer, **error_responses(400, 404, 409, 415, 503)},
+    )
+    @action(detail=True, methods=["post"], filter_backends=[], pagination_class=None)
+    def close(self, request, pk=None):
+        from stopmonitor.services import PassError, close_operation
+
+        op = self.get_object()
+        CloseRequestSerializer(data=request.data).is_valid(raise_exception=True)
+        if op.status != "ACTIVE":
+            raise Conflict(f"operation {op.pk} is {op.status}: it cannot be closed now")
+        try:
+            exchange = get_exchange()
+        except (ValueError, ImportError) as exc:
+            raise ExchangeUnavailable(f"no exchange: {exc}") from None
+        try:
+            decisions = close_operation(op.pk, exchange, source="api")
+        except PassError as exc:
+            raise ExchangeUnavailable(str(exc)) from None
+        except ConcurrencyConflict:
+            raise Conflict(f"operation {op.pk} is being changed by someone else") from None
+        if any(d.action == "skipped" and d.reason == "NOT_ACTIVE" for d in decisions):
+            raise Conflict(f"operation {op.pk} is already being closed by someone else")
+        body = {
+            "outcome": decisions[-1].action,
+            "decisions": [
+                {"action": d.action, "execution_token": d.execution_token, "event_type": d.event_type,
+                 "reason": d.reason, "detail": d.detail}
+                for d in decisions
+            ],
+            "operation": OperationDetailSerializer(Operation.objects.select_related("symbol").get(pk=op.pk)).data,
+        }
+        return Response(body)
+
+    @extend_schema(
+        summary="The operation's stream in version order.",
+        responses={200: EventSerializer(many=True), **error_responses(404)},
+    )
+    @action(detail=True, methods=["get"], serializer_class=EventSerializer, filter_backends=[],
+            pagination_class=StreamCursorPagination)
+    def events(self, request, pk=None):
+        op = self.get_object()
+        page = self.paginate_queryset(StopMonitorEvent.objects.filter(operation_id=op.pk))
+        return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+# --------------------------------------------------------------------------------------
+# History and executions
+# --------------------------------------------------------------------------------------
+
+
+@extend_schema(
+    summary="The global event feed in sequence order (?after=SEQ).",
+    description="Poll with `after` = the previous answer's `last_sequence`; never skips an event committed late.",
+    responses={200: EventSerializer(many=True), **error_responses(400)},
+)
+class EventFeedView(ListAPIView):
+    """``/events/?after=SEQ&limit=N``: the tenant's events after a global sequence number."""
+
+    queryset = StopMonitorEvent.objects.all()
+    serializer_class = EventSerializer
+    pagination_class = SequencePagination
+
+    def get_queryset(self):
+        return scope_to_tenant(super().get_queryset(), self.request.user, "tenant")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="The tenant's executions (newest first).",
+                       responses={200: ExecutionSerializer(many=True), **error_responses(400, 404)}),
+    retrieve=extend_schema(summary="One execution by its token (the client order id).",
+                           responses={200: ExecutionSerializer, **error_responses(404)}),
+)
+class ExecutionViewSet(NotFoundAsAPIError, viewsets.ReadOnlyModelViewSet):
+    """``/executions/``: close attempts (the projection of the events)."""
+
+    queryset = StopMonitorExecution.objects.all()
+    serializer_class = ExecutionSerializer
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = ExecutionFilter
+    pagination_class = ExecutionCursorPagination
+
+    def get_queryset(self):
+        return scope_to_tenant(super().get_queryset(), self.request.user, "tenant")
+
+
+# --------------------------------------------------------------------------------------
+# Risk controls
+# --------------------------------------------------------------------------------------
+
+_CLIENT_PARAM = OpenApiParameter(
+    "client", OpenApiTypes.INT, OpenApiParameter.QUERY, required=False,
+    description="Tenant id (staff; defaults to the caller's tenant).",
+)
+
+
+class RiskConfigView(APIView):
+    """``/risk/config/``: the tenant's kill switch, slippage limit and execution rate limits."""
+
+    def _tenant_id(self, request) -> int:
+        raw = request.query_params.get("client")
+        if raw in (None, ""):
+            tenant_id = tenant_id_of(request.user)
+            if tenant_id is None:
+                if request.user.is_staff:
+                    raise exceptions.ValidationError({"client": ["Required for a staff user without a tenant."]})
+                raise NoTenant()
+            return tenant_id
+        try:
+            wanted = int(raw)
+        except ValueError:
+            raise exceptions.ValidationError({"client": ["A valid integer is required."]}) from None
+        if not 0 < wanted < 2**63 or not _visible_clients(request.user).filter(pk=wanted).exists():
+            raise exceptions.NotFound()
+        return wanted
+
+    @extend_schema(summary="The tenant's risk controls.", parameters=[_CLIENT_PARAM],
+                   responses={200: RiskConfigSerializer, **error_responses(400, 403, 404)})
+    def get(self, request):
+        tenant_id = self._tenant_id(request)
+        cfg = TenantConfig.objects.filter(client_id=tenant_id).first() or TenantConfig(client_id=tenant_id)
+        return Response(RiskConfigSerializer(cfg).data)
+
+    @extend_schema(
+        summary="Change the risk controls (the kill switch needs a reason); records who and when.",
+        parameters=[_CLIENT_PARAM],
+        request=RiskConfigUpdateSerializer,
+        responses={200: RiskConfigSerializer, **error_responses(400, 403, 404, 415)},
+    )
+    def patch(self, request):
+        tenant_id = self._tenant_id(request)
+        data = RiskConfigUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        cfg = update_risk_config(tenant_id, data.validated_data, actor_of(request))
+        return Response(RiskConfigSerializer(cfg).data)
+
+
+def _visible_clients(user):
+    qs = Client.objects.all()
+    if user.is_staff:
+        return qs
+    tenant_id = tenant_id_of(user)
+    return qs.filter(pk=tenant_id) if tenant_id is not None else qs.none()
+
+
+def update_risk_config(tenant_id: int, changes: dict, actor: str, now: datetime | None = None) -> TenantConfig:
+    """Apply validated ``changes`` to the tenant's :class:`TenantConfig` under its row lock.
+
+    Records ``updated_by``/``updated_at`` and, when ``kill_switch`` is given,
+    ``kill_switch_by``/``kill_switch_at``/``kill_switch_reason``; writes one audit log line
+    with the old and new values. Commits.
+    """
+    now = now or datetime.now(timezone.utc)
+    with transaction.atomic():
+        cfg, _ = TenantConfig.objects.select_for_update().get_or_create(client_id=tenant_id)
+        diff = {}
+        for name, value in changes.items():
+            if name in ("kill_switch_reason",):
+                continue
+            old = getattr(cfg, name)
+            if old != value:
+                diff[name] = [str(old), str(value)]
+            setattr(cfg, name, value)
+        if "kill_switch" in changes:
+            cfg.kill_switch_reason = changes["kill_switch_reason"]
+            cfg.kill_switch_at = now
+            cfg.kill_switch_by = actor
+        cfg.updated_by = actor
+        cfg.save()
+    audit.info("risk config changed", extra={
+        "tenant_id": tenant_id, "actor": actor, "changes": diff,
+        "kill_switch_reason": changes.get("kill_switch_reason", ""),
+    })
+    return cfg
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Every symbol's circuit breaker.",
+                       responses={200: CircuitBreakerSerializer(many=True), **error_responses()}),
+)
+class CircuitBreakerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """``/risk/circuit-breakers/``: per-symbol breakers (shared by every tenant)."""
+
+    queryset = CircuitBreakerState.objects.order_by("symbol")
+    serializer_class = CircuitBreakerSerializer
+    lookup_field = "symbol"
+    pagination_class = None
+
+    @extend_schema(
+        summary="Staff: close the symbol's breaker now (failures forgotten).",
+        request=None,
+        responses={200: CircuitBreakerSerializer, **error_responses(403, 404)},
+    )
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, IsStaff])
+    def reset(self, request, symbol=None):
+        with transaction.atomic():
+            row = CircuitBreakerState.objects.select_for_update().filter(symbol=symbol).first()
+            if row is None:
+                raise exceptions.NotFound()
+            before = row.state
+            row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error = "CLOSED", 0, None, None, ""
+            row.save()
+        audit.info("circuit breaker reset", extra={"symbol": symbol, "actor": actor_of(request), "from_state": before})
+        return Response(CircuitBreakerSerializer(row).data)
+
+
+# --------------------------------------------------------------------------------------
+# Symbols
+# --------------------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Symbols and their exchange filters.",
+                       responses={200: SymbolSerializer(many=True), **error_responses()}),
+    retrieve=extend_schema(summary="One symbol.", responses={200: SymbolSerializer, **error_responses(404)}),
+)
+class SymbolViewSet(NotFoundAsAPIError, viewsets.ReadOnlyModelViewSet):
+    """``/symbols/``: read-only; kept in sync with exchangeInfo by ``manage.py sync_symbols``."""
+
+    queryset = Symbol.objects.order_by("symbol")
+    serializer_class = SymbolSerializer
+    lookup_field = "symbol"
+    pagination_class = None
+
