@@ -32,6 +32,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-passes", type=int, default=0, help="stop --loop after N passes (0 = no limit)")
         parser.add_argument("--metrics-port", type=int, default=0,
                             help="with --loop: serve Prometheus /metrics on this port (0 = off)")
+        parser.add_argument("--no-pass-lock", action="store_true",
+                            help="skip the pass-level advisory lock (row locks still guarantee one close; for tests)")
 
     def handle(self, *args, **opts):
         from django.conf import settings
@@ -77,7 +79,8 @@ class Command(BaseCommand):
         while True:
             started = time.monotonic()
             try:
-                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit)
+                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit,
+                                   use_lock=not opts["no_pass_lock"])
             except PassError as exc:
                 if not opts["loop"]:
                     raise CommandError(f"pass could not run: {exc}") from None

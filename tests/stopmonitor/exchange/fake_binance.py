@@ -83,6 +83,7 @@ class FakeBinance:
         quotes += load("bookTicker_array_BLZETH_LRCBTC_NKNUSDT_DERIVED_from_ws_2021-10-12.json")
         self.quotes = {q["symbol"]: q for q in quotes}
         self.exchange_info = load("exchangeInfo_BTCUSDT_ETHUSDT_ADAUSDT_NOTIONAL.json")
+        self.delays: dict[tuple[str, str], float] = {}  # (method, path) -> seconds before the default answer
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -272,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(scripted.delay)
             status, body, headers = scripted.status, scripted.body, scripted.headers
         else:
+            if fake.delays.get((rec.method, rec.path)):
+                time.sleep(fake.delays[(rec.method, rec.path)])
             status, body = fake._default(rec)
         if isinstance(body, (dict, list)):
             payload, ctype = json.dumps(body).encode(), "application/json;charset=UTF-8"
