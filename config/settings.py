@@ -52,7 +52,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # probes first: /health answers before host validation and the SSL redirect
     "api.health.HealthProbeMiddleware",
-    # request counts and latencies for /metrics (probes above are not counted)
+    # /metrics for Prometheus (pod IP, plain HTTP: like the probes, before host validation)
+    "stopmonitor.metrics.MetricsEndpointMiddleware",
+    # request counts and latencies for /metrics (probes and scrapes above are not counted)
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",

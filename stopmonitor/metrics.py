@@ -276,3 +276,19 @@ def serve(port: int, addr: str = "0.0.0.0"):
 
     register_database_collector()
     return start_http_server(port, addr=addr)
+
+
+class MetricsEndpointMiddleware:
+    """Answers ``GET /metrics`` before host validation and the SSL redirect (placed right after
+    the probe middleware): Prometheus scrapes the pod IP over plain HTTP, like the kubelet's
+    probes, so ``Host:`` is not in a strict ``ALLOWED_HOSTS``. Same view as the URL route."""
+
+    path = "/metrics"
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.path_info.rstrip("/") == self.path and request.method in ("GET", "HEAD"):
+            return metrics_view(request)
+        return self.get_response(request)
