@@ -267,11 +267,8 @@ def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emi
         if not symbols:
             summary.duration_s = round(time.monotonic() - started, 4)
             return summary
-        try:
-            quotes = exchange.book_tickers(symbols)
-        except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
-            raise PassError(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
-        summary.exchange_requests += 1
+        quotes, requests = fetch_quotes(exchange, symbols)
+        summary.exchange_requests += requests
 
         triggered: list[tuple[Watched, Trigger, Quote]] = []
         quote_blocks: list[tuple[Watched, g.Block]] = []
@@ -315,6 +312,41 @@ def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emi
 @contextmanager
 def _always():
     yield True
+
+
+INVALID_SYMBOL = -1121
+
+
+def fetch_quotes(exchange, symbols: list[str]) -> tuple[dict[str, Quote], int]:
+    """Best bid/ask for ``symbols`` in one request (invariant 9); returns quotes and requests made.
+
+    Binance refuses the whole bulk request with -1121 when one symbol is unknown (delisted,
+    renamed). Rather than leave every position unprotected, the pass then asks symbol by
+    symbol once; the unknown ones are simply absent (their operations get MISSING_PRICE).
+    Raises :class:`PassError` when quotes cannot be read at all.
+    """
+    try:
+        return exchange.book_tickers(symbols), 1
+    except ExchangeUnavailable as exc:
+        if exc.code != INVALID_SYMBOL or len(symbols) == 1:
+            raise PassError(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
+        first_error = exc
+    except (RateLimited, ClockSkew) as exc:
+        raise PassError(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
+    log.warning("bulk book ticker refused with -1121; asking symbol by symbol",
+                extra={"symbols": len(symbols), "error": str(first_error)[:200]})
+    quotes: dict[str, Quote] = {}
+    requests = 1
+    for symbol in symbols:
+        requests += 1
+        try:
+            quotes.update(exchange.book_tickers([symbol]))
+        except ExchangeUnavailable as exc:
+            if exc.code != INVALID_SYMBOL:
+                raise PassError(f"best bid/ask unavailable for {symbol}: {exc}") from exc
+        except (RateLimited, ClockSkew) as exc:
+            raise PassError(f"best bid/ask unavailable for {symbol}: {exc}") from exc
+    return quotes, requests
 
 
 # --------------------------------------------------------------------------------------
@@ -420,6 +452,12 @@ def _record_block_outside(operation_id: int, block: g.Block, trig, venue: str, s
         return _record_block(op, version, last, block, trig, venue, source, now)
 
 
+def _close_in_flight(symbol: str) -> bool:
+    from api.models import StopMonitorExecution
+
+    return StopMonitorExecution.objects.filter(symbol=symbol, status__in=("TRIGGERED", "SUBMITTED")).exists()
+
+
 def _attempts_so_far(operation_id: int) -> int:
     from api.models import StopMonitorEvent
 
@@ -455,6 +493,8 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
         block = g.kill_switch(cfg.kill_switch, cfg.kill_switch_reason)
         breaker_row = _breaker(symbol, lock=True)
         breaker_state, breaker_block = g.breaker_allows(_breaker_domain(breaker_row), now)
+        if breaker_block is None and breaker_row.state == "HALF_OPEN" and _close_in_flight(symbol):
+            breaker_block = g.Block(g.CIRCUIT_BREAKER, "circuit half-open: the trial close is still in flight")
         block = block or breaker_block
         if block is None:
             recent = StopMonitorEvent.objects.filter(
