@@ -119,3 +119,23 @@ def open_op(symbols):
                               D(stop) if stop else None, D(target) if target else None, venue="paper", now=NOW)
 
     return make
+
+
+def iso(dt) -> str | None:
+    """A datetime as the API renders it (ISO 8601, UTC as ``Z``)."""
+    from rest_framework.fields import DateTimeField
+
+    return DateTimeField().to_representation(dt) if dt is not None else None
+
+
+def error(code: str, message: str, fields: dict | None = None) -> dict:
+    """The API's error envelope (api.errors)."""
+    return {"error": {"code": code, "message": message, "fields": fields or {}}}
+
+
+def invalid(**fields) -> dict:
+    """The 400 envelope with each field's reasons."""
+    return error("invalid", "The request has invalid fields.", fields)
+
+
+NOT_FOUND = error("not_found", "Not found.")
