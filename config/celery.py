@@ -20,6 +20,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("stopmonitor")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# keep Django's LOGGING (JSON lines, secrets redacted) in workers and beat
+app.conf.worker_hijack_root_logger = False
+app.conf.broker_connection_retry_on_startup = True
 app.autodiscover_tasks(["stopmonitor"])
 
 app.conf.beat_schedule = {
