@@ -52,7 +52,7 @@ def _actor(username, tenant=None, staff=False):
     from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
-    user = get_user_model().objects.create_user(username, password="x", is_staff=staff)
+    user = get_user_model().objects.create_user(username, is_staff=staff)
     if tenant is not None:
         tenant.users.add(user)
     token = Token.objects.create(user=user)
