@@ -90,8 +90,10 @@ def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal,
     docstring). Raises :class:`Skip` with the reason when it cannot be computed or lands on the
     wrong side of the entry (the rule of :func:`stopmonitor.operations.check_levels`)."""
     from stopmonitor.operations import LevelError, check_levels
-    from stopmonitor.rules import round_to_tick
+    from stopmonitor.rules import decimal_str, round_to_tick
 
+    # the same numbers without the column's trailing zeros, so messages read "100", not "100.00000000"
+    entry, percent, tick = (None if v is None else Decimal(decimal_str(v)) for v in (entry, percent, tick))
     if entry is None or entry <= 0:
         raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
     if tick is None or tick <= 0:
@@ -104,7 +106,7 @@ def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal,
     try:
         check_levels(side, entry, price if kind == "stop" else None, price if kind == "target" else None)
     except LevelError as exc:
-        raise Skip(WRONG_SIDE, f"{kind} {price} from {percent}% at tickSize {tick}: {exc}") from None
+        raise Skip(WRONG_SIDE, f"{kind} {decimal_str(price)} from {percent}% at tickSize {tick}: {exc}") from None
     return price
 
 
@@ -352,7 +354,7 @@ class Backfill:
                     to_update.append(op)
                     written.append(change)
                 if to_update:
-                    Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
+                    _update_levels(to_update, now)
             if self.batch_sleep:
                 self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
                 time.sleep(self.batch_sleep)
@@ -372,6 +374,30 @@ class Backfill:
         s.skipped_operations += len(skipped_ops)
         for reasons in skipped_ops.values():
             s.skipped_by_reason.update(reasons)
+
+
+def _update_levels(ops: list, now: datetime) -> None:
+    """Write ``stop_price``/``target_price`` of ``ops`` (rows the caller holds locked) in one statement.
+
+    On PostgreSQL ``UPDATE … FROM (VALUES …)`` (``bulk_update``'s ``CASE`` per row costs about as
+    much as the events of a batch); elsewhere ``bulk_update``.
+    """
+    from django.db import connection
+
+    from api.models import Operation
+
+    if connection.vendor != "postgresql":
+        Operation.objects.bulk_update(ops, ["stop_price", "target_price", "updated_at"])
+        return
+    table = connection.ops.quote_name(Operation._meta.db_table)
+    rows = ", ".join(["(%s, %s::numeric, %s::numeric)"] * len(ops))
+    params = [value for op in ops for value in (op.pk, op.stop_price, op.target_price)]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} AS o SET stop_price = v.stop_price, target_price = v.target_price, updated_at = %s "
+            f"FROM (VALUES {rows}) AS v(id, stop_price, target_price) WHERE o.id = v.id",
+            [now, *params],
+        )
 
 
 def _fmt_eta(seconds: float) -> str:
