@@ -1,0 +1,193 @@
+"""``rebuild_projections`` (rebuild, ``--verify`` and its exit status) and ``events`` (stream and
+global feed, table and JSON lines) on PostgreSQL, on executions produced by real monitor passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from decimal import Decimal as D
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from stopmonitor.services import EngineSettings, run_pass
+
+from .conftest import NOW
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = EngineSettings(quote_max_age_seconds=10, reconcile_after_seconds=30, breaker_threshold=3,
+                        breaker_cooldown_seconds=300)
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def command(name: str, *args) -> tuple[int, str, str]:
+    out, err = StringIO(), StringIO()
+    try:
+        call_command(name, *args, stdout=out, stderr=err)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except CommandError as exc:
+        code = exc.returncode
+        err.write(str(exc))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def closed_pair(paper, open_op):
+    """Two operations closed by one pass: a long stop-loss on BTCUSDT and a short target on ETHUSDT."""
+    long_ = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    short = open_op("ETHUSDT", "SELL", "2", entry="2000", stop="2100", target="1900")
+    paper.set_quote("BTCUSDT", "9199.50", "9199.51", bid_qty="10")
+    paper.set_quote("ETHUSDT", "1899.00", "1899.90")
+    paper.quotes = {s: replace(q, observed_at=NOW) for s, q in paper.quotes.items()}
+    summary = run_pass(paper, now=NOW, engine=ENGINE)
+    assert summary.executed == 2
+    from api.models import StopMonitorExecution
+
+    tokens = {ex.operation_id: ex.execution_token for ex in StopMonitorExecution.objects.all()}
+    return long_, short, tokens
+
+
+def test_verify_passes_on_a_consistent_projection(closed_pair):
+    code, out, _ = command("rebuild_projections", "--verify")
+    assert code == 0
+    assert out.startswith("projection matches the events (all operations) in ")
+
+
+def test_verify_lists_every_difference_and_exits_1_then_rebuild_repairs(closed_pair):
+    from api.models import StopMonitorExecution
+
+    long_, short, tokens = closed_pair
+    StopMonitorExecution.objects.filter(pk=tokens[long_.pk]).update(status="FAILED", executed_quantity=D("0.4"))
+    StopMonitorExecution.objects.filter(pk=tokens[short.pk]).delete()
+    extra = StopMonitorExecution.objects.get(pk=tokens[long_.pk])
+    extra.execution_token = f"sm{long_.pk}-S9-deadbeef"
+    extra.save(force_insert=True)
+
+    code, out, _ = command("rebuild_projections", "--verify")
+    assert code == 1
+    assert sorted(out.splitlines()[:-1]) == sorted([
+        f"DIFF {tokens[long_.pk]} status: stored='FAILED' rebuilt='EXECUTED'",
+        f"DIFF {tokens[long_.pk]} executed_quantity: stored=Decimal('0.40000000') rebuilt=Decimal('0.5')",
+        f"DIFF {tokens[short.pk]} <missing>: stored=None rebuilt='EXECUTED'",
+        f"DIFF sm{long_.pk}-S9-deadbeef <extra>: stored='FAILED' rebuilt=None",
+    ])
+    assert out.splitlines()[-1] == ("projection differs from the events: 4 difference(s) (all operations); "
+                                    "run rebuild_projections to repair")
+    # --verify wrote nothing
+    assert StopMonitorExecution.objects.get(pk=tokens[long_.pk]).status == "FAILED"
+
+    code, out, _ = command("rebuild_projections", "--verify", "--json", "--operation", str(short.pk))
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert lines[0] == {"type": "difference", "execution_token": tokens[short.pk], "field": "<missing>",
+                        "stored": None, "rebuilt": "EXECUTED"}
+    assert (lines[-1]["type"], lines[-1]["differences"], lines[-1]["operation"]) == ("summary", 1, short.pk)
+
+    code, out, _ = command("rebuild_projections", "--operation", str(short.pk))
+    assert (code, out.split(" in ")[0]) == (0, f"rebuilt 1 execution rows from the events (operation {short.pk})")
+    code, _, _ = command("rebuild_projections", "--verify", "--operation", str(short.pk))
+    assert code == 0
+
+    code, out, _ = command("rebuild_projections", "--json")
+    assert code == 0 and json.loads(out)["executions"] == 2
+    code, _, _ = command("rebuild_projections", "--verify")
+    assert code == 0
+    rows = {ex.execution_token: (ex.status, ex.executed_quantity, ex.avg_fill_price, ex.side)
+            for ex in StopMonitorExecution.objects.all()}
+    assert rows == {tokens[long_.pk]: ("EXECUTED", D("0.5"), D("9199.5"), "SELL"),
+                    tokens[short.pk]: ("EXECUTED", D("2"), D("1899.9"), "BUY")}
+
+
+def test_rebuild_of_an_unknown_operation_is_an_error(closed_pair):
+    assert command("rebuild_projections", "--operation", "987654") == (2, "", "operation 987654 does not exist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="child process on the test database")
+def test_verify_exit_status_of_the_real_process(closed_pair):
+    from api.models import StopMonitorExecution
+
+    long_, _, tokens = closed_pair
+    s = connection.settings_dict
+    env = {**os.environ, "DATABASE_URL": f"postgres://{s['USER']}@{s['HOST']}:{s['PORT'] or 5432}/{s['NAME']}"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "manage.py", "rebuild_projections", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert run("--verify").returncode == 0
+    StopMonitorExecution.objects.filter(pk=tokens[long_.pk]).update(avg_fill_price=D("9000"))
+    proc = run("--verify")
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[0] == (f"DIFF {tokens[long_.pk]} avg_fill_price: stored=Decimal('9000.00000000') "
+                                           "rebuilt=Decimal('9199.5')")
+    assert run().returncode == 0
+    assert run("--verify").returncode == 0
+
+
+def test_events_prints_one_operations_stream_as_a_table(closed_pair):
+    long_, _, tokens = closed_pair
+    code, out, _ = command("events", "--operation", str(long_.pk))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["SEQ", "OP", "V", "TIME", "(UTC)", "TYPE", "SOURCE", "VENUE", "TOKEN", "PAYLOAD"]
+    rows = [line.split(None, 9) for line in lines[1:]]
+    assert [(r[1], r[2], r[5], r[6], r[7]) for r in rows] == [
+        (str(long_.pk), "1", "STOP_SET", "api", "paper"),
+        (str(long_.pk), "2", "STOP_TRIGGERED", "cron", "paper"),
+        (str(long_.pk), "3", "EXECUTION_SUBMITTED", "cron", "paper"),
+        (str(long_.pk), "4", "EXECUTED", "cron", "paper"),
+        (str(long_.pk), "5", "OPERATION_CLOSED", "cron", "paper"),
+    ]
+    assert (rows[0][3], rows[0][4]) == ("2026-03-02", "12:00:00")
+    assert rows[0][8] == "-" and rows[1][8] == tokens[long_.pk]
+    assert json.loads(rows[0][9]) == {"entry_price": "9300", "stop_price": "9200"}
+    executed = json.loads(rows[3][9])
+    assert (executed["executed_qty"], executed["avg_price"], executed["slippage_pct"]) == ("0.5", "9199.5", "0.0054")
+
+
+def test_events_json_lines_and_the_global_feed_after_a_sequence(closed_pair):
+    from api.models import StopMonitorEvent
+
+    long_, short, tokens = closed_pair
+    all_events = list(StopMonitorEvent.objects.order_by("sequence"))
+    assert len(all_events) == 11  # 5 for the long, 6 for the short (STOP_SET + TARGET_SET)
+    code, out, _ = command("events", "--operation", str(short.pk), "--json")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert [(r["version"], r["event_type"]) for r in records] == [
+        (1, "STOP_SET"), (2, "TARGET_SET"), (3, "STOP_TRIGGERED"), (4, "EXECUTION_SUBMITTED"), (5, "EXECUTED"),
+        (6, "OPERATION_CLOSED")]
+    trig = records[2]
+    assert {k: trig[k] for k in ("operation_id", "symbol", "execution_token", "source", "venue", "created_at",
+                                 "tenant_id")} == {
+        "operation_id": short.pk, "symbol": "ETHUSDT", "execution_token": tokens[short.pk], "source": "cron",
+        "venue": "paper", "created_at": "2026-03-02T12:00:00+00:00", "tenant_id": short.client_id}
+    assert (trig["payload"]["trigger"], trig["payload"]["close_side"], trig["payload"]["level"]) == (
+        "TAKE_PROFIT", "BUY", "1900")
+
+    after = all_events[3].sequence
+    code, out, _ = command("events", "--after", str(after), "--limit", "4", "--json")
+    feed = [json.loads(line) for line in out.splitlines()]
+    assert [r["sequence"] for r in feed] == [e.sequence for e in all_events[4:8]]
+    code, out, _ = command("events", "--after", str(all_events[-1].sequence))
+    assert out.splitlines()[1:] == ["(no events)"]
+    code, out, _ = command("events", "--json")
+    assert len(out.splitlines()) == 11
+
+
+@pytest.mark.parametrize("args,message", [
+    pytest.param(["--operation", "987654"], "operation 987654 does not exist", id="unknown-operation"),
+    pytest.param(["--limit", "0"], "--limit must be a positive integer", id="zero-limit"),
+])
+def test_events_errors_exit_2(tenant, args, message):
+    assert command("events", *args) == (2, "", message)
