@@ -1,0 +1,109 @@
+"""Benchmark ``backfill_stop_price`` on PostgreSQL: rows/s and peak RSS for N legacy operations.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+        .venv/bin/python bench/bench_backfill.py --rows 10000 100000 [--batch-size 1000]
+
+For each size: creates a scratch database ``bench_backfill``, migrates it, inserts N legacy
+operations (half long, half short, stop and target percentages, no absolute levels) with one
+``INSERT … SELECT generate_series``, runs the command as a child process and prints the wall
+time, operations/s, events written and the child's peak RSS (``wait4``), then a
+``rebuild_projections --verify`` over the result. Drops the database at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+DB = "bench_backfill"
+
+
+def admin_url() -> str:
+    return os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+
+
+def db_url(name: str) -> str:
+    parts = urlsplit(admin_url())
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def recreate() -> None:
+    with psycopg.connect(admin_url(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{DB}"')
+
+
+def drop() -> None:
+    with psycopg.connect(admin_url(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+
+
+def manage(*args: str) -> tuple[int, float, float, str]:
+    """Run ``manage.py args`` on the bench database; returns (status, seconds, peak RSS MB, stdout tail)."""
+    env = {**os.environ, "DATABASE_URL": db_url(DB), "DEBUG": "false"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, seconds, usage.ru_maxrss / 1024, out.strip().splitlines()[-1] if out.strip() else ""
+
+
+def seed(rows: int) -> None:
+    with psycopg.connect(db_url(DB), autocommit=True) as conn:
+        client = conn.execute("INSERT INTO api_client (name, created_at) VALUES ('bench', now()) RETURNING id").fetchone()[0]
+        symbol = conn.execute(
+            "INSERT INTO api_symbol (symbol, base_asset, quote_asset, tick_size, is_active, updated_at) "
+            "VALUES ('BTCUSDT', 'BTC', 'USDT', 0.01, true, now()) RETURNING id").fetchone()[0]
+        conn.execute(
+            "INSERT INTO api_operation (client_id, symbol_id, side, status, quantity, entry_price, stop_loss_percent, "
+            "stop_gain_percent, created_at, updated_at, closed_quantity, stop_check_count) "
+            "SELECT %s, %s, CASE WHEN g %% 2 = 0 THEN 'BUY' ELSE 'SELL' END, 'ACTIVE', 0.5, 20000 + g * 0.37, "
+            "1.5 + (g %% 7) * 0.25, 2 + (g %% 5) * 0.5, now(), now(), 0, 0 FROM generate_series(1, %s) AS g",
+            [client, symbol, rows])
+        conn.execute("VACUUM ANALYZE api_operation")
+
+
+def counts() -> tuple[int, int]:
+    with psycopg.connect(db_url(DB)) as conn:
+        done = conn.execute("SELECT count(*) FROM api_operation WHERE stop_price IS NOT NULL").fetchone()[0]
+        events = conn.execute("SELECT count(*) FROM api_stopmonitorevent").fetchone()[0]
+    return done, events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--batch-size", type=int, default=1000)
+    args = parser.parse_args()
+    print(f"{'rows':>9} {'batch':>6} {'seconds':>8} {'ops/s':>7} {'events':>8} {'peak RSS MB':>11} "
+          f"{'verify s':>8} {'verify RSS':>10}  status")
+    try:
+        for rows in args.rows:
+            recreate()
+            code, _, _, _ = manage("migrate", "-v0")
+            assert code == 0, "migrate failed"
+            seed(rows)
+            code, seconds, rss, _ = manage("backfill_stop_price", "--batch-size", str(args.batch_size),
+                                           "--progress-interval", "3600")
+            done, events = counts()
+            vcode, vseconds, vrss, _ = manage("rebuild_projections", "--verify")
+            print(f"{rows:>9} {args.batch_size:>6} {seconds:>8.1f} {done / seconds:>7.0f} {events:>8} {rss:>11.0f} "
+                  f"{vseconds:>8.1f} {vrss:>10.0f}  backfill exit {code}, updated {done}, verify exit {vcode}",
+                  flush=True)
+    finally:
+        drop()
+
+
+if __name__ == "__main__":
+    main()
