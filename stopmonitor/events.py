@@ -126,6 +126,80 @@ def append_events(
     return saved
 
 
+def append_many(items, *, source: str, venue: str, now: datetime) -> int:
+    """Append to many streams at once: ``items`` is ``[(operation, expected_version, [NewEvent…])]``.
+
+    The bulk form of :func:`append_events` for set-based writers (``backfill_stop_price``):
+    one append lock, one version check for all streams, and on PostgreSQL the events and
+    their outbox rows go in with ``COPY`` (sequence values drawn from the event sequence
+    under the append lock, so sequence order is still commit order). Same transaction rules
+    and guarantees as :func:`append_events`; raises :class:`ConcurrencyConflict` naming every
+    stream that moved, writing nothing. Returns the number of events written.
+    """
+    import json
+    import uuid
+
+    from api.models import Outbox, StopMonitorEvent
+
+    if not connection.in_atomic_block:
+        raise RuntimeError("append_many must run inside transaction.atomic")
+    items = [(op, v, evs) for op, v, evs in items if evs]
+    if not items:
+        return 0
+    if connection.vendor != "postgresql":
+        for op, version, evs in items:
+            append_events(op, version, evs, source=source, venue=venue, now=now)
+        return sum(len(evs) for _, _, evs in items)
+    from django.db.models import Max
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+    ids = [op.pk for op, _, _ in items]
+    current = dict(
+        StopMonitorEvent.objects.filter(operation_id__in=ids).values("operation_id").annotate(v=Max("version"))
+        .values_list("operation_id", "v")
+    )
+    moved = [op.pk for op, v, _ in items if current.get(op.pk, 0) != v]
+    if moved:
+        raise ConcurrencyConflict(f"streams moved since they were read: operations {moved[:20]}")
+    total = sum(len(evs) for _, _, evs in items)
+    table = StopMonitorEvent._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT nextval(pg_get_serial_sequence('{table}', 'sequence')) FROM generate_series(1, %s) ORDER BY 1",
+            [total],
+        )
+        sequences = [row[0] for row in cursor.fetchall()]
+    events_rows, outbox_rows, projected = [], [], []
+    seq = iter(sequences)
+    for op, version, evs in items:
+        symbol = op.symbol.symbol
+        for i, e in enumerate(evs, start=1):
+            n = next(seq)
+            events_rows.append((n, str(uuid.uuid4()), op.pk, version + i, e.event_type, op.client_id, symbol,
+                                e.execution_token, source, venue, json.dumps(e.payload), now))
+            outbox_rows.append((n, op.pk, routing_key(e.event_type, op.client_id, symbol), now, 0, ""))
+            if e.execution_token:
+                projected.append(n)
+    raw = connection.connection  # the psycopg connection, inside Django's transaction
+    with raw.cursor() as cur:
+        with cur.copy(
+            f"COPY {table} (sequence, event_id, operation_id, version, event_type, tenant_id, symbol, "
+            "execution_token, source, venue, payload, created_at) FROM STDIN"
+        ) as copy:
+            for row in events_rows:
+                copy.write_row(row)
+        with cur.copy(
+            f"COPY {Outbox._meta.db_table} (event_id, operation_id_ref, routing_key, created_at, attempts, last_error) "
+            "FROM STDIN"
+        ) as copy:
+            for row in outbox_rows:
+                copy.write_row(row)
+    if projected:
+        _project(StopMonitorEvent.objects.filter(sequence__in=projected).order_by("sequence"))
+    return total
+
+
 def _insert(row):
     row.save(force_insert=True)
     return row

@@ -293,7 +293,7 @@ class Backfill:
         from django.db.models import Max
 
         from api.models import Operation, StopMonitorEvent
-        from stopmonitor.events import ConcurrencyConflict, append_events
+        from stopmonitor.events import ConcurrencyConflict, append_events, append_many
         from stopmonitor.execution import NewEvent
         from stopmonitor.rules import decimal_str
 
@@ -330,6 +330,7 @@ class Backfill:
                     .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
                 )
                 to_update = []
+                items = []
                 for op, change in plans:
                     events = []
                     for kind, price_field, pct_field, event_type in LEVELS:
@@ -343,11 +344,21 @@ class Backfill:
                             "tick_size": decimal_str(op.symbol.tick_size),
                             "rounding": "towards_entry",
                         }))
-                    try:
-                        append_events(op, versions.get(op.pk, 0), events, source="backfill", venue=self.venue, now=now)
-                    except ConcurrencyConflict as exc:
-                        skips.append((op.pk, None, CONFLICT, str(exc)))
-                        continue
+                    items.append((op, versions.get(op.pk, 0), events, change))
+                try:  # the set-based writer: one version check and one COPY for the batch
+                    append_many([(op, v, evs) for op, v, evs, _ in items], source="backfill", venue=self.venue, now=now)
+                    appended = items
+                except ConcurrencyConflict:  # a stream moved: fall back to one append per operation
+                    appended = []
+                    for op, v, evs, change in items:
+                        try:
+                            with transaction.atomic():
+                                append_events(op, v, evs, source="backfill", venue=self.venue, now=now)
+                        except ConcurrencyConflict as exc:
+                            skips.append((op.pk, None, CONFLICT, str(exc)))
+                            continue
+                        appended.append((op, v, evs, change))
+                for op, _, _, change in appended:
                     for name, (price, _) in change.levels.items():
                         setattr(op, name, price)
                     op.updated_at = now
