@@ -35,6 +35,7 @@ EVENT_TYPES = (
     STOP_TRIGGERED, EXECUTION_SUBMITTED, EXECUTED, PARTIALLY_EXECUTED, FAILED, BLOCKED, RECONCILED,
     GUARD_WARNING, STOP_SET, STOP_MOVED, TARGET_SET, OPERATION_CLOSED,
 )
+COMMISSION_ASSET_MAX = 12  # the projection column; the event payload keeps every asset in full
 SOURCES = ("cron", "loop", "stream", "api", "manual", "backfill")
 VENUES = ("binance", "binance-testnet", "paper")
 
@@ -153,7 +154,7 @@ def apply(state: ExecutionState | None, event: StoredEvent) -> ExecutionState | 
             executed_quantity=_dec(p.get("executed_qty")),
             avg_fill_price=_dec(p.get("avg_price")),
             commission=_dec(p.get("commission")),
-            commission_asset=p.get("commission_asset", ""),
+            commission_asset=(p.get("commission_asset") or "")[:COMMISSION_ASSET_MAX],
             slippage_pct=_dec(p.get("slippage_pct")),
             exchange_order_id=p.get("order_id"),
             exchange_status=p.get("exchange_status", ""),

@@ -28,12 +28,15 @@ class Block:
 
     reason: str
     detail: str
+    key: str = ""  # the episode (which kill switch, which breaker opening): a new one is recorded again
 
 
-def kill_switch(enabled: bool, reason: str) -> Block | None:
-    """Tenant kill switch: while on, no close is placed for the tenant."""
+def kill_switch(enabled: bool, reason: str, since: datetime | None = None) -> Block | None:
+    """Tenant kill switch: while on, no close is placed for the tenant. ``since`` (when it was
+    switched on) and the reason identify the episode."""
     if enabled:
-        return Block(KILL_SWITCH, f"kill switch on: {reason or 'no reason given'}")
+        key = f"{since.isoformat() if since else ''}|{reason}"
+        return Block(KILL_SWITCH, f"kill switch on: {reason or 'no reason given'}", key)
     return None
 
 
@@ -101,6 +104,7 @@ def breaker_allows(b: BreakerState, now: datetime) -> tuple[BreakerState, Block 
         return b, Block(
             CIRCUIT_BREAKER,
             f"circuit open after {b.failure_count} consecutive failures until {b.retry_at.isoformat() if b.retry_at else '?'}: {b.last_error}",
+            b.opened_at.isoformat() if b.opened_at else "",
         )
     return b, None
 

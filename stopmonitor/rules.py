@@ -13,6 +13,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 BUY, SELL = "BUY", "SELL"
 STOP_LOSS, TAKE_PROFIT, MANUAL = "STOP_LOSS", "TAKE_PROFIT", "MANUAL"
+QTY_QUANTUM = Decimal("0.00000001")
 CLIENT_ORDER_ID_RE = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
 
 
@@ -108,6 +109,8 @@ def close_quantity(
     if qty <= 0:
         return CloseQuantity(Decimal("0"), "INSUFFICIENT_BALANCE", f"available {available}, remaining {remaining}")
     qty = floor_to_step(qty, step_size)
+    # never more precise than the exchange and the DecimalField(20, 8) columns: floor, never round up
+    qty = qty.quantize(QTY_QUANTUM, rounding=ROUND_DOWN)
     if qty <= 0 or (min_qty and qty < min_qty):
         return CloseQuantity(qty, "BELOW_MIN_QTY", f"quantity {qty} < minQty {min_qty} (stepSize {step_size})")
     if min_notional and qty * price < min_notional:

@@ -10,6 +10,7 @@ they must be called outside any transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -101,6 +102,7 @@ class PassSummary:
     blocked: int = 0
     reconciled: int = 0
     skipped: int = 0
+    errors: int = 0
     exchange_requests: int = 0
     duration_s: float = 0.0
     lock_held_elsewhere: bool = False
@@ -116,6 +118,7 @@ class PassSummary:
             "blocked": "blocked",
             "reconciled": "reconciled",
             "skipped": "skipped",
+            "error": "errors",
         }.get(decision.action)
         if key:
             setattr(self, key, getattr(self, key) + 1)
@@ -286,7 +289,9 @@ def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emi
             if dry_run:
                 record(Decision("blocked", w.operation_id, symbol=w.symbol, reason=block.reason, detail=block.detail))
             else:
-                record(_record_block_outside(w.operation_id, block, None, exchange.venue, source, now))
+                for decision in isolated(w.operation_id, w.symbol, None, lambda: [
+                        _record_block_outside(w.operation_id, block, None, exchange.venue, source, now)]):
+                    record(decision)
         if not triggered:
             summary.duration_s = round(time.monotonic() - started, 4)
             return summary
@@ -302,8 +307,8 @@ def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emi
             raise PassError(f"balances or filters unavailable: {exc}") from exc
         summary.exchange_requests += 2
         for w, trig, quote in triggered:
-            for decision in close_triggered(w.operation_id, trig, quote, exchange, context, now=now, source=source,
-                                            engine=engine):
+            for decision in isolated(w.operation_id, w.symbol, None, lambda: close_triggered(
+                    w.operation_id, trig, quote, exchange, context, now=now, source=source, engine=engine)):
                 record(decision)
     summary.duration_s = round(time.monotonic() - started, 4)
     return summary
@@ -312,6 +317,29 @@ def _run_pass(exchange, *, source: str, dry_run: bool, now: datetime | None, emi
 @contextmanager
 def _always():
     yield True
+
+
+def isolated(operation_id: int, symbol: str | None, token: str | None, work: Callable[[], list]) -> list[Decision]:
+    """Run one operation's work so that its failure cannot stop the pass for the others.
+
+    A :class:`ConcurrencyConflict` is another writer winning (skipped); :class:`PassError`
+    still ends the pass (the exchange is unusable for everyone); any other exception —
+    a bug, bad data, a database error — is logged with its traceback and reported as an
+    ``error`` decision, and the pass goes on with the next operation. Whatever was not
+    committed was rolled back; a SUBMITTED execution is reconciled by a later pass.
+    """
+    try:
+        return work()
+    except ConcurrencyConflict as exc:
+        return [Decision("skipped", operation_id, symbol=symbol, execution_token=token,
+                         reason="CONCURRENT_WRITER", detail=str(exc))]
+    except PassError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one operation must not unprotect the others
+        log.exception("close of one operation failed", extra={"operation_id": operation_id, "symbol": symbol,
+                                                              "execution_token": token})
+        return [Decision("error", operation_id, symbol=symbol, execution_token=token, reason=type(exc).__name__,
+                         detail=str(exc)[:300])]
 
 
 INVALID_SYMBOL = -1121
@@ -422,9 +450,11 @@ def _save_breaker(row, state: g.BreakerState) -> None:
     row.save()
 
 
-def _already_blocked(last, reason: str) -> bool:
-    """Invariant 5/6: a block is recorded once — not again while it is the stream's last event."""
-    return last is not None and last.event_type == BLOCKED and last.payload.get("reason") == reason
+def _already_blocked(last, block: g.Block) -> bool:
+    """Invariant 5/6: a block is recorded once — not again while the same block (reason and
+    episode key: which kill switch, which breaker opening) is the stream's last event."""
+    return (last is not None and last.event_type == BLOCKED and last.payload.get("reason") == block.reason
+            and last.payload.get("key", "") == block.key)
 
 
 def _record_block(op, version: int, last, block: g.Block, trig: Trigger | None, venue: str, source: str,
@@ -432,9 +462,11 @@ def _record_block(op, version: int, last, block: g.Block, trig: Trigger | None, 
     """Append one BLOCKED event unless the same block is already the stream's last event.
     Caller holds the operation's row lock inside a transaction."""
     symbol = op.symbol.symbol
-    if _already_blocked(last, block.reason):
+    if _already_blocked(last, block):
         return Decision("skipped", op.pk, op.client_id, symbol, reason=block.reason, detail="block already recorded")
     payload = {"reason": block.reason, "detail": block.detail}
+    if block.key:
+        payload["key"] = block.key
     if trig is not None:
         payload.update(trigger=trig.kind, level=decimal_str(trig.level), observed_price=decimal_str(trig.observed))
     append_events(op, version, [NewEvent(BLOCKED, payload)], source=source, venue=venue, now=now)
@@ -481,16 +513,19 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
             return Decision("skipped", op.pk, op.client_id, symbol, reason="NOT_ACTIVE",
                             detail=f"status {op.status}: another closer holds it"), None
         if trig.kind != MANUAL:
+            # re-check under the lock: the levels may have moved since the pass loaded them; act on
+            # what is crossed now (a stop moved to another crossed level still closes this pass)
             again = evaluate_trigger(op.side, op.stop_price, op.target_price, quote.bid, quote.ask)
-            if again is None or again.kind != trig.kind or again.level != trig.level:
+            if again is None:
                 return Decision("skipped", op.pk, op.client_id, symbol, reason="LEVEL_MOVED",
-                                detail="stop or target changed since the pass loaded it"), None
+                                detail="no level is crossed after the stop or target moved"), None
+            trig = again
         version, last = stream_head(op.pk)
         cfg = _tenant_config(op.client_id, lock=True)
         closing = close_side(op.side)
         observed = quote.bid if closing == "SELL" else quote.ask
 
-        block = g.kill_switch(cfg.kill_switch, cfg.kill_switch_reason)
+        block = g.kill_switch(cfg.kill_switch, cfg.kill_switch_reason, cfg.kill_switch_at)
         breaker_row = _breaker(symbol, lock=True)
         breaker_state, breaker_block = g.breaker_allows(_breaker_domain(breaker_row), now)
         if breaker_block is None and breaker_row.state == "HALF_OPEN" and _close_in_flight(symbol):
@@ -571,14 +606,61 @@ def close_triggered(operation_id: int, trig: Trigger, quote: Quote, exchange, co
     return decisions
 
 
+@contextmanager
+def execution_claim(token: str):
+    """Claim one execution for this process while its order is in flight (PostgreSQL
+    session-level advisory lock keyed by the client order id; not a row lock).
+
+    Yields False when another process holds it: the order may be on its way, so nobody else
+    may ask "does it exist?" and re-send it. A crash releases it with the session. Re-entrant
+    within one process. Elsewhere (SQLite: one process) always yields True.
+    """
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    key = int.from_bytes(hashlib.sha256(token.encode()).digest()[:8], "big", signed=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+def _guard_before_placing(op, now: datetime) -> g.Block | None:
+    """Kill switch and circuit breaker, checked again right before an order is sent — a
+    reconcile may place an order long after the trigger's guardrails ran (invariant 6)."""
+    cfg = _tenant_config(op.client_id, lock=False)
+    block = g.kill_switch(cfg.kill_switch, cfg.kill_switch_reason, cfg.kill_switch_at)
+    if block is None:
+        _, block = g.breaker_allows(_breaker_domain(_breaker(op.symbol.symbol, lock=False)), now)
+    return block
+
+
 def submit_and_place(operation_id: int, token: str, exchange, *, now: datetime, source: str,
                      engine: EngineSettings, resubmit_note: str = "") -> list[Decision]:
     """Transaction 2 then the order (invariants 2 and 3).
 
-    Commits ``EXECUTION_SUBMITTED`` (or, with ``resubmit_note``, a ``RECONCILED`` resubmission)
-    only if the execution is still where the caller saw it, then places the MARKET order with
-    ``newClientOrderId`` = ``token`` outside any transaction, then records the outcome.
+    Under the execution's claim (:func:`execution_claim`), commits ``EXECUTION_SUBMITTED``
+    (or, with ``resubmit_note``, a ``RECONCILED`` resubmission) only if the execution is still
+    where the caller saw it and no kill switch or open breaker holds it (held: ``FAILED``
+    with the guard's reason, nothing sent, the operation back to ACTIVE), then places the
+    MARKET order with ``newClientOrderId`` = ``token`` outside any transaction, then records
+    the outcome.
     """
+    with execution_claim(token) as claimed:
+        if not claimed:
+            return [Decision("skipped", operation_id, execution_token=token, reason="IN_FLIGHT",
+                             detail="another process holds this execution's claim")]
+        return _submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine,
+                                 resubmit_note=resubmit_note)
+
+
+def _submit_and_place(operation_id: int, token: str, exchange, *, now: datetime, source: str,
+                      engine: EngineSettings, resubmit_note: str) -> list[Decision]:
     from api.models import Operation, StopMonitorExecution
 
     with transaction.atomic():
@@ -590,6 +672,14 @@ def submit_and_place(operation_id: int, token: str, exchange, *, now: datetime, 
             return [Decision("skipped", op.pk, op.client_id, symbol, token, reason="NOT_OURS",
                              detail=f"execution is {execution.status}, operation {op.status}")]
         version, _ = stream_head(op.pk)
+        held = _guard_before_placing(op, now)
+        if held is not None:
+            payload = {"code": None, "message": held.detail, "reason": held.reason, "definite": True,
+                       "placed": False}
+            append_events(op, version, [NewEvent(FAILED, payload, token)], source=source, venue=exchange.venue, now=now)
+            _release(op)
+            return [Decision("failed", op.pk, op.client_id, symbol, token, FAILED, held.reason,
+                             f"not sent: {held.detail}")]
         request = OrderRequest(symbol, execution.side, execution.requested_quantity, token)
         if resubmit_note:
             event = NewEvent(RECONCILED, {"found": False, "resubmitted": True, "note": resubmit_note,
@@ -727,14 +817,12 @@ def reconcile_submitted(exchange, *, now: datetime, source: str, emit: Emit = _n
     )
     handled = 0
     for token, operation_id, symbol, status, last_version in pending:
-        try:
-            if status == "TRIGGERED":
-                decisions = submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine)
-            else:
-                decisions = _reconcile_one(operation_id, token, symbol, last_version, exchange, now, source, engine)
-        except ConcurrencyConflict as exc:
-            decisions = [Decision("skipped", operation_id, symbol=symbol, execution_token=token,
-                                  reason="CONCURRENT_WRITER", detail=str(exc))]
+        if status == "TRIGGERED":
+            decisions = isolated(operation_id, symbol, token, lambda: submit_and_place(
+                operation_id, token, exchange, now=now, source=source, engine=engine))
+        else:
+            decisions = isolated(operation_id, symbol, token, lambda: _reconcile_one(
+                operation_id, token, symbol, last_version, exchange, now, source, engine))
         for d in decisions:
             if d.action in ("executed", "partially_executed", "failed", "submitted"):
                 d.extra = {**d.extra, "reconciled": True}
@@ -744,18 +832,56 @@ def reconcile_submitted(exchange, *, now: datetime, source: str, emit: Emit = _n
 
 
 def _reconcile_one(operation_id, token, symbol, last_version, exchange, now, source, engine) -> list[Decision]:
+    with execution_claim(token) as claimed:
+        if not claimed:  # its order is in flight in another process: not ours to ask about or re-send
+            return [Decision("skipped", operation_id, symbol=symbol, execution_token=token, reason="IN_FLIGHT",
+                             detail="another process holds this execution's claim")]
+        return _reconcile_claimed(operation_id, token, symbol, exchange, now, source, engine)
+
+
+def _reconcile_claimed(operation_id, token, symbol, exchange, now, source, engine) -> list[Decision]:
     try:
         order = exchange.get_order(symbol, token)
     except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
         return [Decision("unknown", operation_id, symbol=symbol, execution_token=token, reason="RECONCILE_DEFERRED",
                          detail=str(exc)[:300])]
     if order is not None:
+        outcome = record_outcome(operation_id, token, order, exchange.venue, now=now, source=source, engine=engine,
+                                 reconciled=True)
+        if outcome.reason == "NOT_FINAL":
+            return [outcome, *_warn_if_stuck(operation_id, token, order.status, exchange.venue, now, source)]
+        if outcome.action == "skipped":
+            return [outcome]
         return [Decision("reconciled", operation_id, symbol=symbol, execution_token=token, event_type=RECONCILED,
-                         detail=f"order found: {order.status}"),
-                record_outcome(operation_id, token, order, exchange.venue, now=now, source=source, engine=engine,
-                               reconciled=True)]
+                         detail=f"order found: {order.status}"), outcome]
     return submit_and_place(operation_id, token, exchange, now=now, source=source, engine=engine,
                             resubmit_note="no order with this client order id at the exchange (-2013); placing it once")
+
+
+STUCK_AFTER = timedelta(minutes=10)
+
+
+def _warn_if_stuck(operation_id: int, token: str, status: str, venue: str, now: datetime, source: str) -> list[Decision]:
+    """An order the exchange still reports as not final after :data:`STUCK_AFTER` holds its
+    operation in CLOSING: say so once with ``GUARD_WARNING`` ``STUCK_SUBMITTED`` (an operator
+    must look: the position cannot be moved or closed meanwhile)."""
+    from api.models import Operation, StopMonitorExecution
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        execution = StopMonitorExecution.objects.get(pk=token)
+        if execution.status != "SUBMITTED" or not execution.submitted_at or now - execution.submitted_at < STUCK_AFTER:
+            return []
+        version, last = stream_head(op.pk)
+        if last is not None and last.event_type == GUARD_WARNING and last.payload.get("reason") == "STUCK_SUBMITTED":
+            return []
+        detail = f"order {token} still {status} at the exchange since {execution.submitted_at.isoformat()}"
+        append_events(op, version, [NewEvent(GUARD_WARNING, {"reason": "STUCK_SUBMITTED", "detail": detail,
+                                                             "exchange_status": status}, token)],
+                      source=source, venue=venue, now=now)
+    log.warning("execution stuck", extra={"operation_id": operation_id, "execution_token": token, "symbol": op.symbol.symbol})
+    return [Decision("blocked", operation_id, op.client_id, op.symbol.symbol, token, GUARD_WARNING, "STUCK_SUBMITTED",
+                     detail)]
 
 
 # --------------------------------------------------------------------------------------

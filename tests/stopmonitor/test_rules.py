@@ -91,3 +91,10 @@ def test_decimal_str_never_uses_exponent():
 def test_close_quantity_capped_by_market_max_qty():
     r = close_quantity(D("200"), None, D("0.00001"), D("0.00001"), D("5"), D("9000"), max_qty=D("128.52621715"))
     assert (r.quantity, r.blocked_reason) == (D("128.52621"), None)
+
+
+def test_close_quantity_with_zero_step_is_floored_to_8_decimals():
+    """Regression (review D4): 1000 USDT / 6.95 gave 28 digits, then rounded UP by the column."""
+    r = close_quantity(D("500"), D("1000") / D("6.95"), D("0"), D("0"), D("0"), D("6.95"))
+    assert r.quantity == D("143.88489208")
+    assert r.quantity * D("6.95") <= D("1000")
