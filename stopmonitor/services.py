@@ -396,16 +396,19 @@ class CloseContext:
         balances = exchange.free_balances()
         return cls(balances, filters)
 
-    def available(self, symbol: str, closing: str, price: Decimal) -> Decimal | None:
-        """What the close can spend, in the base asset: free base for a SELL, free quote / price for a BUY."""
+    def available(self, symbol: str, closing: str, price: Decimal, assets: tuple[str, str] | None = None) -> Decimal | None:
+        """What the close can spend, in the base asset: free base for a SELL, free quote / price
+        for a BUY. ``assets`` (base, quote) from our Symbol row stands in when the exchange gave
+        no filters for the symbol."""
         if self.balances is None:
             return None
         f = self.filters.get(symbol)
-        if f is None:
+        base, quote = (f.base_asset, f.quote_asset) if f else (assets or (None, None))
+        if base is None:
             return None
         if closing == "SELL":
-            return self.balances.get(f.base_asset, Decimal("0"))
-        quote_free = self.balances.get(f.quote_asset, Decimal("0"))
+            return self.balances.get(base, Decimal("0"))
+        quote_free = self.balances.get(quote, Decimal("0"))
         return quote_free / price if price > 0 else Decimal("0")
 
     def spend(self, symbol: str, closing: str, qty: Decimal, price: Decimal) -> None:
@@ -421,13 +424,10 @@ class CloseContext:
 def _tenant_config(client_id: int, lock: bool):
     from api.models import TenantConfig
 
-    qs = TenantConfig.objects.filter(client_id=client_id)
-    if lock:
-        qs = qs.select_for_update()
-    cfg = qs.first()
-    if cfg is None:
-        cfg = TenantConfig(client_id=client_id)
-    return cfg
+    if lock:  # the row is the tenant's mutex for the rate limit: create it so there is one to lock
+        cfg, _ = TenantConfig.objects.select_for_update().get_or_create(client_id=client_id)
+        return cfg
+    return TenantConfig.objects.filter(client_id=client_id).first() or TenantConfig(client_id=client_id)
 
 
 def _breaker(symbol: str, lock: bool):
@@ -547,7 +547,7 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
         if block is None:
             qty = close_quantity(
                 op.remaining_quantity,
-                context.available(symbol, closing, observed),
+                context.available(symbol, closing, observed, (op.symbol.base_asset, op.symbol.quote_asset)),
                 (f.market_step_size or f.step_size) if f else op.symbol.step_size,
                 (f.market_min_qty or f.min_qty) if f else op.symbol.min_qty,
                 f.min_notional if f else op.symbol.min_notional,
