@@ -38,7 +38,7 @@ def test_no_order_is_placed_while_the_kill_switch_is_on(paper, open_op, tenant, 
     before = len(paper.order_requests)
 
     # the operator hits the kill switch (incident) before the next pass
-    TenantConfig.objects.create(client=tenant, kill_switch=True, kill_switch_reason="incident 7")
+    TenantConfig.objects.update_or_create(client=tenant, defaults={"kill_switch": True, "kill_switch_reason": "incident 7"})
     run(paper, at=NOW + timedelta(minutes=1))
 
     assert len(paper.order_requests) == before, (
