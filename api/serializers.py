@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
+from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -51,6 +52,18 @@ class InputSerializer(serializers.Serializer):
         return value
 
 
+class InputSerializerSchema(OpenApiSerializerExtension):
+    """OpenAPI for :class:`InputSerializer` subclasses: ``additionalProperties: false``, as enforced."""
+
+    target_class = InputSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        return schema
+
+
 class PositiveDecimalField(serializers.DecimalField):
     """A decimal greater than zero: refuses booleans, NaN, Infinity and too many digits or decimals."""
 
@@ -68,6 +81,20 @@ class PositiveDecimalField(serializers.DecimalField):
 def money(**kwargs) -> PositiveDecimalField:
     """A price (quote asset) or quantity (base asset): > 0, at most 20 digits and 8 decimals."""
     return PositiveDecimalField(max_digits=20, decimal_places=8, **kwargs)
+
+
+class PositiveDecimalFieldSchema(OpenApiSerializerFieldExtension):
+    """OpenAPI for :class:`PositiveDecimalField`: a decimal string without a sign, within its digits."""
+
+    target_class = PositiveDecimalField
+
+    def map_serializer_field(self, auto_schema, direction):
+        whole = self.target.max_digits - self.target.decimal_places
+        schema = {"type": "string", "format": "decimal",
+                  "pattern": rf"^[0-9]{{1,{whole}}}(?:\.[0-9]{{1,{self.target.decimal_places}}})?$"}
+        if self.target.max_value is not None:
+            schema["description"] = f"At most {self.target.max_value}."
+        return schema
 
 
 class StrictBooleanField(serializers.BooleanField):
@@ -214,6 +241,11 @@ class EventSerializer(serializers.ModelSerializer):
             "source", "venue", "payload", "created_at",
         ]
         read_only_fields = fields
+
+
+class StreamEventSerializer(EventSerializer):
+    """An event of one operation's stream (its own OpenAPI component: the stream pages by cursor,
+    the global feed by ``after``)."""
 
 
 class DecisionSerializer(serializers.Serializer):

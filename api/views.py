@@ -17,7 +17,13 @@ from django.db import transaction
 from django.http import Http404
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.generics import ListAPIView
@@ -56,6 +62,7 @@ from api.serializers import (
     OperationUpdateSerializer,
     RiskConfigSerializer,
     RiskConfigUpdateSerializer,
+    StreamEventSerializer,
     SymbolSerializer,
 )
 from stopmonitor.events import ConcurrencyConflict
@@ -114,7 +121,10 @@ def error_responses(*codes: int) -> dict:
 
 class NotFoundAsAPIError:
     """``get_object`` raising DRF's ``NotFound`` (code ``not_found``) rather than Django's ``Http404``,
-    so the envelope carries a machine-readable code and a message."""
+    so the envelope carries a machine-readable code and a message. Any path segment reaches the
+    view (``lookup_value_regex``), so ``/operations/1.5/`` is a JSON 404 too, not Django's HTML page."""
+
+    lookup_value_regex = "[^/]+"
 
     def get_object(self):
         try:
@@ -158,6 +168,9 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
         summary="Open an operation: appends STOP_SET (and TARGET_SET).",
         request=OperationCreateSerializer,
         responses={201: OperationDetailSerializer, **error_responses(400, 403, 415)},
+        examples=[OpenApiExample("A long on BTCUSDT", request_only=True, value={
+            "symbol": "BTCUSDT", "side": "BUY", "quantity": "0.5", "entry_price": "9300", "stop_price": "9200",
+            "target_price": "9500"})],
     )
     def create(self, request):
         tenant_id = require_tenant_id(request.user)
@@ -176,6 +189,7 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
         summary="Move the stop and/or target: appends STOP_MOVED / TARGET_SET.",
         request=OperationUpdateSerializer,
         responses={200: OperationDetailSerializer, **error_responses(400, 404, 409, 415)},
+        examples=[OpenApiExample("Trail the stop of a long", request_only=True, value={"stop_price": "9250"})],
     )
     def partial_update(self, request, pk=None):
         op = self.get_object()
@@ -235,14 +249,14 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
 
     @extend_schema(
         summary="The operation's stream in version order.",
-        responses={200: EventSerializer(many=True), **error_responses(404)},
+        responses={200: StreamEventSerializer(many=True), **error_responses(404)},
     )
-    @action(detail=True, methods=["get"], serializer_class=EventSerializer, filter_backends=[],
+    @action(detail=True, methods=["get"], serializer_class=StreamEventSerializer, filter_backends=[],
             pagination_class=StreamCursorPagination)
     def events(self, request, pk=None):
         op = self.get_object()
         page = self.paginate_queryset(StopMonitorEvent.objects.filter(operation_id=op.pk))
-        return self.get_paginated_response(EventSerializer(page, many=True).data)
+        return self.get_paginated_response(StreamEventSerializer(page, many=True).data)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,6 +341,8 @@ class RiskConfigView(APIView):
         parameters=[_CLIENT_PARAM],
         request=RiskConfigUpdateSerializer,
         responses={200: RiskConfigSerializer, **error_responses(400, 403, 404, 415)},
+        examples=[OpenApiExample("Stop every close", request_only=True,
+                                 value={"kill_switch": True, "kill_switch_reason": "exchange incident"})],
     )
     def patch(self, request):
         tenant_id = self._tenant_id(request)
@@ -382,6 +398,7 @@ def update_risk_config(tenant_id: int, changes: dict, actor: str, now: datetime 
 class CircuitBreakerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """``/risk/circuit-breakers/``: per-symbol breakers (shared by every tenant)."""
 
+    lookup_value_regex = "[^/]+"
     queryset = CircuitBreakerState.objects.order_by("symbol")
     serializer_class = CircuitBreakerSerializer
     lookup_field = "symbol"
