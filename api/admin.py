@@ -6,6 +6,7 @@ An operation's levels and status are read-only here: they change only through th
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 
 from api.models import (
@@ -64,17 +65,59 @@ def close_now(modeladmin, request, queryset):
         modeladmin.message_user(request, f"operation {op.pk}: {last.action} {last.reason or ''} {last.detail}".strip())
 
 
+class OperationAdminForm(forms.ModelForm):
+    """Refuses levels on the wrong side of the entry price (:func:`stopmonitor.operations.check_levels`)."""
+
+    class Meta:
+        model = Operation
+        fields = "__all__"
+
+    def clean(self):
+        from stopmonitor.operations import LevelError, check_levels
+
+        data = super().clean()
+        if self.instance.pk is None and data.get("side"):
+            try:
+                check_levels(data["side"], data.get("entry_price"), data.get("stop_price"), data.get("target_price"))
+            except LevelError as exc:
+                self.add_error(exc.field, str(exc))
+        return data
+
+
 @admin.register(Operation)
 class OperationAdmin(admin.ModelAdmin):
+    """Add opens the operation through :func:`stopmonitor.operations.open_operation` (STOP_SET/TARGET_SET,
+    source ``manual``); on change, what the engine owns is read-only (levels move through the API)."""
+
+    form = OperationAdminForm
     list_display = ["id", "client", "symbol", "side", "status", "quantity", "closed_quantity", "entry_price",
                     "stop_price", "target_price", "updated_at"]
     list_filter = ["status", "side", "client", "symbol"]
     list_select_related = ["client", "symbol"]
     search_fields = ["id", "stop_execution_token"]
-    readonly_fields = ["status", "closed_quantity", "stop_price", "target_price", "stop_execution_token",
-                       "last_stop_check_at", "stop_check_count", "created_at", "updated_at"]
     raw_id_fields = ["client", "symbol"]
     actions = [close_now]
+    add_fields = ["client", "symbol", "side", "quantity", "entry_price", "stop_price", "target_price"]
+    engine_fields = ["client", "symbol", "side", "quantity", "status", "closed_quantity", "stop_price",
+                     "target_price", "stop_execution_token", "last_stop_check_at", "stop_check_count",
+                     "created_at", "updated_at"]
+
+    def get_fields(self, request, obj=None):
+        return self.add_fields if obj is None else super().get_fields(request, obj)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.engine_fields
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        from api.views import lifecycle_venue
+        from stopmonitor.operations import open_operation
+
+        op = open_operation(obj.client, obj.symbol, obj.side, obj.quantity, obj.entry_price, obj.stop_price,
+                            obj.target_price, source="manual", venue=lifecycle_venue())
+        obj.pk = op.pk
+        obj._state.adding = False
 
 
 @admin.register(StopMonitorEvent)
