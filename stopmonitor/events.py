@@ -126,78 +126,139 @@ def append_events(
     return saved
 
 
-def append_many(items, *, source: str, venue: str, now: datetime) -> int:
+# Staging table of :func:`append_many` (a temporary table of the session, emptied at every commit):
+# one row per event to append. A set-based caller may fill it with ``INSERT … SELECT`` (see
+# :func:`append_stage`) and call ``append_many(staged=True)``; the list form copies its items in.
+APPEND_STAGE = "stopmonitor_append_stage"
+_APPEND_STAGE_DDL = f"""
+DO $$ BEGIN
+  IF to_regclass('pg_temp.{APPEND_STAGE}') IS NULL THEN
+    CREATE TEMPORARY TABLE {APPEND_STAGE} (
+      operation_id bigint NOT NULL,       -- the stream
+      expected_version integer NOT NULL,  -- its version the events were decided on (same for all its rows)
+      ord integer NOT NULL,               -- 1, 2, … within the stream: version = expected_version + ord
+      event_type varchar(32) NOT NULL,
+      tenant_id bigint NOT NULL,
+      symbol varchar(20) NOT NULL,
+      execution_token varchar(36),
+      payload jsonb NOT NULL
+    ) ON COMMIT DELETE ROWS;
+  END IF;
+END $$"""
+
+
+def append_stage() -> str:
+    """The name of this session's staging table for :func:`append_many` (PostgreSQL; created on first use).
+
+    Columns: ``operation_id, expected_version, ord, event_type, tenant_id, symbol, execution_token,
+    payload`` (jsonb). Rows are removed by the append (and at every commit or rollback).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_APPEND_STAGE_DDL)
+    return APPEND_STAGE
+
+
+def append_many(items=(), *, source: str, venue: str, now: datetime, staged: bool = False) -> int:
     """Append to many streams at once: ``items`` is ``[(operation, expected_version, [NewEvent…])]``.
 
     The bulk form of :func:`append_events` for set-based writers (``backfill_stop_price``):
-    one append lock, one version check for all streams, and on PostgreSQL the events and
-    their outbox rows go in with ``COPY`` (sequence values drawn from the event sequence
-    under the append lock, so sequence order is still commit order). Same transaction rules
-    and guarantees as :func:`append_events`; raises :class:`ConcurrencyConflict` naming every
-    stream that moved, writing nothing. Returns the number of events written.
+    one append lock, one version check for all streams, one ``INSERT … SELECT`` of the events
+    (global sequence drawn under the append lock, so sequence order is still commit order) and
+    one of their outbox rows. With ``staged=True`` (PostgreSQL) the events are the rows the caller
+    put in :func:`append_stage` in this transaction, not ``items``: that lets a caller compute
+    payloads in SQL and never bring them to Python.
+
+    Same transaction rules and guarantees as :func:`append_events`; raises
+    :class:`ConcurrencyConflict` naming every stream that moved, writing nothing — its ``moved``
+    attribute is ``{operation_id: (current version, expected version)}``, and with ``staged=True``
+    the staged rows are left in place so the caller can drop those streams and call again.
+    Returns the number of events written.
     """
     import json
-    import uuid
-
-    from api.models import Outbox, StopMonitorEvent
 
     if not connection.in_atomic_block:
         raise RuntimeError("append_many must run inside transaction.atomic")
     items = [(op, v, evs) for op, v, evs in items if evs]
-    if not items:
-        return 0
     if connection.vendor != "postgresql":
+        if staged:
+            raise RuntimeError("append_many(staged=True) needs PostgreSQL")
         for op, version, evs in items:
             append_events(op, version, evs, source=source, venue=venue, now=now)
         return sum(len(evs) for _, _, evs in items)
-    from django.db.models import Max
+    if not staged and not items:
+        return 0
+    stage = append_stage()
+    if not staged:
+        raw = connection.connection  # the psycopg connection, inside Django's transaction
+        with raw.cursor() as cur, cur.copy(
+            f"COPY {stage} (operation_id, expected_version, ord, event_type, tenant_id, symbol, execution_token, "
+            "payload) FROM STDIN"
+        ) as copy:
+            for op, version, evs in items:
+                symbol = op.symbol.symbol
+                for i, e in enumerate(evs, start=1):
+                    copy.write_row((op.pk, version, i, e.event_type, op.client_id, symbol, e.execution_token,
+                                    json.dumps(e.payload)))
+    try:
+        return _append_staged(stage, source=source, venue=venue, now=now)
+    except ConcurrencyConflict:
+        if not staged:
+            with connection.cursor() as cursor:
+                cursor.execute(f"TRUNCATE {stage}")
+        raise
 
+
+def _append_staged(stage: str, *, source: str, venue: str, now: datetime) -> int:
+    """The set-based append of the rows of ``stage`` (see :func:`append_many`), on PostgreSQL."""
+    from api.models import Outbox, StopMonitorEvent
+
+    events = connection.ops.quote_name(StopMonitorEvent._meta.db_table)
+    outbox = connection.ops.quote_name(Outbox._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-    ids = [op.pk for op, _, _ in items]
-    current = dict(
-        StopMonitorEvent.objects.filter(operation_id__in=ids).values("operation_id").annotate(v=Max("version"))
-        .values_list("operation_id", "v")
-    )
-    moved = [op.pk for op, v, _ in items if current.get(op.pk, 0) != v]
-    if moved:
-        raise ConcurrencyConflict(f"streams moved since they were read: operations {moved[:20]}")
-    total = sum(len(evs) for _, _, evs in items)
-    table = StopMonitorEvent._meta.db_table
-    with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT nextval(pg_get_serial_sequence('{table}', 'sequence')) FROM generate_series(1, %s) ORDER BY 1",
-            [total],
+            f"SELECT s.operation_id, COALESCE(h.v, 0), s.expected FROM "
+            f"(SELECT operation_id, min(expected_version) AS expected, max(expected_version) AS expected_max "
+            f" FROM {stage} GROUP BY operation_id) AS s "
+            f"LEFT JOIN LATERAL (SELECT max(e.version) AS v FROM {events} e WHERE e.operation_id = s.operation_id) h "
+            f"ON true WHERE COALESCE(h.v, 0) <> s.expected OR s.expected <> s.expected_max ORDER BY 1"
         )
-        sequences = [row[0] for row in cursor.fetchall()]
-    events_rows, outbox_rows, projected = [], [], []
-    seq = iter(sequences)
-    for op, version, evs in items:
-        symbol = op.symbol.symbol
-        for i, e in enumerate(evs, start=1):
-            n = next(seq)
-            events_rows.append((n, str(uuid.uuid4()), op.pk, version + i, e.event_type, op.client_id, symbol,
-                                e.execution_token, source, venue, json.dumps(e.payload), now))
-            outbox_rows.append((n, op.pk, routing_key(e.event_type, op.client_id, symbol), now, 0, ""))
-            if e.execution_token:
-                projected.append(n)
-    raw = connection.connection  # the psycopg connection, inside Django's transaction
-    with raw.cursor() as cur:
-        with cur.copy(
-            f"COPY {table} (sequence, event_id, operation_id, version, event_type, tenant_id, symbol, "
-            "execution_token, source, venue, payload, created_at) FROM STDIN"
-        ) as copy:
-            for row in events_rows:
-                copy.write_row(row)
-        with cur.copy(
-            f"COPY {Outbox._meta.db_table} (event_id, operation_id_ref, routing_key, created_at, attempts, last_error) "
-            "FROM STDIN"
-        ) as copy:
-            for row in outbox_rows:
-                copy.write_row(row)
+        moved = {op_id: (current, expected) for op_id, current, expected in cursor.fetchall()}
+        if moved:
+            listed = ", ".join(f"{op_id} (at {cur}, expected {exp})" for op_id, (cur, exp) in list(moved.items())[:20])
+            conflict = ConcurrencyConflict(f"streams moved since they were read: operations {listed}")
+            conflict.moved = moved
+            raise conflict
+        # sequence values come from the column's default, drawn here under the append lock (in
+        # (operation, version) order); the outbox rows are made from the inserted events
+        try:
+            with transaction.atomic():
+                cursor.execute(
+                    f"WITH ins AS ("
+                    f" INSERT INTO {events} (event_id, operation_id, version, event_type, tenant_id, symbol, "
+                    f"  execution_token, source, venue, payload, created_at)"
+                    f" SELECT gen_random_uuid(), operation_id, expected_version + ord, event_type, tenant_id, symbol,"
+                    f"  execution_token, %(source)s, %(venue)s, payload, %(now)s"
+                    f" FROM {stage} ORDER BY operation_id, ord"
+                    f" RETURNING sequence, operation_id, event_type, tenant_id, symbol, execution_token"
+                    f"), ob AS ("
+                    f" INSERT INTO {outbox} (event_id, operation_id_ref, routing_key, created_at, attempts, last_error)"
+                    f" SELECT sequence, operation_id, {_ROUTING_KEY_SQL}, %(now)s, 0, '' FROM ins"
+                    f") SELECT count(*), array_agg(sequence ORDER BY sequence) FILTER "
+                    f"(WHERE execution_token IS NOT NULL) FROM ins",
+                    {"source": source, "venue": venue, "now": now},
+                )
+                total, projected = cursor.fetchone()
+        except IntegrityError as exc:
+            raise ConcurrencyConflict("a version was taken by a concurrent writer") from exc
+        cursor.execute(f"TRUNCATE {stage}")
     if projected:
         _project(StopMonitorEvent.objects.filter(sequence__in=projected).order_by("sequence"))
     return total
+
+
+# :func:`routing_key` in SQL, over the columns of an inserted event
+_ROUTING_KEY_SQL = "'stop.' || event_type || '.' || tenant_id || '.' || symbol"
 
 
 def _insert(row):

@@ -197,6 +197,143 @@ def plan_operation(op) -> tuple[Change | None, list[tuple[str, Skip]]]:
     return Change(op.pk, levels), []
 
 
+# -- PostgreSQL: the set-based batch ---------------------------------------------------------------
+
+BATCH_TABLE = "stopmonitor_backfill_batch"  # the locked rows of the current batch (temporary, emptied at commit)
+_BATCH_TABLE_DDL = f"""
+DO $$ BEGIN
+  IF to_regclass('pg_temp.{BATCH_TABLE}') IS NULL THEN
+    CREATE TEMPORARY TABLE {BATCH_TABLE} (
+      id bigint NOT NULL, tenant_id bigint, symbol varchar(20), side varchar(4), entry numeric, stop_pct numeric,
+      target_pct numeric, stop_price numeric, target_price numeric, tick numeric, version integer,
+      new_stop numeric, new_target numeric, state text NOT NULL
+    ) ON COMMIT DELETE ROWS;
+  END IF;
+END $$"""
+
+
+def _level_sql(pct: str, need: str, below: str) -> str:
+    """:func:`compute_level` in ``numeric`` (exact: ``* 0.01`` and ``div``/``mod`` never round) for
+    one level of the row ``l``: NULL when an input is out of range. ``below`` is the SQL condition
+    "this level sits below the entry" (rounded up, towards the entry; else rounded down)."""
+    raw = f"(l.entry_price * (1 + CASE WHEN {below} THEN -1 ELSE 1 END * {pct} * 0.01))"
+    return (f"CASE WHEN {need} AND l.entry_price > 0 AND l.tick_size > 0 AND {pct} > 0 AND {pct} < 100 THEN "
+            f"div({raw}, l.tick_size) * l.tick_size "
+            f"+ CASE WHEN ({below}) AND mod({raw}, l.tick_size) <> 0 THEN l.tick_size ELSE 0 END END")
+
+
+def _beyond_sql(level: str, below: str) -> str:
+    """The level is positive and strictly on its side of the entry (:func:`stopmonitor.operations.check_levels`)."""
+    return (f"({level} > 0 AND CASE WHEN {below} THEN {level} < p.entry_price ELSE {level} > p.entry_price END)")
+
+
+def _lock_and_plan_sql(by_tenant: bool) -> str:
+    """Step 1 of :meth:`Backfill._batch_sql`. Returns one row: candidates, last candidate id, the
+    ids locked by someone else, and how many locked rows are ``done``, ``check`` and ``ok``."""
+    from api.models import Operation, StopMonitorEvent, Symbol
+
+    op, sym, ev = (Operation._meta.db_table, Symbol._meta.db_table, StopMonitorEvent._meta.db_table)
+    tenant = "AND client_id = %(tenant)s" if by_tenant else ""
+    open_ = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
+    return f"""
+WITH cand AS MATERIALIZED (
+  SELECT id FROM {op}
+  WHERE id > %(last)s AND status IN ({open_}) {tenant}
+    AND ((stop_price IS NULL AND stop_loss_percent IS NOT NULL) OR (target_price IS NULL AND stop_gain_percent IS NOT NULL))
+  ORDER BY id LIMIT %(size)s
+), locked AS MATERIALIZED (
+  SELECT o.id, o.client_id, s.symbol, o.side, o.status, o.entry_price, o.stop_loss_percent, o.stop_gain_percent,
+         o.stop_price, o.target_price, s.tick_size
+  FROM {op} o JOIN {sym} s ON s.id = o.symbol_id
+  WHERE o.id = ANY(ARRAY(SELECT id FROM cand)) ORDER BY o.id
+  FOR UPDATE OF o SKIP LOCKED
+), needs AS (
+  SELECT l.*, l.stop_price IS NULL AND l.stop_loss_percent IS NOT NULL AS need_stop,
+         l.target_price IS NULL AND l.stop_gain_percent IS NOT NULL AS need_target
+  FROM locked l
+), planned AS (
+  SELECT l.*, {_level_sql("l.stop_loss_percent", "l.need_stop", "l.side = 'BUY'")} AS new_stop,
+         {_level_sql("l.stop_gain_percent", "l.need_target", "l.side <> 'BUY'")} AS new_target
+  FROM needs l
+), staged AS (
+  INSERT INTO {BATCH_TABLE} (id, tenant_id, symbol, side, entry, stop_pct, target_pct, stop_price, target_price, tick,
+                             version, new_stop, new_target, state)
+  SELECT p.id, p.client_id, p.symbol, p.side, p.entry_price, p.stop_loss_percent, p.stop_gain_percent, p.stop_price,
+         p.target_price, p.tick_size,
+         COALESCE((SELECT max(e.version) FROM {ev} e WHERE e.operation_id = p.id), 0),
+         p.new_stop, p.new_target,
+         CASE WHEN p.status NOT IN ({open_}) OR NOT (p.need_stop OR p.need_target) THEN 'done'
+              WHEN (NOT p.need_stop OR {_beyond_sql("p.new_stop", "p.side = 'BUY'")})
+               AND (NOT p.need_target OR {_beyond_sql("p.new_target", "p.side <> 'BUY'")}) THEN 'ok'
+              ELSE 'check' END
+  FROM planned p
+  RETURNING id, state
+)
+SELECT (SELECT count(*) FROM cand), (SELECT max(id) FROM cand),
+       ARRAY(SELECT id FROM cand WHERE id NOT IN (SELECT id FROM staged) ORDER BY id),
+       (SELECT count(*) FROM staged WHERE state = 'done'),
+       (SELECT count(*) FROM staged WHERE state = 'check'),
+       (SELECT count(*) FROM staged WHERE state = 'ok')
+"""
+
+
+def _stage_events_sql() -> str:
+    """Step 3 of :meth:`Backfill._batch_sql`: the STOP_SET/TARGET_SET events of the ``ok`` rows into
+    :func:`stopmonitor.events.append_stage` (``{stage}``). Payload values as :func:`decimal_str`
+    writes them: ``trim_scale(x)::text`` (numeric prints fixed-point, never an exponent)."""
+    parts = []
+    for n, (_, price_field, pct_field, event_type) in enumerate(LEVELS):
+        new, pct = ("new_stop", "stop_pct") if price_field == "stop_price" else ("new_target", "target_pct")
+        # the stop comes first: the target is the stream's second event when there is a stop too
+        ord_ = "1" if n == 0 else "CASE WHEN new_stop IS NULL THEN 1 ELSE 2 END"
+        parts.append(
+            f"SELECT id, version, {ord_}, '{event_type}', tenant_id, symbol, NULL, "
+            f"jsonb_build_object('{price_field}', trim_scale({new})::text, '{pct_field}', trim_scale({pct})::text, "
+            f"'entry_price', trim_scale(entry)::text, 'tick_size', trim_scale(tick)::text, "
+            f"'rounding', 'towards_entry') "
+            f"FROM {BATCH_TABLE} WHERE state = 'ok' AND {new} IS NOT NULL"
+        )
+    return ("INSERT INTO {stage} (operation_id, expected_version, ord, event_type, tenant_id, symbol, "
+            "execution_token, payload) " + " UNION ALL ".join(parts))
+
+
+_STAGE_EVENTS_SQL = _stage_events_sql()
+
+
+def _update_levels_sql() -> str:
+    """Step 4 of :meth:`Backfill._batch_sql`: the levels of the ``ok`` rows; returns (operations, stops, targets)."""
+    from api.models import Operation
+
+    return f"""
+WITH u AS (
+  UPDATE {Operation._meta.db_table} AS o
+  SET stop_price = COALESCE(b.new_stop, o.stop_price), target_price = COALESCE(b.new_target, o.target_price),
+      updated_at = %s
+  FROM {BATCH_TABLE} b WHERE o.id = b.id AND b.state = 'ok'
+  RETURNING b.new_stop IS NOT NULL AS stop, b.new_target IS NOT NULL AS target
+) SELECT count(*), count(*) FILTER (WHERE stop), count(*) FILTER (WHERE target) FROM u
+"""
+
+
+@dataclass(frozen=True)
+class _Symbol:
+    tick_size: Decimal | None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The columns of a locked operation that :func:`plan_operation` and the dry-run lines read."""
+
+    pk: int
+    side: str
+    entry_price: Decimal | None
+    stop_loss_percent: Decimal | None
+    stop_gain_percent: Decimal | None
+    stop_price: Decimal | None
+    target_price: Decimal | None
+    symbol: _Symbol
+
+
 class Backfill:
     """One run: walks the candidates in batches and reports through ``out`` (stdout lines) and ``progress``."""
 
@@ -255,13 +392,10 @@ class Backfill:
                     size = min(size, self.limit - s.scanned)
                     if size <= 0:
                         break
-                ids = list(candidates_query(self.tenant_id).filter(pk__gt=last_id).order_by("pk")
-                           .values_list("pk", flat=True)[:size])
-                if not ids:
+                n, last_id = self._next_batch(last_id, size)
+                if not n:
                     break
-                self._batch_with_retry(ids)
-                last_id = ids[-1]
-                s.scanned += len(ids)
+                s.scanned += n
                 s.batches += 1
                 s.duration_s = time.monotonic() - started
                 self.progress.update(s)
@@ -274,21 +408,142 @@ class Backfill:
             s.interrupted = signal.Signals(self.stop_signal).name
         return s
 
-    def _batch_with_retry(self, ids: list[int]) -> None:
+    def _next_batch(self, last_id: int, size: int) -> tuple[int, int]:
+        """Process the next ``size`` candidates after ``last_id``: ``(candidates looked at, their last id)``."""
+        from django.db import connection
+
+        if connection.vendor == "postgresql":
+            return self._with_retry(lambda: self._batch_sql(last_id, size))
+        ids = list(candidates_query(self.tenant_id).filter(pk__gt=last_id).order_by("pk")
+                   .values_list("pk", flat=True)[:size])
+        if ids:
+            self._with_retry(lambda: self._batch(ids))
+        return len(ids), (ids[-1] if ids else last_id)
+
+    def _with_retry(self, batch):
         from django.db import DatabaseError
 
         for attempt in range(3):
             try:
-                return self._batch(ids)
+                return batch()
             except DatabaseError as exc:
                 code = getattr(exc.__cause__, "sqlstate", None) or getattr(exc.__cause__, "pgcode", None)
                 if code not in RETRYABLE_PGCODES or attempt == 2:
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
+    def _batch_sql(self, last_id: int, size: int) -> tuple[int, int]:
+        """PostgreSQL: one transaction, set-based, the operations never become Python objects.
+
+        1. one statement picks the next ``size`` candidates by keyset, locks the free ones
+           (``FOR UPDATE SKIP LOCKED``), re-checks them under the lock, computes their levels in
+           ``numeric`` (:data:`LEVELS_SQL`, the same arithmetic as :func:`compute_level`) with
+           their stream version, and keeps them in a temporary table with a state: ``ok`` (write),
+           ``done`` (nothing left to do) or ``check`` (some level cannot be written);
+        2. the ``check`` rows — the only ones read into Python — go through :func:`plan_operation`,
+           which names every skip (and is the authority: a level it computes is written);
+        3. the events of the ``ok`` rows are built with ``jsonb_build_object`` into the staging
+           table of :func:`stopmonitor.events.append_many`, which appends them in one statement;
+           a stream that moved is skipped as ``conflict`` and the rest appended;
+        4. one ``UPDATE … FROM`` writes the levels.
+        Returns ``(candidates looked at, the last candidate id)``."""
+        from django.db import connection, transaction
+
+        from stopmonitor.events import ConcurrencyConflict, append_many, append_stage
+
+        now = datetime.now(timezone.utc)
+        skips: list[tuple[int, str | None, str, str]] = []
+        would: list = []
+        written = (0, 0, 0)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_BATCH_TABLE_DDL)
+            params = {"last": last_id, "size": size, "tenant": self.tenant_id}
+            cursor.execute(_lock_and_plan_sql(self.tenant_id is not None), params)
+            n, last, locked_ids, already, n_check, n_ok = cursor.fetchone()
+            if not n:
+                return 0, last_id
+            skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
+                         for pk in locked_ids)
+            if n_check:
+                cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick "
+                               f"FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
+                accepted = []
+                for pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick in cursor.fetchall():
+                    op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price, _Symbol(tick))
+                    change, level_skips = plan_operation(op)
+                    if level_skips:
+                        skips.extend((pk, name, sk.reason, sk.detail) for name, sk in level_skips)
+                    elif change is None:
+                        already += 1
+                    else:  # numeric said no, Decimal says yes: Python decides (has not happened; kept safe)
+                        levels = change.levels
+                        accepted.append((levels.get("stop_price", (None,))[0], levels.get("target_price", (None,))[0],
+                                         pk))
+                if accepted:
+                    cursor.executemany(f"UPDATE {BATCH_TABLE} SET state = 'ok', new_stop = %s, new_target = %s "
+                                       f"WHERE id = %s", accepted)
+                    n_ok += len(accepted)
+            if n_ok and self.dry_run:
+                cursor.execute(f"SELECT id, side, entry, tick, new_stop, stop_pct, new_target, target_pct "
+                               f"FROM {BATCH_TABLE} WHERE state = 'ok' ORDER BY id")
+                for pk, side, entry, tick, new_stop, stop_pct, new_target, target_pct in cursor.fetchall():
+                    levels = {}
+                    if new_stop is not None:
+                        levels["stop_price"] = (new_stop, stop_pct)
+                    if new_target is not None:
+                        levels["target_price"] = (new_target, target_pct)
+                    would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
+            elif n_ok:
+                stage = append_stage()
+                cursor.execute(_STAGE_EVENTS_SQL.format(stage=stage))
+                while True:
+                    try:
+                        append_many(staged=True, source="backfill", venue=self.venue, now=now)
+                        break
+                    except ConcurrencyConflict as exc:  # those streams moved: skip them, append the rest
+                        moved = getattr(exc, "moved", None)
+                        if not moved:
+                            raise
+                        ids = sorted(moved)
+                        skips.extend((pk, None, CONFLICT, f"operation {pk}: stream at version {moved[pk][0]}, "
+                                                          f"expected {moved[pk][1]}") for pk in ids)
+                        cursor.execute(f"UPDATE {BATCH_TABLE} SET state = 'conflict' WHERE id = ANY(%s)", [ids])
+                        cursor.execute(f"DELETE FROM {stage} WHERE operation_id = ANY(%s)", [ids])
+                cursor.execute(_update_levels_sql(), [now])
+                written = cursor.fetchone()
+            if self.batch_sleep:
+                self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
+                time.sleep(self.batch_sleep)
+        # committed (or a read-only dry run): count and report
+        s = self.summary
+        s.already_done += already
+        for op, change in would:
+            self._report_would_set(op, change)
+            s.updated += 1
+            s.stops_set += "stop_price" in change.levels
+            s.targets_set += "target_price" in change.levels
+        updated, stops, targets = written
+        s.updated += updated
+        s.stops_set += stops
+        s.targets_set += targets
+        self._count_skips(skips)
+        return n, last
+
+    def _count_skips(self, skips: list[tuple[int, str | None, str, str]]) -> None:
+        s = self.summary
+        skipped_ops: dict[int, set] = {}
+        for pk, field_name, reason, detail in skips:
+            self._report_skip(pk, field_name, reason, detail)
+            skipped_ops.setdefault(pk, set()).add(reason)
+        s.skipped_operations += len(skipped_ops)
+        for reasons in skipped_ops.values():
+            s.skipped_by_reason.update(reasons)
+
     def _batch(self, ids: list[int]) -> None:
-        """One transaction: lock what is free, re-check under the lock, append events, update rows.
-        Counters are applied only after the commit, so a retried batch counts once."""
+        """Other databases than PostgreSQL (development on SQLite): the same batch, one model object
+        and one :func:`compute_level` per operation. One transaction: lock what is free, re-check
+        under the lock, append events, update rows. Counters are applied only after the commit, so
+        a retried batch counts once."""
         from django.db import transaction
         from django.db.models import Max
 
@@ -365,7 +620,7 @@ class Backfill:
                     to_update.append(op)
                     written.append(change)
                 if to_update:
-                    _update_levels(to_update, now)
+                    Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
             if self.batch_sleep:
                 self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
                 time.sleep(self.batch_sleep)
@@ -378,37 +633,7 @@ class Backfill:
             s.updated += 1
             s.stops_set += "stop_price" in change.levels
             s.targets_set += "target_price" in change.levels
-        skipped_ops: dict[int, set] = {}
-        for pk, field_name, reason, detail in skips:
-            self._report_skip(pk, field_name, reason, detail)
-            skipped_ops.setdefault(pk, set()).add(reason)
-        s.skipped_operations += len(skipped_ops)
-        for reasons in skipped_ops.values():
-            s.skipped_by_reason.update(reasons)
-
-
-def _update_levels(ops: list, now: datetime) -> None:
-    """Write ``stop_price``/``target_price`` of ``ops`` (rows the caller holds locked) in one statement.
-
-    On PostgreSQL ``UPDATE … FROM (VALUES …)`` (``bulk_update``'s ``CASE`` per row costs about as
-    much as the events of a batch); elsewhere ``bulk_update``.
-    """
-    from django.db import connection
-
-    from api.models import Operation
-
-    if connection.vendor != "postgresql":
-        Operation.objects.bulk_update(ops, ["stop_price", "target_price", "updated_at"])
-        return
-    table = connection.ops.quote_name(Operation._meta.db_table)
-    rows = ", ".join(["(%s, %s::numeric, %s::numeric)"] * len(ops))
-    params = [value for op in ops for value in (op.pk, op.stop_price, op.target_price)]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} AS o SET stop_price = v.stop_price, target_price = v.target_price, updated_at = %s "
-            f"FROM (VALUES {rows}) AS v(id, stop_price, target_price) WHERE o.id = v.id",
-            [now, *params],
-        )
+        self._count_skips(skips)
 
 
 def _fmt_eta(seconds: float) -> str:
