@@ -1,29 +1,80 @@
-"""Rebuild and verify the execution projection from the event log (invariant 8)."""
+"""Rebuild and verify the execution projection from the event log (invariant 8).
+
+Both stream: the events that carry an execution token are read through a server-side cursor
+ordered by ``(execution_token, sequence)``, so each execution's events arrive together and in
+their global order, and :func:`stopmonitor.execution.apply` folds one execution at a time (the
+fold of an execution depends on its own events only, so this is the fold of the log in
+sequence order). Memory holds one chunk of events and one chunk of folded rows, whatever the
+size of the log. :func:`rebuild` writes the rows with ``COPY`` in chunks; :func:`verify`
+compares each chunk with the stored rows of the same tokens, then lists stored rows that no
+event explains.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
-from django.db import transaction
+from django.db import connection, transaction
 
-from stopmonitor.events import execution_state_of, save_execution_state, to_stored
-from stopmonitor.execution import apply, state_field_names
+from stopmonitor.events import APPEND_LOCK_KEY, execution_state_of, save_execution_state
+from stopmonitor.execution import ExecutionState, StoredEvent, apply, state_field_names
 
-CHUNK = 2000
+CHUNK = 5000  # events per fetch from the server-side cursor, and folded rows per write or comparison
+
+_EVENT_COLUMNS = ("operation_id", "tenant_id", "symbol", "version", "event_type", "execution_token", "source",
+                  "venue", "payload", "created_at")
 
 
-def _replay(operation_id: int | None = None):
-    """Fold the log (or one stream) in sequence order; returns ``{token: ExecutionState}``.
-    Streams events with ``iterator()`` so memory holds states, not events."""
+def _tables() -> tuple[str, str]:
+    from api.models import StopMonitorEvent, StopMonitorExecution
+
+    qn = connection.ops.quote_name
+    return qn(StopMonitorEvent._meta.db_table), qn(StopMonitorExecution._meta.db_table)
+
+
+def _columns() -> list[str]:
+    """The projection's columns, in :func:`state_field_names` order."""
+    from api.models import StopMonitorExecution
+
+    return [StopMonitorExecution._meta.get_field(name).column for name in state_field_names()]
+
+
+def _fold(operation_id: int | None = None) -> Iterator[ExecutionState]:
+    """Yield the folded state of every execution (of one operation's stream, or of the whole log),
+    one execution at a time, reading the events as tuples through a server-side cursor."""
     from api.models import StopMonitorEvent
 
-    qs = StopMonitorEvent.objects.exclude(execution_token=None).order_by("sequence")
+    qs = StopMonitorEvent.objects.exclude(execution_token=None)
     if operation_id is not None:
         qs = qs.filter(operation_id=operation_id)
-    states = {}
-    for row in qs.iterator(chunk_size=CHUNK):
-        states[row.execution_token] = apply(states.get(row.execution_token), to_stored(row))
-    return states
+    rows = qs.order_by("execution_token", "sequence").values_list(*_EVENT_COLUMNS).iterator(chunk_size=CHUNK)
+    token, state = None, None
+    for row in rows:
+        event = StoredEvent(*row)
+        if event.execution_token != token:
+            if state is not None:
+                yield state
+            token, state = event.execution_token, None
+        state = apply(state, event)
+    if state is not None:
+        yield state
+
+
+def _chunks(states: Iterator[ExecutionState]) -> Iterator[list[ExecutionState]]:
+    chunk: list[ExecutionState] = []
+    for state in states:
+        chunk.append(state)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _replay(operation_id: int | None = None) -> dict[str, ExecutionState]:
+    """``{token: ExecutionState}`` for the whole log or one stream (in memory: for small scopes and tests)."""
+    return {state.execution_token: state for state in _fold(operation_id)}
 
 
 @dataclass(frozen=True)
@@ -37,38 +88,77 @@ class Difference:
 
 
 def verify(operation_id: int | None = None) -> list[Difference]:
-    """Compare the stored projection with a fold of the events; writes nothing."""
-    from api.models import StopMonitorExecution
+    """Compare the stored projection with a fold of the events; writes nothing.
 
-    rebuilt = _replay(operation_id)
-    qs = StopMonitorExecution.objects.all()
-    if operation_id is not None:
-        qs = qs.filter(operation_id=operation_id)
-    stored = {row.execution_token: execution_state_of(row) for row in qs}
+    Reads one snapshot (``REPEATABLE READ``, when it opens the transaction), so appends
+    committed meanwhile do not show up as differences."""
+    from django.db.models import Exists, OuterRef
+
+    from api.models import StopMonitorEvent, StopMonitorExecution
+
+    names = state_field_names()
     diffs: list[Difference] = []
-    for token, state in rebuilt.items():
-        if token not in stored:
-            diffs.append(Difference(token, "<missing>", None, state.status))
-            continue
-        for name in state_field_names():
-            a, b = getattr(stored[token], name), getattr(state, name)
-            if a != b:
-                diffs.append(Difference(token, name, a, b))
-    for token in stored.keys() - rebuilt.keys():
-        diffs.append(Difference(token, "<extra>", stored[token].status, None))
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if outermost and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        for chunk in _chunks(_fold(operation_id)):
+            stored = {row[0]: row for row in StopMonitorExecution.objects.filter(
+                execution_token__in=[state.execution_token for state in chunk]).values_list(*names)}
+            for state in chunk:
+                row = stored.get(state.execution_token)
+                if row is None:
+                    diffs.append(Difference(state.execution_token, "<missing>", None, state.status))
+                    continue
+                for name, value in zip(names, row):
+                    rebuilt = getattr(state, name)
+                    if value != rebuilt:
+                        diffs.append(Difference(state.execution_token, name, value, rebuilt))
+        events = StopMonitorEvent.objects.filter(execution_token=OuterRef("execution_token"))
+        extra = StopMonitorExecution.objects.all()
+        if operation_id is not None:
+            events = events.filter(operation_id=operation_id)
+            extra = extra.filter(operation_id=operation_id)
+        extra = extra.filter(~Exists(events))  # an anti-join: stored rows that no event explains
+        diffs.extend(Difference(token, "<extra>", status, None)
+                     for token, status in extra.order_by("execution_token").values_list("execution_token", "status"))
     return diffs
 
 
 def rebuild(operation_id: int | None = None) -> int:
-    """Replace the projection (all, or one operation's) with the fold of the events; returns rows written."""
+    """Replace the projection (all, or one operation's) with the fold of the events; returns rows written.
+
+    One transaction holding the event store's append lock, so no event is appended between the
+    read and the commit (appends wait for it); rows are written with ``COPY`` on PostgreSQL."""
     from api.models import StopMonitorExecution
 
-    states = _replay(operation_id)
+    _, executions = _tables()
+    written = 0
     with transaction.atomic():
         qs = StopMonitorExecution.objects.all()
         if operation_id is not None:
             qs = qs.filter(operation_id=operation_id)
-        qs.delete()
-        for state in states.values():
-            save_execution_state(state)
-    return len(states)
+        if connection.vendor != "postgresql":
+            qs.delete()
+            for state in _fold(operation_id):
+                save_execution_state(state)
+                written += 1
+            return written
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+            if operation_id is None:
+                cursor.execute(f"DELETE FROM {executions}")
+            else:
+                cursor.execute(f"DELETE FROM {executions} WHERE operation_id = %s", [operation_id])
+        names = state_field_names()
+        copy_sql = f"COPY {executions} ({', '.join(_columns())}) FROM STDIN"
+        for chunk in _chunks(_fold(operation_id)):
+            with connection.connection.cursor() as cur, cur.copy(copy_sql) as copy:
+                for state in chunk:
+                    copy.write_row([getattr(state, name) for name in names])
+            written += len(chunk)
+    return written
+
+
+__all__ = ["CHUNK", "Difference", "execution_state_of", "rebuild", "verify"]
