@@ -218,11 +218,13 @@ def run_pass(
     emit: Emit = _noop,
     engine: EngineSettings | None = None,
     use_lock: bool = True,
+    log_decisions: bool = True,
 ) -> PassSummary:
     """One monitor pass: reconcile SUBMITTED executions, then evaluate and close triggers.
 
     ``dry_run`` evaluates and reports without appending events or placing orders. Each
-    decision goes to ``emit`` and is counted and logged as one JSON line; the summary is
+    decision goes to ``emit``, is counted, and is logged as one JSON line unless
+    ``log_decisions`` is False (a caller that prints them itself, ``monitor_stops --json``); the summary is
     recorded as one ``MonitorPass`` row (:mod:`stopmonitor.metrics`). Raises
     :class:`PassError` when the pass cannot run (quotes unavailable, rate-limit ban).
     Must be called outside any transaction.
@@ -230,7 +232,7 @@ def run_pass(
     from stopmonitor import metrics
 
     def observed(decision: Decision) -> None:
-        metrics.observe_decision(decision)
+        metrics.observe_decision(decision, log=log_decisions)
         emit(decision)
 
     try:

@@ -21,6 +21,15 @@ def migrate_to(target):
     executor.migrate([target])
 
 
+@pytest.fixture(autouse=True)
+def _back_to_latest(request):
+    """Whatever a test migrated to, leave the test database at the latest schema for the others."""
+    yield
+    if "transactional_db" in request.fixturenames or request.node.get_closest_marker("django_db"):
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+
+
 def index_state(name):
     with connection.cursor() as cur:
         cur.execute(

@@ -79,7 +79,8 @@ class Command(BaseCommand):
         while True:
             started = time.monotonic()
             try:
-                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit,
+                # with --json the printed line is the decision's JSON line: not logged a second time
+                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit, log_decisions=not as_json,
                                    use_lock=not opts["no_pass_lock"])
             except PassError as exc:
                 if not opts["loop"]:
