@@ -13,6 +13,7 @@ event explains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Iterator
 
 from django.db import connection, transaction
@@ -40,17 +41,34 @@ def _columns() -> list[str]:
     return [StopMonitorExecution._meta.get_field(name).column for name in state_field_names()]
 
 
-def _fold(operation_id: int | None = None) -> Iterator[ExecutionState]:
-    """Yield the folded state of every execution (of one operation's stream, or of the whole log),
-    one execution at a time, reading the events as tuples through a server-side cursor."""
+def _event_rows(operation_id: int | None) -> Iterator[tuple]:
+    """The events that carry an execution token as ``StoredEvent`` field tuples, ordered by
+    ``(execution_token, sequence)``. On PostgreSQL a binary server-side cursor (``CHUNK`` rows
+    per fetch; jsonb and timestamptz decoded by psycopg's C loaders); elsewhere the ORM iterator."""
     from api.models import StopMonitorEvent
 
-    qs = StopMonitorEvent.objects.exclude(execution_token=None)
-    if operation_id is not None:
-        qs = qs.filter(operation_id=operation_id)
-    rows = qs.order_by("execution_token", "sequence").values_list(*_EVENT_COLUMNS).iterator(chunk_size=CHUNK)
+    if connection.vendor != "postgresql":
+        qs = StopMonitorEvent.objects.exclude(execution_token=None)
+        if operation_id is not None:
+            qs = qs.filter(operation_id=operation_id)
+        yield from qs.order_by("execution_token", "sequence").values_list(*_EVENT_COLUMNS).iterator(chunk_size=CHUNK)
+        return
+    events, _ = _tables()
+    where = "execution_token IS NOT NULL" + (" AND operation_id = %s" if operation_id is not None else "")
+    connection.ensure_connection()
+    raw = connection.connection
+    with raw.cursor(name="stopmonitor_projection_fold", binary=True, withhold=raw.autocommit) as cursor:
+        cursor.execute(f"SELECT {', '.join(_EVENT_COLUMNS)} FROM {events} WHERE {where} "
+                       f"ORDER BY execution_token, sequence", [operation_id] if operation_id is not None else None)
+        while rows := cursor.fetchmany(CHUNK):
+            yield from rows
+
+
+def _fold(operation_id: int | None = None) -> Iterator[ExecutionState]:
+    """Yield the folded state of every execution (of one operation's stream, or of the whole log),
+    one execution at a time."""
     token, state = None, None
-    for row in rows:
+    for row in _event_rows(operation_id):
         event = StoredEvent(*row)
         if event.execution_token != token:
             if state is not None:
@@ -104,8 +122,7 @@ def verify(operation_id: int | None = None) -> list[Difference]:
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         for chunk in _chunks(_fold(operation_id)):
-            stored = {row[0]: row for row in StopMonitorExecution.objects.filter(
-                execution_token__in=[state.execution_token for state in chunk]).values_list(*names)}
+            stored = {row[0]: row for row in _stored_rows([state.execution_token for state in chunk])}
             for state in chunk:
                 row = stored.get(state.execution_token)
                 if row is None:
@@ -124,6 +141,21 @@ def verify(operation_id: int | None = None) -> list[Difference]:
         diffs.extend(Difference(token, "<extra>", status, None)
                      for token, status in extra.order_by("execution_token").values_list("execution_token", "status"))
     return diffs
+
+
+def _stored_rows(tokens: list[str]) -> list[tuple]:
+    """The stored projection rows of ``tokens``, as tuples in :func:`state_field_names` order."""
+    from api.models import StopMonitorExecution
+
+    if connection.vendor != "postgresql":
+        return list(StopMonitorExecution.objects.filter(execution_token__in=tokens).values_list(*state_field_names()))
+    _, executions = _tables()
+    import psycopg
+
+    with psycopg.Cursor(connection.connection) as cursor:  # server-side binding: binary results, one array parameter
+        cursor.execute(f"SELECT {', '.join(_columns())} FROM {executions} WHERE execution_token = ANY(%s)", [tokens],
+                       binary=True)
+        return cursor.fetchall()
 
 
 def rebuild(operation_id: int | None = None) -> int:
@@ -151,12 +183,19 @@ def rebuild(operation_id: int | None = None) -> int:
                 cursor.execute(f"DELETE FROM {executions}")
             else:
                 cursor.execute(f"DELETE FROM {executions} WHERE operation_id = %s", [operation_id])
-        names = state_field_names()
-        copy_sql = f"COPY {executions} ({', '.join(_columns())}) FROM STDIN"
+        columns = _columns()
+        with connection.cursor() as cursor:  # the column types, for a binary COPY
+            cursor.execute(f"SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "
+                           f"AND attnum > 0 AND NOT attisdropped", [executions])
+            oids = dict(cursor.fetchall())
+        types = [oids[column] for column in columns]
+        values = attrgetter(*state_field_names())
+        copy_sql = f"COPY {executions} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
         for chunk in _chunks(_fold(operation_id)):
             with connection.connection.cursor() as cur, cur.copy(copy_sql) as copy:
+                copy.set_types(types)
                 for state in chunk:
-                    copy.write_row([getattr(state, name) for name in names])
+                    copy.write_row(values(state))
             written += len(chunk)
     return written
 

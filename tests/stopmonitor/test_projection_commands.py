@@ -191,3 +191,25 @@ def test_events_json_lines_and_the_global_feed_after_a_sequence(closed_pair):
 ])
 def test_events_errors_exit_2(tenant, args, message):
     assert command("events", *args) == (2, "", message)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+def test_streamed_rebuild_and_verify_match_the_in_memory_fold_across_chunks(closed_pair, monkeypatch, chunk):
+    """Rebuild and verify stream the events by (token, sequence) in chunks: any chunk size gives the
+    rows of the plain fold of the whole log in sequence order, and verify sees a change in any chunk."""
+    from api.models import StopMonitorEvent, StopMonitorExecution
+    from stopmonitor import projections
+    from stopmonitor.events import execution_state_of, to_stored
+    from stopmonitor.execution import fold
+
+    long_, short, tokens = closed_pair
+    monkeypatch.setattr(projections, "CHUNK", chunk)
+    expected = fold(to_stored(e) for e in StopMonitorEvent.objects.order_by("sequence"))
+    assert projections.rebuild() == 2
+    assert {ex.execution_token: execution_state_of(ex) for ex in StopMonitorExecution.objects.all()} == expected
+    assert projections.verify() == []
+    StopMonitorExecution.objects.filter(pk=tokens[short.pk]).update(last_version=99)
+    assert [(d.execution_token, d.field, d.stored) for d in projections.verify()] == [
+        (tokens[short.pk], "last_version", 99)]
+    assert projections.rebuild(short.pk) == 1
+    assert projections.verify() == []
