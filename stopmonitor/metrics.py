@@ -52,8 +52,8 @@ _TRIGGER_ACTIONS = ("triggered", "would_trigger")
 # ------------------------------------------------------------------------------- decisions
 
 
-def observe_decision(decision) -> None:
-    """Count one engine decision and log it as one JSON line (logger ``stopmonitor.decisions``).
+def observe_decision(decision, *, log: bool = True) -> None:
+    """Count one engine decision and (``log``) log it as one JSON line (logger ``stopmonitor.decisions``).
 
     The line carries ``action``, ``tenant_id``, ``operation_id``, ``symbol``,
     ``execution_token``, ``event_type``, ``reason`` and ``source`` (null when not known).
@@ -65,6 +65,8 @@ def observe_decision(decision) -> None:
         EXECUTIONS.labels(action).inc()
     elif action == "blocked":
         BLOCKED.labels(decision.reason or "unknown").inc()
+    if not log:
+        return
     decision_log.info(
         "decision %s", action,
         extra={
@@ -92,6 +94,8 @@ def record_pass(summary, *, error: str = "", finished_at: datetime | None = None
     a pass that could not run. A database error here is logged, never raised: the pass
     itself already happened.
     """
+    from django.db import transaction
+
     from api.models import MonitorPass
 
     finished_at = finished_at or datetime.now(timezone.utc)
@@ -109,18 +113,19 @@ def record_pass(summary, *, error: str = "", finished_at: datetime | None = None
     fields = ("watched", "symbols", "triggered", "executed", "partially_executed", "failed", "unknown", "blocked",
               "reconciled", "skipped", "exchange_requests")
     try:
-        MonitorPass.objects.create(
-            finished_at=finished_at,
-            started_at=summary.started_at,
-            source=summary.source[:12],
-            venue=summary.venue[:20],
-            dry_run=summary.dry_run,
-            completed=not error,
-            lock_held_elsewhere=summary.lock_held_elsewhere,
-            duration_s=summary.duration_s,
-            error=redact(error)[:500],
-            **{name: getattr(summary, name) for name in fields},
-        )
+        with transaction.atomic():  # a savepoint inside a caller's transaction: a failure here never poisons it
+            MonitorPass.objects.create(
+                finished_at=finished_at,
+                started_at=summary.started_at,
+                source=summary.source[:12],
+                venue=summary.venue[:20],
+                dry_run=summary.dry_run,
+                completed=not error,
+                lock_held_elsewhere=summary.lock_held_elsewhere,
+                duration_s=summary.duration_s,
+                error=redact(error)[:500],
+                **{name: getattr(summary, name) for name in fields},
+            )
     except Exception:  # noqa: BLE001 - metrics never fail a pass
         logging.getLogger("stopmonitor.metrics").warning("could not record the pass summary", exc_info=True)
 
