@@ -29,7 +29,7 @@ def world(alice, bob, open_op, paper):
             "token": r.json()["operation"]["latest_execution"]["execution_token"],
             "tenant": who.tenant.pk,
         }
-    TenantConfig.objects.create(client=alice.tenant, kill_switch=False)
+    TenantConfig.objects.update_or_create(client=alice.tenant, defaults={"kill_switch": False})
     CircuitBreakerState.objects.update_or_create(symbol="BTCUSDT", defaults={"state": "OPEN", "failure_count": 3})
     paper.calls.clear()
     return out
