@@ -1,13 +1,14 @@
 """Benchmark ``backfill_stop_price`` on PostgreSQL: rows/s and peak RSS for N legacy operations.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
-        .venv/bin/python bench/bench_backfill.py --rows 10000 100000 [--batch-size 1000]
+        .venv/bin/python bench/bench_backfill.py --rows 100000 1000000 [--batch-size 1000 5000]
 
-For each size: creates a scratch database ``bench_backfill``, migrates it, inserts N legacy
+For each size and each batch size: creates a scratch database ``bench_backfill``, migrates it, inserts N legacy
 operations (half long, half short, stop and target percentages, no absolute levels) with one
 ``INSERT … SELECT generate_series``, runs the command as a child process and prints the wall
 time, operations/s, events written and the child's peak RSS (``wait4``), then a
-``rebuild_projections --verify`` over the result. Drops the database at the end.
+``rebuild_projections --verify`` over the result, and the load average (the machine may be
+shared). Drops the database at the end.
 """
 
 from __future__ import annotations
@@ -81,26 +82,32 @@ def counts() -> tuple[int, int]:
     return done, events
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10000, 100000])
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1000])
     args = parser.parse_args()
+    print(f"# {os.cpu_count()} CPUs; {load()} at start", flush=True)
     print(f"{'rows':>9} {'batch':>6} {'seconds':>8} {'ops/s':>7} {'events':>8} {'peak RSS MB':>11} "
           f"{'verify s':>8} {'verify RSS':>10}  status")
     try:
         for rows in args.rows:
-            recreate()
-            code, _, _, _ = manage("migrate", "-v0")
-            assert code == 0, "migrate failed"
-            seed(rows)
-            code, seconds, rss, _ = manage("backfill_stop_price", "--batch-size", str(args.batch_size),
-                                           "--progress-interval", "3600")
-            done, events = counts()
-            vcode, vseconds, vrss, _ = manage("rebuild_projections", "--verify")
-            print(f"{rows:>9} {args.batch_size:>6} {seconds:>8.1f} {done / seconds:>7.0f} {events:>8} {rss:>11.0f} "
-                  f"{vseconds:>8.1f} {vrss:>10.0f}  backfill exit {code}, updated {done}, verify exit {vcode}",
-                  flush=True)
+            for batch_size in args.batch_size:
+                recreate()
+                code, _, _, _ = manage("migrate", "-v0")
+                assert code == 0, "migrate failed"
+                seed(rows)
+                code, seconds, rss, _ = manage("backfill_stop_price", "--batch-size", str(batch_size),
+                                               "--progress-interval", "3600")
+                done, events = counts()
+                vcode, vseconds, vrss, _ = manage("rebuild_projections", "--verify")
+                print(f"{rows:>9} {batch_size:>6} {seconds:>8.1f} {done / seconds:>7.0f} {events:>8} {rss:>11.0f} "
+                      f"{vseconds:>8.1f} {vrss:>10.0f}  backfill exit {code}, updated {done}, verify exit {vcode}; "
+                      f"{load()}", flush=True)
     finally:
         drop()
 

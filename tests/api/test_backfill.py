@@ -178,6 +178,60 @@ def test_only_missing_levels_of_open_operations_are_written(legacy):
     assert "scanned=2 updated=2 (stops=1 targets=1) skipped=0" in out
 
 
+def test_levels_computed_in_sql_equal_compute_level_on_many_rows(tenant, symbols):
+    """The PostgreSQL batch computes levels in ``numeric``; :func:`compute_level` (Decimal) is the
+    definition. On a few hundred generated rows — both sides, tickSizes from 1e-8 to 10 and odd
+    ones (0.3, 0.05, 0.5), tiny and large percentages and entries, values on and off the grid —
+    every row is written with exactly compute_level's levels or skipped with its reason."""
+    import random
+
+    from api.models import Operation, Symbol
+
+    ticks = [D("0.01"), D("0.00000001"), D("0.0001"), D("0.3"), D("0.05"), D("0.5"), D("1"), D("10"), None]
+    syms = [Symbol.objects.create(symbol=f"T{i}USDT", base_asset=f"T{i}", quote_asset="USDT", tick_size=t)
+            for i, t in enumerate(ticks)]
+    rng = random.Random(4)
+    pcts = [None, D("0"), D("0.0001"), D("0.001"), D("0.25"), D("2.5"), D("3.3333"), D("50"), D("99.9999"),
+            D("100"), D("-1")]
+    entries = [None, D("0"), D("0.00000001"), D("0.00001234"), D("1"), D("9300"), D("43251.37"), D("0.3852"),
+               D("99999999999.99999999"), D("123456789.12345678")]
+    ops = Operation.objects.bulk_create([
+        Operation(client=tenant, symbol=rng.choice(syms), side=rng.choice(["BUY", "SELL"]), status="ACTIVE",
+                  quantity=D("1"), entry_price=rng.choice(entries), stop_loss_percent=rng.choice(pcts),
+                  stop_gain_percent=rng.choice(pcts))
+        for _ in range(400)
+    ])
+    code, out, _ = backfill("--json", "--batch-size", "64")
+    assert code in (0, 1)
+    skipped = {}
+    for line in out.splitlines()[:-1]:
+        record = json.loads(line)
+        skipped.setdefault(record["operation_id"], set()).add((record["field"], record["reason"]))
+    checked = written = 0
+    for op in Operation.objects.filter(pk__in=[o.pk for o in ops]).select_related("symbol"):
+        expected, reasons = {}, set()
+        for kind, price_field, pct_field in (("stop", "stop_price", "stop_loss_percent"),
+                                             ("target", "target_price", "stop_gain_percent")):
+            pct = getattr(op, pct_field)
+            if pct is None:
+                continue
+            try:
+                expected[price_field] = compute_level(kind, op.side, op.entry_price, pct, op.symbol.tick_size)
+            except Skip as skip:
+                reasons.add((price_field, skip.reason))
+        got = {"stop_price": op.stop_price, "target_price": op.target_price}
+        if reasons or not expected:
+            assert skipped.get(op.pk, set()) == reasons, op.pk
+            assert got == {"stop_price": None, "target_price": None}, op.pk
+        else:
+            assert op.pk not in skipped
+            assert got == {name: expected.get(name) for name in got}, (op.pk, op.side, op.entry_price,
+                                                                       op.symbol.tick_size)
+            written += 1
+        checked += 1
+    assert checked == 400 and written > 50
+
+
 # -- skips -------------------------------------------------------------------------------------
 
 SKIP_CASES = [
@@ -522,3 +576,42 @@ def test_concurrent_writer_setting_the_stop_wins_and_is_not_overwritten(legacy):
     assert levels(ops[1]) == (D("9100"), None)
     assert [(t, src) for t, src, *_ in stream(ops[1])] == [("STOP_SET", "api")]
     assert [levels(op)[0] for op in (ops[0], ops[2])] == [D("9067.5"), D("9067.5")]
+
+
+# -- append_many, the bulk writer the backfill uses --------------------------------------------
+
+def test_append_many_writes_events_and_outbox_rows_or_nothing_on_a_moved_stream(legacy):
+    from datetime import datetime, timezone
+
+    from django.db import transaction
+
+    from api.models import Outbox, StopMonitorEvent
+    from stopmonitor.events import ConcurrencyConflict, append_many
+    from stopmonitor.execution import NewEvent
+
+    a, b = legacy(), legacy(symbol="ADAUSDT", entry="0.3852")
+    now = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)
+    with transaction.atomic():
+        n = append_many([(a, 0, [NewEvent("STOP_SET", {"stop_price": "9000"}), NewEvent("TARGET_SET", {"x": [1]})]),
+                         (b, 0, [NewEvent("STOP_SET", {"stop_price": "0.3"})]), (a, 0, [])],
+                        source="backfill", venue="paper", now=now)
+    assert n == 3
+    rows = list(StopMonitorEvent.objects.order_by("sequence").values_list(
+        "operation_id", "version", "event_type", "payload", "source", "venue", "created_at", "tenant_id", "symbol"))
+    assert rows == [(a.pk, 1, "STOP_SET", {"stop_price": "9000"}, "backfill", "paper", now, a.client_id, "BTCUSDT"),
+                    (a.pk, 2, "TARGET_SET", {"x": [1]}, "backfill", "paper", now, a.client_id, "BTCUSDT"),
+                    (b.pk, 1, "STOP_SET", {"stop_price": "0.3"}, "backfill", "paper", now, b.client_id, "ADAUSDT")]
+    outbox = list(Outbox.objects.order_by("event_id").values_list("event__operation_id", "routing_key",
+                                                                   "operation_id_ref", "published_at"))
+    assert outbox == [(a.pk, f"stop.STOP_SET.{a.client_id}.BTCUSDT", a.pk, None),
+                      (a.pk, f"stop.TARGET_SET.{a.client_id}.BTCUSDT", a.pk, None),
+                      (b.pk, f"stop.STOP_SET.{b.client_id}.ADAUSDT", b.pk, None)]
+    # a's stream is at 2: expecting 0 conflicts, names the stream, and writes nothing (b neither)
+    with pytest.raises(ConcurrencyConflict) as info, transaction.atomic():
+        append_many([(a, 0, [NewEvent("STOP_SET", {})]), (b, 1, [NewEvent("TARGET_SET", {})])],
+                    source="backfill", venue="paper", now=now)
+    assert info.value.moved == {a.pk: (2, 0)}
+    assert event_count() == 3 and Outbox.objects.count() == 3
+    with transaction.atomic():  # the staging table was emptied: a corrected retry writes only its own events
+        assert append_many([(b, 1, [NewEvent("TARGET_SET", {})])], source="backfill", venue="paper", now=now) == 1
+    assert event_count() == 4
