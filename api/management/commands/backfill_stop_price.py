@@ -22,11 +22,15 @@ level is not strictly beyond the entry on its side, e.g. a tiny percentage on a 
 ``locked`` (another transaction — the API, the monitor — holds the row; a re-run picks it up)
 and ``conflict`` (its event stream moved while we held the lock; a re-run picks it up).
 
-How it runs on a live database: candidates are found by walking the primary key (keyset:
-``id > last ORDER BY id LIMIT batch``), then each batch is one short transaction that locks
-its rows with ``SELECT … FOR UPDATE SKIP LOCKED`` (never waits on, never overwrites a row
-someone else is changing), re-checks them under the lock, appends the events through
-:func:`stopmonitor.events.append_events` and updates the rows. A written row no longer matches,
+How it runs on a live database: each batch is one short transaction that takes the next
+candidates by walking the primary key (keyset: ``id > last ORDER BY id LIMIT batch``), locks
+them with ``SELECT … FOR UPDATE SKIP LOCKED`` (never waits on, never overwrites a row someone
+else is changing), re-checks them under the lock, appends the events through
+:func:`stopmonitor.events.append_many` (the bulk form of the one event writer) and updates the
+rows. On PostgreSQL all of it is set-based SQL and only skipped rows reach Python (see
+:meth:`Backfill._batch_sql`: the levels are computed in ``numeric``, exactly as
+:func:`compute_level` does with ``Decimal``, which stays the definition and decides every row
+SQL refuses); elsewhere (SQLite in development) one model object per operation. A written row no longer matches,
 so the command is resumable by construction: stopping it at any point (Ctrl-C, SIGTERM, a
 killed pod) loses at most the uncommitted batch, and a new run continues; a second full run
 changes nothing and says so. SIGINT/SIGTERM finish the current batch, print the summary and
