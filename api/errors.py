@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -17,9 +19,21 @@ def _fields(detail) -> dict:
 
 
 def exception_handler(exc, context):
-    """Convert every API exception (DRF's and Django's ValidationError) to the one envelope."""
+    """Convert every API exception (DRF's, and Django's ValidationError, Http404 and PermissionDenied)
+    to the one envelope.
+
+    Django's exceptions are converted here, before the code is read from ``exc``: DRF's handler
+    converts Http404 and PermissionDenied too, but only its own local copy. A Django ``Http404``
+    always becomes ``not_found`` / "Not found." (its message, e.g. get_object_or_404's "No
+    Operation matches the given query.", names a model); a ``PermissionDenied`` keeps its message
+    when it has one.
+    """
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied(*(str(a) for a in exc.args[:1]))
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
