@@ -472,8 +472,6 @@ def _record_block(op, version: int, last, block: g.Block, trig: Trigger | None, 
     if trig is not None:
         payload.update(trigger=trig.kind, level=decimal_str(trig.level), observed_price=decimal_str(trig.observed))
     append_events(op, version, [NewEvent(BLOCKED, payload)], source=source, venue=venue, now=now)
-    log.info("blocked", extra={"operation_id": op.pk, "tenant_id": op.client_id, "symbol": symbol,
-                               "reason": block.reason, "event_type": BLOCKED, "source": source})
     return Decision("blocked", op.pk, op.client_id, symbol, event_type=BLOCKED, reason=block.reason, detail=block.detail)
 
 
@@ -592,8 +590,6 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
         op.save(update_fields=["status", "stop_execution_token", "last_stop_check_at", "stop_check_count", "updated_at"])
         append_events(op, version, events, source=source, venue=exchange.venue, now=now)
     context.spend(symbol, closing, qty.quantity, observed)
-    log.info("stop triggered", extra={"operation_id": op.pk, "tenant_id": op.client_id, "symbol": symbol,
-                                      "execution_token": token, "event_type": STOP_TRIGGERED, "source": source})
     return Decision("triggered", op.pk, op.client_id, symbol, token, STOP_TRIGGERED, trig.kind,
                     f"level {decimal_str(trig.level)} observed {decimal_str(observed)} qty {decimal_str(qty.quantity)}"), token
 
@@ -696,7 +692,6 @@ def _submit_and_place(operation_id: int, token: str, exchange, *, now: datetime,
     try:
         result = exchange.place_market_order(request)
     except OrderOutcomeUnknown as exc:
-        log.warning("order outcome unknown", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol})
         decisions.append(Decision("unknown", op.pk, op.client_id, symbol, token, reason="OUTCOME_UNKNOWN",
                                   detail=str(exc)[:300]))
         return decisions
@@ -729,8 +724,6 @@ def record_failure(operation_id: int, token: str, exc: ExchangeError, venue: str
             row = _breaker(symbol, lock=True)
             _save_breaker(row, g.breaker_on_failure(_breaker_domain(row), now, engine.breaker_threshold,
                                                     engine.breaker_cooldown_seconds, f"{exc.code}: {exc}"))
-    log.warning("close failed", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol,
-                                       "event_type": FAILED, "code": exc.code, "source": source})
     return Decision("failed", op.pk, op.client_id, symbol, token, FAILED, reason, f"code {exc.code}: {exc}"[:300])
 
 
@@ -787,8 +780,6 @@ def record_outcome(operation_id: int, token: str, result, venue: str, *, now: da
             _save_breaker(row, new)
     ev = outcome.event
     action = {"EXECUTED": "executed", "PARTIALLY_EXECUTED": "partially_executed", "FAILED": "failed"}[ev.event_type]
-    log.info("close recorded", extra={"operation_id": op.pk, "execution_token": token, "symbol": symbol,
-                                      "event_type": ev.event_type, "source": source})
     return Decision(action, op.pk, op.client_id, symbol, token, ev.event_type,
                     detail=f"executed {ev.payload.get('executed_qty')} at {ev.payload.get('avg_price')}",
                     extra={"operation_status": op.status})
@@ -881,7 +872,6 @@ def _warn_if_stuck(operation_id: int, token: str, status: str, venue: str, now: 
         append_events(op, version, [NewEvent(GUARD_WARNING, {"reason": "STUCK_SUBMITTED", "detail": detail,
                                                              "exchange_status": status}, token)],
                       source=source, venue=venue, now=now)
-    log.warning("execution stuck", extra={"operation_id": operation_id, "execution_token": token, "symbol": op.symbol.symbol})
     return [Decision("blocked", operation_id, op.client_id, op.symbol.symbol, token, GUARD_WARNING, "STUCK_SUBMITTED",
                      detail)]
 
@@ -916,4 +906,10 @@ def close_operation(operation_id: int, exchange, *, source: str = "api", now: da
     closing = close_side(op.side)
     observed = quote.bid if closing == "SELL" else quote.ask
     trig = Trigger(MANUAL, op.stop_price or observed, observed)
-    return close_triggered(operation_id, trig, quote, exchange, context, now=now, source=source, engine=engine)
+    from stopmonitor import metrics
+
+    decisions = close_triggered(operation_id, trig, quote, exchange, context, now=now, source=source, engine=engine)
+    for decision in decisions:  # the same one JSON line per decision as a pass writes
+        decision.source = decision.source or source
+        metrics.observe_decision(decision, log=True)
+    return decisions
