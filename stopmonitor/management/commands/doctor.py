@@ -339,6 +339,7 @@ def check_binance(secrets: list[str]) -> list[Check]:
     if not venue.startswith("binance"):
         return [Check("binance", SKIP, f"venue {venue}", required=False)]
     base = (settings.BINANCE_API_URL or (BINANCE_TESTNET if settings.BINANCE_TESTNET else BINANCE_MAINNET)).rstrip("/")
+    base = base.removesuffix("/api")  # python-binance's REST base (…/api) is accepted too, as the adapter does
     network = "testnet" if settings.BINANCE_TESTNET else "mainnet"
     checks: list[Check] = []
     try:
