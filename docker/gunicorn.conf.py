@@ -117,6 +117,18 @@ logger_class = JsonAccessLogger
 
 
 def on_starting(server):
+    # a configuration error stops the master with the one line and status 78 (EX_CONFIG) before any
+    # worker boots; otherwise each worker would print it, exit 78 and be respawned for ever
+    from decouple import config as decouple_config
+
+    from config.env import EX_CONFIG, ConfigError, resolve
+
+    try:
+        resolve(lambda name: decouple_config(name, default=""))
+    except ConfigError as err:
+        sys.stderr.write(f"stopmonitor: {err}\n")
+        sys.stderr.flush()
+        os._exit(EX_CONFIG)
     server.log.info(
         "stopmonitor web: %s gevent worker(s) x %s connections = at most %s database connections (CONN_MAX_AGE=0)",
         workers,

@@ -306,12 +306,6 @@ def test_database_variables_missing_is_one_line_and_exit_78(app, tmp_path):
     assert "RBS_PG_DATABASE" not in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gunicorn started without the entrypoint respawns workers that exit 78 forever instead of "
-    "stopping (a worker must exit 3, WORKER_BOOT_ERROR, for the arbiter to halt); the entrypoint's "
-    "doctor --quick catches it first in the image",
-)
 def test_gunicorn_alone_stops_on_a_configuration_error(app, tmp_path):
     env = staging_env(tmp_path, SECRET_KEY=None, GUNICORN_BIND=f"127.0.0.1:{_free_port()}", GUNICORN_WORKERS="1")
     proc = subprocess.Popen(
@@ -324,7 +318,8 @@ def test_gunicorn_alone_stops_on_a_configuration_error(app, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
         pytest.fail("gunicorn still running 15 s after every worker exited 78")
-    assert proc.returncode != 0 and b"Traceback" not in stderr
+    assert proc.returncode == 78 and b"Traceback" not in stderr
+    assert stderr.decode().strip().splitlines()[-1].startswith("stopmonitor: configuration error: missing or invalid: SECRET_KEY")
 
 
 # --------------------------------------------------------------------------- database down at start
