@@ -177,24 +177,32 @@ def _noop(_: Decision) -> None:
 
 
 @contextmanager
-def pass_lock():
-    """Session-level advisory lock so overlapping CronJob pods don't both work (PostgreSQL).
-
-    Yields True when this process holds it, False when another pass does. Row locks keep
-    correctness either way; this only avoids duplicate work. Elsewhere always yields True.
-    """
+def session_lock(key: int):
+    """Try a PostgreSQL session-level advisory lock (``pg_try_advisory_lock``) without waiting;
+    yields whether it is held, and releases it on exit. Elsewhere (SQLite: one process) yields True."""
     if connection.vendor != "postgresql":
         yield True
         return
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PASS_LOCK_KEY])
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
         acquired = cursor.fetchone()[0]
     try:
         yield acquired
     finally:
         if acquired:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [PASS_LOCK_KEY])
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+@contextmanager
+def pass_lock():
+    """Session-level advisory lock so overlapping CronJob pods don't both work (PostgreSQL).
+
+    Yields True when this process holds it, False when another pass does. Row locks keep
+    correctness either way; this only avoids duplicate work. Elsewhere always yields True.
+    """
+    with session_lock(PASS_LOCK_KEY) as acquired:
+        yield acquired
 
 
 def load_watched() -> list[Watched]:
@@ -613,19 +621,9 @@ def execution_claim(token: str):
     may ask "does it exist?" and re-send it. A crash releases it with the session. Re-entrant
     within one process. Elsewhere (SQLite: one process) always yields True.
     """
-    if connection.vendor != "postgresql":
-        yield True
-        return
     key = int.from_bytes(hashlib.sha256(token.encode()).digest()[:8], "big", signed=True)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
-        acquired = cursor.fetchone()[0]
-    try:
+    with session_lock(key) as acquired:
         yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
 
 
 def _guard_before_placing(op, now: datetime) -> g.Block | None:
