@@ -576,6 +576,7 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
             "bid": decimal_str(quote.bid),
             "ask": decimal_str(quote.ask),
             "quote_time": quote.observed_at.isoformat(),
+            **({"price_time": quote.source_time.isoformat()} if quote.source_time else {}),
             "close_side": closing,
             "quantity": decimal_str(qty.quantity),
             "remaining_before": decimal_str(op.remaining_quantity),
@@ -686,7 +687,8 @@ def _submit_and_place(operation_id: int, token: str, exchange, *, now: datetime,
                 "quantity": decimal_str(request.quantity),
             }, token)
         append_events(op, version, [event], source=source, venue=exchange.venue, now=now)
-    decisions = [Decision("submitted", op.pk, op.client_id, symbol, token, event.event_type, source=source)]
+    decisions = [Decision("submitted", op.pk, op.client_id, symbol, token, event.event_type, source=source,
+                          detail=f"MARKET {request.side} {decimal_str(request.quantity)} client order id {token}")]
     try:
         result = exchange.place_market_order(request)
     except OrderOutcomeUnknown as exc:

@@ -25,7 +25,11 @@ from typing import Iterable, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Quote:
-    """Best bid/ask of one symbol at ``observed_at`` (UTC). Sizes in the base asset."""
+    """Best bid/ask of one symbol at ``observed_at`` (UTC). Sizes in the base asset.
+
+    ``source_time`` is when the market printed this price, when it differs from when we
+    observed it: the recorded candle's time (UTC) for the replay exchange; None for live venues.
+    """
 
     symbol: str
     bid: Decimal
@@ -33,6 +37,7 @@ class Quote:
     bid_qty: Decimal
     ask_qty: Decimal
     observed_at: datetime
+    source_time: datetime | None = None
 
 
 @dataclass(frozen=True)

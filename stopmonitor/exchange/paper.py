@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
@@ -67,7 +68,7 @@ class PaperExchange:
         self.calls: list[tuple[str, tuple]] = []
         self.script: list[Scripted] = []
         self.slippage_bps = slippage_bps
-        self._ids = itertools.count(1000)
+        self._ids = itertools.count(time.time_ns() // 1_000_000)  # distinct across one-pass processes
         self._now = now
         self.track_balances = balances is not None
 

@@ -93,8 +93,18 @@ class ReplayExchange(PaperExchange):
         return min(len(p) for p in self.paths.values())
 
     def clock(self) -> datetime:
-        """Replay time: the epoch plus 15 s per path point."""
+        """Now, UTC: events and executions are stamped with real time; the recorded candle's time
+        travels as each quote's ``source_time`` (and ``price_time`` in ``STOP_TRIGGERED``)."""
+        return self._now or datetime.now(timezone.utc)
+
+    def replay_time(self) -> datetime:
+        """Position in the recording on one common clock: the epoch plus 15 s per path point."""
         return self.epoch + timedelta(seconds=POINT_SECONDS * self.cursor)
+
+    @property
+    def at_end(self) -> bool:
+        """True when the last recorded observation is being played."""
+        return self.cursor + 1 >= self.length
 
     def market_time(self, symbol: str) -> datetime:
         """Real candle open time (UTC) of the current point of ``symbol``."""
@@ -116,6 +126,14 @@ class ReplayExchange(PaperExchange):
     def _publish(self) -> None:
         now = self.clock()
         for symbol, points in self.paths.items():
-            price = points[min(self.cursor, len(points) - 1)].price
+            point = points[min(self.cursor, len(points) - 1)]
+            offset = timedelta(seconds=POINT_SECONDS * (self.cursor % 4))
             step = self.steps[symbol]
-            self.quotes[symbol] = Quote(symbol, price, price + step, Decimal("1000000"), Decimal("1000000"), now)
+            self.quotes[symbol] = Quote(symbol, point.price, point.price + step, Decimal("1000000"), Decimal("1000000"),
+                                        now, source_time=point.candle_time + offset)
+
+    def book_tickers(self, symbols):
+        """The current recorded observation, stamped as observed now (a one-pass process reads it fresh)."""
+        now = self.clock()
+        self.quotes = {s: replace(q, observed_at=now) for s, q in self.quotes.items()}
+        return super().book_tickers(symbols)

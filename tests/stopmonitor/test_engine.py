@@ -161,7 +161,8 @@ def test_timeout_with_order_at_exchange_is_reconciled_without_second_order(paper
     summary, _ = run(paper, at=NOW + timedelta(seconds=31))
     assert len(paper.order_requests) == 1
     assert types(op)[-4:] == ["EXECUTION_SUBMITTED", "RECONCILED", "EXECUTED", "OPERATION_CLOSED"]
-    assert stream(op)[-3][1] == {"found": True, "exchange_status": "FILLED", "order_id": 1000}
+    order_id = paper.orders[paper.order_requests[0].client_order_id].exchange_order_id
+    assert stream(op)[-3][1] == {"found": True, "exchange_status": "FILLED", "order_id": order_id}
     assert refresh(op).status == "CLOSED"
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+from datetime import datetime, timedelta
 from decimal import Decimal as D
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 
-from stopmonitor.exchange.replay import DEFAULT_FILES, POINT_SECONDS, ReplayExchange, candle_path
+from stopmonitor.exchange.replay import DEFAULT_FILES, POINT_SECONDS, candle_path
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +39,6 @@ def test_replay_demo_fires_each_level_at_the_first_crossing_candle():
 
     out = StringIO()
     call_command("replay_demo", "--quiet", stdout=out)
-    epoch = ReplayExchange().epoch
     ops = list(Operation.objects.order_by("pk"))
     assert len(ops) == len(DEMO_OPERATIONS)
     fired = 0
@@ -56,7 +56,9 @@ def test_replay_demo_fires_each_level_at_the_first_crossing_candle():
         fired += 1
         assert trig.payload["trigger"] == kind
         assert D(trig.payload["observed_price"]) == observed
-        assert trig.payload["quote_time"] == (epoch + __import__("datetime").timedelta(seconds=POINT_SECONDS * index)).isoformat()
+        # the recorded candle and leg that crossed: candle open time + 15 s per leg (O, L/H, H/L, C)
+        leg_time = datetime.fromisoformat(candle_time.replace("Z", "+00:00")) + timedelta(seconds=POINT_SECONDS * (index % 4))
+        assert trig.payload["price_time"] == leg_time.isoformat()
         assert op.status == "CLOSED" and op.closed_quantity == D(qty)
         executed = StopMonitorEvent.objects.get(operation=op, event_type="EXECUTED")
         assert executed.venue == "paper" and D(executed.payload["executed_qty"]) == D(qty)

@@ -26,7 +26,8 @@ class Command(BaseCommand):
         parser.add_argument("--loop", action="store_true", help="run passes until SIGTERM (Deployment mode)")
         parser.add_argument("--interval", type=float, default=60.0, help="seconds between pass starts in --loop")
         parser.add_argument("--dry-run", action="store_true", help="evaluate and print; append and place nothing")
-        parser.add_argument("--json", action="store_true", help="one JSON line per decision and a summary line")
+        parser.add_argument("--json", action="store_true",
+                            help="one JSON line per decision and a summary line (the default outside development)")
         parser.add_argument("--venue", choices=["binance", "binance-testnet", "paper", "replay"],
                             help="override EXCHANGE_VENUE (replay/paper refused in production)")
         parser.add_argument("--max-passes", type=int, default=0, help="stop --loop after N passes (0 = no limit)")
@@ -44,14 +45,26 @@ class Command(BaseCommand):
 
         if opts["interval"] <= 0:
             raise CommandError("--interval must be a positive number of seconds")
+        if opts["max_passes"] < 0:
+            raise CommandError("--max-passes must be 0 (no limit) or a positive number")
+        if not 0 <= opts["metrics_port"] <= 65535:
+            raise CommandError("--metrics-port must be between 1 and 65535 (0 = off)")
+        if not opts["loop"] and (opts["metrics_port"] or opts["max_passes"]):
+            raise CommandError("--metrics-port and --max-passes only apply with --loop")
         venue = opts["venue"]
         if venue in ("paper", "replay") and settings.ENVIRONMENT == "production":
             raise CommandError(f"--venue {venue} is not allowed in production")
         source = "loop" if opts["loop"] else "cron"
-        as_json = opts["json"]
+        # outside development (LOG_FORMAT=json) every line is JSON: decisions go through the decision
+        # logger (with its level and time), the summary is printed; --json prints decisions itself
+        json_logs = getattr(settings, "LOG_FORMAT", "text") == "json"
+        as_json = opts["json"] or json_logs
+        log_decisions = json_logs and not opts["json"]
         out = self.stdout
 
         def emit(decision):
+            if log_decisions:
+                return  # the decision logger writes its JSON line
             if as_json:
                 emit_json(out, decision.as_dict())
             else:
@@ -79,8 +92,8 @@ class Command(BaseCommand):
         while True:
             started = time.monotonic()
             try:
-                # with --json the printed line is the decision's JSON line: not logged a second time
-                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit, log_decisions=not as_json,
+                # each decision is written once: printed here, or logged as a JSON line by run_pass
+                summary = run_pass(exchange, source=source, dry_run=opts["dry_run"], emit=emit, log_decisions=log_decisions,
                                    use_lock=not opts["no_pass_lock"])
             except PassError as exc:
                 if not opts["loop"]:
@@ -96,14 +109,16 @@ class Command(BaseCommand):
                 else:
                     s = summary
                     out.write(
-                        f"pass: watched={s.watched} symbols={s.symbols} triggered={s.triggered} executed={s.executed} "
+                        f"{'dry-run pass (nothing written or sent)' if s.dry_run else 'pass'}: watched={s.watched} symbols={s.symbols} triggered={s.triggered} executed={s.executed} "
                         f"partial={s.partially_executed} failed={s.failed} unknown={s.unknown} blocked={s.blocked} "
                         f"reconciled={s.reconciled} venue={s.venue} {s.duration_s:.3f}s"
                     )
             passes += 1
             advance = getattr(exchange, "advance", None)
-            if callable(advance):  # replay: the next pass sees the next recorded observation
-                advance()
+            if callable(advance) and not opts["dry_run"]:  # replay: the next pass sees the next observation
+                if not advance():
+                    self.stderr.write("replay: the recording has ended; passes keep seeing its last prices "
+                                      "(clear the cache key stopmonitor:replay:cursor to start over)")
             if not opts["loop"] or stop["now"] or (opts["max_passes"] and passes >= opts["max_passes"]):
                 break
             while not stop["now"] and time.monotonic() - started < opts["interval"]:

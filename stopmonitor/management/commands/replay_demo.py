@@ -67,8 +67,9 @@ class Command(BaseCommand):
                                       D(target) if target else None, source="manual", venue=exchange.venue,
                                       now=exchange.clock()))
         out = self.stdout
-        out.write(f"replay: {exchange.length} observations of {', '.join(exchange.paths)}; tenant {tenant.name}; "
-                  f"{len(ops)} operations")
+        out.write(f"replay: {exchange.length} observations of {', '.join(exchange.paths)} played side by side "
+                  f"(BTCUSDT 2018-04-28, ADAUSDT 2020-04-24; times below are the recorded candles'); "
+                  f"tenant {tenant.name}; {len(ops)} operations; venue paper: simulated fills, no real orders")
         engine = EngineSettings.from_settings()
 
         def emit(d):
@@ -83,7 +84,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         steps = 0
         while True:
-            run_pass(exchange, source="loop", emit=emit, engine=engine, use_lock=False)
+            run_pass(exchange, source="loop", emit=emit, engine=engine, use_lock=False, log_decisions=False)
             steps += 1
             if (opts["max_steps"] and steps >= opts["max_steps"]) or not exchange.advance():
                 break
