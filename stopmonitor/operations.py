@@ -30,11 +30,16 @@ class StateConflict(Exception):
     """The operation's status does not allow the change (CLOSING, CLOSED, CANCELLED)."""
 
 
-def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target: Decimal | None) -> None:
-    """A long's stop below the entry and target above it; a short's the mirror. Raises :class:`LevelError`."""
+def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target: Decimal | None,
+                 tick_size: Decimal | None = None) -> None:
+    """A long's stop below the entry and target above it; a short's the mirror; each level a
+    multiple of the symbol's tickSize (PRICE_FILTER) when known. Raises :class:`LevelError`."""
     for name, value in (("stop_price", stop), ("target_price", target)):
         if value is not None and value <= 0:
             raise LevelError(name, f"{name} must be positive")
+        if value is not None and tick_size and tick_size > 0 and value % tick_size != 0:
+            raise LevelError(name, f"{name} {decimal_str(value)} is not a multiple of the symbol's tickSize "
+                                   f"{decimal_str(tick_size)}")
     if entry is None:
         return
     if side == "BUY":
@@ -56,7 +61,7 @@ def open_operation(client, symbol, side: str, quantity: Decimal, entry_price: De
     Raises :class:`LevelError`. Commits."""
     from api.models import Operation
 
-    check_levels(side, entry_price, stop_price, target_price)
+    check_levels(side, entry_price, stop_price, target_price, symbol.tick_size)
     now = now or datetime.now(timezone.utc)
     with transaction.atomic():
         op = Operation.objects.create(client=client, symbol=symbol, side=side, quantity=quantity,
@@ -87,7 +92,7 @@ def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_
         if op.status not in ("ACTIVE", "PLANNED"):
             raise StateConflict(f"operation {op.pk} is {op.status}: its levels cannot change")
         check_levels(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,
-                     target_price if target_price is not None else op.target_price)
+                     target_price if target_price is not None else op.target_price, op.symbol.tick_size)
         events = []
         if stop_price is not None and stop_price != op.stop_price:
             if op.stop_price is None:

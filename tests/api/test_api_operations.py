@@ -179,7 +179,8 @@ def test_retrieve_with_latest_execution(alice, open_op, paper):
         "symbol": "BTCUSDT", "attempt": 2, "trigger": "MANUAL", "status": "EXECUTED", "side": "SELL",
         "trigger_price": "9200.00000000", "observed_price": "9100.00000000", "requested_quantity": "0.50000000",
         "executed_quantity": "0.50000000", "avg_fill_price": "9100.00000000", "commission": "4.55000000",
-        "commission_asset": "USDT", "slippage_pct": "1.08700000", "exchange_order_id": 1000,
+        "commission_asset": "USDT", "slippage_pct": "1.08700000",
+        "exchange_order_id": paper.orders[latest["execution_token"]].exchange_order_id,
         "exchange_status": "FILLED", "error_code": None, "error_message": "", "source": "api", "venue": "paper",
         "last_version": 7, "created_at": iso(NOW), "updated_at": iso(NOW), "submitted_at": iso(NOW),
     }
@@ -272,7 +273,7 @@ def test_close_executes_through_the_engine_once(alice, open_op, paper):
         {"action": "triggered", "execution_token": token, "event_type": "STOP_TRIGGERED", "reason": "MANUAL",
          "detail": "level 9200 observed 9100 qty 0.5"},
         {"action": "submitted", "execution_token": token, "event_type": "EXECUTION_SUBMITTED", "reason": None,
-         "detail": ""},
+         "detail": f"MARKET SELL 0.5 client order id {token}"},
         {"action": "executed", "execution_token": token, "event_type": "EXECUTED", "reason": None,
          "detail": "executed 0.5 at 9100"},
     ]
