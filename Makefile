@@ -27,3 +27,8 @@ test: $(VENV)/.installed
 ## bench: the monitor-pass benchmark on PostgreSQL
 bench: $(VENV)/.installed
 	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/python bench/bench_pass.py
+
+## bench-api: GET /api/v1/operations/ under gunicorn gevent workers (wrk if installed): latency, SQL per request
+.PHONY: bench-api
+bench-api: $(VENV)/.installed
+	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/python bench/bench_api.py
