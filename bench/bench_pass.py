@@ -117,5 +117,41 @@ def main() -> None:
           "exchange requests are in-process paper calls (network latency would widen the gap)")
 
 
+def process_startup(runs: int = 5) -> None:
+    """Whole-process time of `monitor_stops` with nothing to do, against Django's own set-up and
+    Django + python-binance imports measured in the same run (medians of ``runs``)."""
+    import subprocess
+
+    env = {**os.environ, "EXCHANGE_VENUE": "binance-testnet", "BINANCE_API_KEY": "k" * 16,
+           "BINANCE_API_SECRET": "s" * 16, "DJANGO_SETTINGS_MODULE": "config.settings", "LOG_LEVEL": "WARNING"}
+    commands = {
+        "python -c 'django.setup()'": [sys.executable, "-c", "import django; django.setup()"],
+        "django.setup() + import binance.client": [sys.executable, "-c",
+                                                    "import django; django.setup(); import binance.client"],
+        "manage.py monitor_stops (empty database)": [sys.executable, "manage.py", "monitor_stops", "--json"],
+    }
+    empty = {**env, "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/stopmonitor_bench_empty"}
+    import psycopg
+
+    admin = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS stopmonitor_bench_empty")
+        conn.execute("CREATE DATABASE stopmonitor_bench_empty")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=empty, check=True)
+    print("\nwhole process, median of", runs, "runs:")
+    baseline = None
+    for label, argv in commands.items():
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run(argv, cwd=ROOT, env=empty, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            times.append(time.perf_counter() - t)
+        median = statistics.median(times)
+        baseline = baseline or median
+        print(f"  {label:<45} {median:6.3f} s  ({median / baseline:.2f}x django.setup)")
+    print(f"  load average: {os.getloadavg()[0]:.2f}")
+
+
 if __name__ == "__main__":
     main()
+    process_startup()

@@ -17,6 +17,7 @@ Two kinds of numbers:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import threading
 from datetime import datetime, timezone
 
@@ -113,7 +114,9 @@ def record_pass(summary, *, error: str = "", finished_at: datetime | None = None
     fields = ("watched", "symbols", "triggered", "executed", "partially_executed", "failed", "unknown", "blocked",
               "reconciled", "skipped", "exchange_requests")
     try:
-        with transaction.atomic():  # a savepoint inside a caller's transaction: a failure here never poisons it
+        # inside a caller's transaction a savepoint keeps a failure here from poisoning it; in autocommit
+        # (a pass) the INSERT is its own statement: no BEGIN/COMMIT round trips
+        with transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext():
             MonitorPass.objects.create(
                 finished_at=finished_at,
                 started_at=summary.started_at,
