@@ -15,53 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from scratch import ScratchDB
 
-ROOT = Path(__file__).resolve().parents[1]
 DB = "bench_backfill"
-
-
-def admin_url() -> str:
-    return os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-
-
-def db_url(name: str) -> str:
-    parts = urlsplit(admin_url())
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def recreate() -> None:
-    with psycopg.connect(admin_url(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DB}"')
-
-
-def drop() -> None:
-    with psycopg.connect(admin_url(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-
-
-def manage(*args: str) -> tuple[int, float, float, str]:
-    """Run ``manage.py args`` on the bench database; returns (status, seconds, peak RSS MB, stdout tail)."""
-    env = {**os.environ, "DATABASE_URL": db_url(DB), "DEBUG": "false"}
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, seconds, usage.ru_maxrss / 1024, out.strip().splitlines()[-1] if out.strip() else ""
+SCRATCH = ScratchDB(DB)
 
 
 def seed(rows: int) -> None:
-    with psycopg.connect(db_url(DB), autocommit=True) as conn:
+    with psycopg.connect(SCRATCH.url, autocommit=True) as conn:
         client = conn.execute("INSERT INTO api_client (name, created_at) VALUES ('bench', now()) RETURNING id").fetchone()[0]
         symbol = conn.execute(
             "INSERT INTO api_symbol (symbol, base_asset, quote_asset, tick_size, is_active, updated_at) "
@@ -76,7 +39,7 @@ def seed(rows: int) -> None:
 
 
 def counts() -> tuple[int, int]:
-    with psycopg.connect(db_url(DB)) as conn:
+    with psycopg.connect(SCRATCH.url) as conn:
         done = conn.execute("SELECT count(*) FROM api_operation WHERE stop_price IS NOT NULL").fetchone()[0]
         events = conn.execute("SELECT count(*) FROM api_stopmonitorevent").fetchone()[0]
     return done, events
@@ -97,19 +60,19 @@ def main() -> None:
     try:
         for rows in args.rows:
             for batch_size in args.batch_size:
-                recreate()
-                code, _, _, _ = manage("migrate", "-v0")
+                SCRATCH.recreate()
+                code, _, _, _ = SCRATCH.run("migrate", "-v0")
                 assert code == 0, "migrate failed"
                 seed(rows)
-                code, seconds, rss, _ = manage("backfill_stop_price", "--batch-size", str(batch_size),
+                code, seconds, rss, _ = SCRATCH.run("backfill_stop_price", "--batch-size", str(batch_size),
                                                "--progress-interval", "3600")
                 done, events = counts()
-                vcode, vseconds, vrss, _ = manage("rebuild_projections", "--verify")
+                vcode, vseconds, vrss, _ = SCRATCH.run("rebuild_projections", "--verify")
                 print(f"{rows:>9} {batch_size:>6} {seconds:>8.1f} {done / seconds:>7.0f} {events:>8} {rss:>11.0f} "
                       f"{vseconds:>8.1f} {vrss:>10.0f}  backfill exit {code}, updated {done}, verify exit {vcode}; "
                       f"{load()}", flush=True)
     finally:
-        drop()
+        SCRATCH.drop()
 
 
 if __name__ == "__main__":

@@ -17,49 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from scratch import ScratchDB
 
-ROOT = Path(__file__).resolve().parents[1]
 DB = "bench_rebuild"
-
-
-def admin_url() -> str:
-    return os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-
-
-def db_url(name: str) -> str:
-    return urlunsplit(urlsplit(admin_url())._replace(path=f"/{name}"))
-
-
-def recreate() -> None:
-    with psycopg.connect(admin_url(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DB}"')
-
-
-def drop() -> None:
-    with psycopg.connect(admin_url(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-
-
-def run_child(*args: str) -> tuple[int, float, float, str]:
-    """Run ``manage.py args`` on the bench database: (status, seconds, the child's peak RSS MB from ``wait4``, last stdout line)."""
-    env = {**os.environ, "DATABASE_URL": db_url(DB), "DEBUG": "false"}
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    lines = out.strip().splitlines()
-    return proc.returncode, seconds, usage.ru_maxrss / 1024, lines[-1] if lines else ""
+SCRATCH = ScratchDB(DB)
 
 
 SEED_EVENTS = """
@@ -91,7 +54,7 @@ ORDER BY k, o.id
 
 
 def seed(executions: int) -> None:
-    with psycopg.connect(db_url(DB), autocommit=True) as conn:
+    with psycopg.connect(SCRATCH.url, autocommit=True) as conn:
         client = conn.execute("INSERT INTO api_client (name, created_at) VALUES ('bench', now()) RETURNING id").fetchone()[0]
         symbol = conn.execute(
             "INSERT INTO api_symbol (symbol, base_asset, quote_asset, tick_size, is_active, updated_at) "
@@ -106,7 +69,7 @@ def seed(executions: int) -> None:
 
 
 def count(sql: str) -> int:
-    with psycopg.connect(db_url(DB)) as conn:
+    with psycopg.connect(SCRATCH.url) as conn:
         return conn.execute(sql).fetchone()[0]
 
 
@@ -123,19 +86,19 @@ def main() -> None:
           f"{'rebuild2 s':>10} {'RSS MB':>6}  status", flush=True)
     try:
         for events in args.events:
-            recreate()
-            code, *_ = run_child("migrate", "-v0")
+            SCRATCH.recreate()
+            code, *_ = SCRATCH.run("migrate", "-v0")
             assert code == 0, "migrate failed"
             seed(events // 4)
             n_events = count("SELECT count(*) FROM api_stopmonitorevent")
-            rcode, rsec, rrss, _ = run_child("rebuild_projections")
+            rcode, rsec, rrss, _ = SCRATCH.run("rebuild_projections")
             rows = count("SELECT count(*) FROM api_stopmonitorexecution")
-            vcode, vsec, vrss, _ = run_child("rebuild_projections", "--verify")
-            r2code, r2sec, r2rss, _ = run_child("rebuild_projections")
+            vcode, vsec, vrss, _ = SCRATCH.run("rebuild_projections", "--verify")
+            r2code, r2sec, r2rss, _ = SCRATCH.run("rebuild_projections")
             print(f"{n_events:>9} {rows:>7} {rsec:>9.1f} {rrss:>6.0f} {vsec:>8.1f} {vrss:>6.0f} {r2sec:>10.1f} "
                   f"{r2rss:>6.0f}  exits rebuild {rcode} verify {vcode} rebuild {r2code}; {load()}", flush=True)
     finally:
-        drop()
+        SCRATCH.drop()
 
 
 if __name__ == "__main__":
