@@ -1,8 +1,10 @@
-"""Custom migration operations: append-only trigger and concurrent, self-repairing index builds."""
+"""Custom migration operations: append-only trigger, concurrent (self-repairing) index builds and drops, UUIDv7 in SQL."""
 
 from __future__ import annotations
 
 from django.db import migrations
+
+from stopmonitor.events import UUID7_SQL_FUNCTION
 
 APPEND_ONLY_FUNCTION = """
 CREATE OR REPLACE FUNCTION stopmonitor_event_append_only() RETURNS trigger AS $$
@@ -114,3 +116,118 @@ class AddIndexConcurrentlyRepairing(migrations.AddIndex):
 
     def describe(self):
         return f"Create index {self.index.name} concurrently (repairing an INVALID one) on {self.model_name}"
+
+
+class RemoveIndexConcurrently(migrations.RemoveIndex):
+    """``RemoveIndex`` that on PostgreSQL drops ``CONCURRENTLY IF EXISTS`` under a ``lock_timeout``,
+    so a large table keeps taking writes; backwards it builds the index again concurrently.
+    The migration using it must set ``atomic = False``. On SQLite it is a plain ``DROP INDEX``.
+    """
+
+    def __init__(self, model_name, name, lock_timeout: str = "5s"):
+        super().__init__(model_name, name)
+        self.lock_timeout = lock_timeout
+
+    def deconstruct(self):
+        name, args, kwargs = super().deconstruct()
+        kwargs["lock_timeout"] = self.lock_timeout
+        return name, args, kwargs
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        model = from_state.apps.get_model(app_label, self.model_name)
+        if not self.allow_migrate_model(schema_editor.connection.alias, model):
+            return
+        if schema_editor.connection.vendor != "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
+        schema_editor.execute("RESET lock_timeout")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        model = to_state.apps.get_model(app_label, self.model_name)
+        if not self.allow_migrate_model(schema_editor.connection.alias, model):
+            return
+        index = to_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
+        if schema_editor.connection.vendor != "postgresql":
+            schema_editor.add_index(model, index)
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.add_index(model, index, concurrently=True)
+        schema_editor.execute("RESET lock_timeout")
+
+    def describe(self):
+        return f"Drop index {self.name} concurrently from {self.model_name}"
+
+
+
+class DropIndexByNameConcurrently(migrations.operations.base.Operation):
+    """Drops the index ``name`` of ``table`` (one Django created for a foreign key, say) without
+    changing the migration state: ``CONCURRENTLY IF EXISTS`` under a ``lock_timeout`` on PostgreSQL,
+    plain on SQLite. Backwards it builds ``name`` on ``columns`` again (concurrently on PostgreSQL).
+    Pair it with a state-only ``AlterField(db_index=False)`` in ``SeparateDatabaseAndState`` where
+    ``AlterField`` itself would drop and re-add (re-validate) a foreign key. Needs ``atomic = False``.
+    """
+
+    reversible = True
+
+    def __init__(self, table: str, name: str, columns: list[str], lock_timeout: str = "5s"):
+        self.table, self.name, self.columns, self.lock_timeout = table, name, columns, lock_timeout
+
+    def deconstruct(self):
+        return (self.__class__.__name__, [],
+                {"table": self.table, "name": self.name, "columns": self.columns, "lock_timeout": self.lock_timeout})
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            schema_editor.execute(f'DROP INDEX IF EXISTS "{self.name}"')
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
+        schema_editor.execute("RESET lock_timeout")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        columns = ", ".join(f'"{c}"' for c in self.columns)
+        if schema_editor.connection.vendor != "postgresql":
+            schema_editor.execute(f'CREATE INDEX IF NOT EXISTS "{self.name}" ON "{self.table}" ({columns})')
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self.name}" ON "{self.table}" ({columns})')
+        schema_editor.execute("RESET lock_timeout")
+
+    def describe(self):
+        return f"Drop index {self.name} of {self.table} concurrently"
+
+# RFC 9562 UUID version 7 in SQL (the function :data:`stopmonitor.events.UUID7_SQL_FUNCTION`), for events appended set-based (``append_many``): the first 48
+# bits are the Unix time in milliseconds (clock_timestamp), then version 7 and random bits; the
+# same layout as ``uuid6.uuid7`` (the model's default for events appended one by one). Time-ordered
+# ids land at the right edge of the unique index instead of at random pages of it.
+_CREATE_UUID7 = f"""
+CREATE OR REPLACE FUNCTION {UUID7_SQL_FUNCTION}() RETURNS uuid LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+  SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) PLACING
+    substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6),
+    52, 1), 53, 1), 'hex')::uuid
+$$"""
+
+
+class CreateUUID7Function(migrations.operations.base.Operation):
+    """Creates (backwards: drops) :data:`UUID7_SQL_FUNCTION` on PostgreSQL; nothing on SQLite."""
+
+    reversible = True
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(_CREATE_UUID7)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(f"DROP FUNCTION IF EXISTS {UUID7_SQL_FUNCTION}()")
+
+    def describe(self):
+        return f"Create SQL function {UUID7_SQL_FUNCTION}() (UUID version 7)"

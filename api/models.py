@@ -7,12 +7,12 @@ trigger from migration 0015 refuses UPDATE and DELETE, and the ORM methods refus
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from uuid6 import uuid7
 
 
 def money_field(**kwargs):
@@ -150,11 +150,15 @@ class StopMonitorEvent(models.Model):
     """
 
     sequence = models.BigAutoField(primary_key=True)
-    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="events")
+    event_id = models.UUIDField(default=uuid7, unique=True, editable=False)
+    # the (operation, version) unique index serves lookups by operation: no index of its own
+    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="events", db_index=False)
     version = models.PositiveIntegerField()
     event_type = models.CharField(max_length=32)
-    tenant = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="events")
+    # copied from the operation by the one writer (the operation's own foreign key guards it):
+    # no constraint check per event, and the (tenant, sequence) index serves the feed
+    tenant = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="events", db_index=False,
+                               db_constraint=False)
     symbol = models.CharField(max_length=20)
     execution_token = models.CharField(max_length=36, null=True, blank=True)
     source = models.CharField(max_length=12)
@@ -167,8 +171,13 @@ class StopMonitorEvent(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["operation", "version"], name="event_stream_version_uniq")]
         indexes = [
-            models.Index(fields=["execution_token"], name="event_exec_token_idx"),
-            models.Index(fields=["tenant", "event_type", "created_at"], name="event_tenant_type_time_idx"),
+            # the fold and reconcile look events up by token; most events (level changes) have none
+            models.Index(fields=["execution_token"], name="event_token_idx", condition=Q(execution_token__isnull=False)),
+            # /events/?after=SEQ for one tenant
+            models.Index(fields=["tenant", "sequence"], name="event_tenant_seq_idx"),
+            # the per-tenant executions-per-minute/hour guard counts recent triggers
+            models.Index(fields=["tenant", "created_at"], name="event_tenant_trigger_idx",
+                         condition=Q(event_type="STOP_TRIGGERED")),
         ]
 
     def save(self, *args, **kwargs):
@@ -268,7 +277,9 @@ class CircuitBreakerState(models.Model):
 class Outbox(models.Model):
     """One event waiting to be published to RabbitMQ (written in the event's transaction)."""
 
-    event = models.OneToOneField(StopMonitorEvent, on_delete=models.PROTECT, related_name="outbox")
+    # written from the inserted event in the same statement, and events are never deleted
+    # (invariant 8): the unique index stays, the per-row constraint check at commit does not
+    event = models.OneToOneField(StopMonitorEvent, on_delete=models.PROTECT, related_name="outbox", db_constraint=False)
     operation_id_ref = models.BigIntegerField()
     routing_key = models.CharField(max_length=120)
     created_at = models.DateTimeField()

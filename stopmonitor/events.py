@@ -158,7 +158,8 @@ def append_stage() -> str:
     return APPEND_STAGE
 
 
-def append_many(items=(), *, source: str, venue: str, now: datetime, staged: bool = False) -> int:
+def append_many(items=(), *, source: str, venue: str, now: datetime, staged: bool = False,
+                relation: str | None = None) -> int:
     """Append to many streams at once: ``items`` is ``[(operation, expected_version, [NewEvent…])]``.
 
     The bulk form of :func:`append_events` for set-based writers (``backfill_stop_price``):
@@ -166,7 +167,9 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
     (global sequence drawn under the append lock, so sequence order is still commit order) and
     one of their outbox rows. With ``staged=True`` (PostgreSQL) the events are the rows the caller
     put in :func:`append_stage` in this transaction, not ``items``: that lets a caller compute
-    payloads in SQL and never bring them to Python.
+    payloads in SQL and never bring them to Python. ``relation`` (with ``staged=True``) names
+    another relation with the staging table's columns to read the events from instead — a
+    temporary view over the caller's own table saves copying the rows; it is left as it is.
 
     Same transaction rules and guarantees as :func:`append_events`; raises
     :class:`ConcurrencyConflict` naming every stream that moved, writing nothing — its ``moved``
@@ -187,7 +190,9 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
         return sum(len(evs) for _, _, evs in items)
     if not staged and not items:
         return 0
-    stage = append_stage()
+    if relation is not None and not staged:
+        raise RuntimeError("append_many(relation=...) needs staged=True")
+    stage = relation or append_stage()
     if not staged:
         raw = connection.connection  # the psycopg connection, inside Django's transaction
         with raw.cursor() as cur, cur.copy(
@@ -200,7 +205,7 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
                     copy.write_row((op.pk, version, i, e.event_type, op.client_id, symbol, e.execution_token,
                                     json.dumps(e.payload)))
     try:
-        return _append_staged(stage, source=source, venue=venue, now=now)
+        return _append_staged(stage, source=source, venue=venue, now=now, keep=relation is not None)
     except ConcurrencyConflict:
         if not staged:
             with connection.cursor() as cursor:
@@ -208,7 +213,7 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
         raise
 
 
-def _append_staged(stage: str, *, source: str, venue: str, now: datetime) -> int:
+def _append_staged(stage: str, *, source: str, venue: str, now: datetime, keep: bool = False) -> int:
     """The set-based append of the rows of ``stage`` (see :func:`append_many`), on PostgreSQL."""
     from api.models import Outbox, StopMonitorEvent
 
@@ -237,7 +242,7 @@ def _append_staged(stage: str, *, source: str, venue: str, now: datetime) -> int
                     f"WITH ins AS ("
                     f" INSERT INTO {events} (event_id, operation_id, version, event_type, tenant_id, symbol, "
                     f"  execution_token, source, venue, payload, created_at)"
-                    f" SELECT gen_random_uuid(), operation_id, expected_version + ord, event_type, tenant_id, symbol,"
+                    f" SELECT {UUID7_SQL_FUNCTION}(), operation_id, expected_version + ord, event_type, tenant_id, symbol,"
                     f"  execution_token, %(source)s, %(venue)s, payload, %(now)s"
                     f" FROM {stage} ORDER BY operation_id, ord"
                     f" RETURNING sequence, operation_id, event_type, tenant_id, symbol, execution_token"
@@ -251,11 +256,16 @@ def _append_staged(stage: str, *, source: str, venue: str, now: datetime) -> int
                 total, projected = cursor.fetchone()
         except IntegrityError as exc:
             raise ConcurrencyConflict("a version was taken by a concurrent writer") from exc
-        cursor.execute(f"TRUNCATE {stage}")
+        if not keep:
+            cursor.execute(f"TRUNCATE {stage}")
     if projected:
         _project(StopMonitorEvent.objects.filter(sequence__in=projected).order_by("sequence"))
     return total
 
+
+# the SQL function that makes a set-based append's event ids: UUID version 7 like the model's
+# default (``uuid6.uuid7``); created by migration 0020 (:class:`api.db_operations.CreateUUID7Function`)
+UUID7_SQL_FUNCTION = "stopmonitor_uuid7"
 
 # :func:`routing_key` in SQL, over the columns of an inserted event
 _ROUTING_KEY_SQL = "'stop.' || event_type || '.' || tenant_id || '.' || symbol"

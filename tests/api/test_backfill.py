@@ -615,3 +615,31 @@ def test_append_many_writes_events_and_outbox_rows_or_nothing_on_a_moved_stream(
     with transaction.atomic():  # the staging table was emptied: a corrected retry writes only its own events
         assert append_many([(b, 1, [NewEvent("TARGET_SET", {})])], source="backfill", venue="paper", now=now) == 1
     assert event_count() == 4
+
+
+def test_event_ids_are_time_ordered_uuid7_from_the_bulk_and_the_single_append(legacy):
+    """Migration 0020: set-based appends draw ids from ``stopmonitor_uuid7()``, single appends from
+    ``uuid6.uuid7``; both are version 7 (RFC 9562) with the append's millisecond in the first 48 bits."""
+    import time
+    import uuid
+    from datetime import datetime, timezone
+
+    from django.db import transaction
+
+    from api.models import StopMonitorEvent
+    from stopmonitor.events import append_events, append_many
+    from stopmonitor.execution import NewEvent
+
+    a, b = legacy(), legacy(symbol="ADAUSDT", entry="0.3852")
+    now = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)
+    before_ms = int(time.time() * 1000)
+    with transaction.atomic():
+        append_many([(a, 0, [NewEvent("STOP_SET", {"stop_price": "9000"})])], source="backfill", venue="paper", now=now)
+    with transaction.atomic():
+        append_events(b, 0, [NewEvent("STOP_SET", {"stop_price": "0.3"})], source="api", venue="paper", now=now)
+    after_ms = int(time.time() * 1000)
+    ids = list(StopMonitorEvent.objects.order_by("sequence").values_list("event_id", flat=True))
+    assert [i.version for i in ids] == [7, 7]
+    assert [i.variant for i in ids] == [uuid.RFC_4122, uuid.RFC_4122]
+    millis = [i.int >> 80 for i in ids]
+    assert before_ms - 1 <= millis[0] <= millis[1] <= after_ms + 1

@@ -3,6 +3,7 @@ the event table append-only, and nothing left for makemigrations."""
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from io import StringIO
 
@@ -149,3 +150,66 @@ def test_event_table_refuses_update_and_delete_even_in_raw_sql():
     with pytest.raises(PermissionError):
         StopMonitorEvent.objects.filter(operation=op).delete()
     assert list(StopMonitorEvent.objects.values_list("event_type", flat=True)) == ["STOP_SET"]
+
+
+def event_indexes() -> dict[str, str]:
+    with connection.cursor() as cur:
+        cur.execute("SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'api_stopmonitorevent'::regclass")
+        return dict(cur.fetchall())
+
+
+def foreign_keys(table: str) -> set[str]:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass",
+                    [table])
+        return {row[0] for row in cur.fetchall()}
+
+
+@pg_only
+@pytest.mark.django_db
+def test_sqlmigrate_0020_changes_indexes_concurrently_and_never_revalidates_a_foreign_key():
+    out = StringIO()
+    call_command("sqlmigrate", "api", "0020", stdout=out)
+    sql = out.getvalue()
+    for name in ("event_token_idx", "event_tenant_seq_idx", "event_tenant_trigger_idx"):
+        assert f'CREATE INDEX CONCURRENTLY "{name}"' in sql
+    for name in ("event_exec_token_idx", "event_tenant_type_time_idx", "api_stopmonitorevent_operation_id_ba39ecd4",
+                 "api_stopmonitorevent_tenant_id_43281414"):
+        assert f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"' in sql
+    assert "ADD CONSTRAINT" not in sql  # adding a foreign key would scan the whole event table under lock
+    assert "BEGIN;" not in sql
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_migration_0020_back_to_0019_and_forward_again():
+    after = {
+        "api_stopmonitorevent_pkey", "api_stopmonitorevent_event_id_key", "event_stream_version_uniq",
+        "event_token_idx", "event_tenant_seq_idx", "event_tenant_trigger_idx",
+    }
+    assert set(event_indexes()) == after
+    assert 'WHERE (execution_token IS NOT NULL)' in event_indexes()["event_token_idx"]
+    assert "WHERE ((event_type)::text = 'STOP_TRIGGERED'::text)" in event_indexes()["event_tenant_trigger_idx"]
+    assert foreign_keys("api_stopmonitorevent") == {
+        "FOREIGN KEY (operation_id) REFERENCES api_operation(id) DEFERRABLE INITIALLY DEFERRED"}
+    assert foreign_keys("api_outbox") == set()
+
+    migrate_to(("api", "0019_monitor_pass"))
+    assert set(event_indexes()) == {
+        "api_stopmonitorevent_pkey", "api_stopmonitorevent_event_id_key", "event_stream_version_uniq",
+        "event_exec_token_idx", "event_tenant_type_time_idx", "api_stopmonitorevent_operation_id_ba39ecd4",
+        "api_stopmonitorevent_tenant_id_43281414",
+    }
+    assert len(foreign_keys("api_stopmonitorevent")) == 2
+    assert len(foreign_keys("api_outbox")) == 1
+    with connection.cursor() as cur:
+        cur.execute("SELECT to_regprocedure('stopmonitor_uuid7()')")
+        assert cur.fetchone()[0] is None
+
+    migrate_to(("api", "0020_event_store_write_path"))
+    assert set(event_indexes()) == after
+    with connection.cursor() as cur:
+        cur.execute("SELECT stopmonitor_uuid7()::text")
+        made = cur.fetchone()[0]
+    assert uuid.UUID(made).version == 7

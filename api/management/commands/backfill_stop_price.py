@@ -204,7 +204,8 @@ def plan_operation(op) -> tuple[Change | None, list[tuple[str, Skip]]]:
 # -- PostgreSQL: the set-based batch ---------------------------------------------------------------
 
 BATCH_TABLE = "stopmonitor_backfill_batch"  # the locked rows of the current batch (temporary, emptied at commit)
-_BATCH_TABLE_DDL = f"""
+EVENTS_VIEW = "stopmonitor_backfill_events"  # the events of its ``ok`` rows (:func:`_events_view_sql`)
+_BATCH_TABLE_DDL_TEMPLATE = f"""
 DO $$ BEGIN
   IF to_regclass('pg_temp.{BATCH_TABLE}') IS NULL THEN
     CREATE TEMPORARY TABLE {BATCH_TABLE} (
@@ -212,6 +213,9 @@ DO $$ BEGIN
       target_pct numeric, stop_price numeric, target_price numeric, tick numeric, version integer,
       new_stop numeric, new_target numeric, state text NOT NULL
     ) ON COMMIT DELETE ROWS;
+  END IF;
+  IF to_regclass('pg_temp.{EVENTS_VIEW}') IS NULL THEN
+    EXECUTE $view$ {{events_view}} $view$;
   END IF;
 END $$"""
 
@@ -281,27 +285,30 @@ SELECT (SELECT count(*) FROM cand), (SELECT max(id) FROM cand),
 """
 
 
-def _stage_events_sql() -> str:
-    """Step 3 of :meth:`Backfill._batch_sql`: the STOP_SET/TARGET_SET events of the ``ok`` rows into
-    :func:`stopmonitor.events.append_stage` (``{stage}``). Payload values as :func:`decimal_str`
-    writes them: ``trim_scale(x)::text`` (numeric prints fixed-point, never an exponent)."""
+def _events_view_sql() -> str:
+    """Step 3 of :meth:`Backfill._batch_sql`: a temporary view of the STOP_SET/TARGET_SET events of
+    the ``ok`` rows of the batch table, with the columns of :func:`stopmonitor.events.append_stage`,
+    read by ``append_many(relation=…)`` (no copy of the rows). Payload values as
+    :func:`decimal_str` writes them: ``trim_scale(x)::text`` (numeric prints fixed-point, never an
+    exponent)."""
     parts = []
     for n, (_, price_field, pct_field, event_type) in enumerate(LEVELS):
         new, pct = ("new_stop", "stop_pct") if price_field == "stop_price" else ("new_target", "target_pct")
         # the stop comes first: the target is the stream's second event when there is a stop too
         ord_ = "1" if n == 0 else "CASE WHEN new_stop IS NULL THEN 1 ELSE 2 END"
         parts.append(
-            f"SELECT id, version, {ord_}, '{event_type}', tenant_id, symbol, NULL, "
+            f"SELECT id, version, {ord_}, '{event_type}'::varchar, tenant_id, symbol, NULL::varchar, "
             f"jsonb_build_object('{price_field}', trim_scale({new})::text, '{pct_field}', trim_scale({pct})::text, "
             f"'entry_price', trim_scale(entry)::text, 'tick_size', trim_scale(tick)::text, "
             f"'rounding', 'towards_entry') "
             f"FROM {BATCH_TABLE} WHERE state = 'ok' AND {new} IS NOT NULL"
         )
-    return ("INSERT INTO {stage} (operation_id, expected_version, ord, event_type, tenant_id, symbol, "
-            "execution_token, payload) " + " UNION ALL ".join(parts))
+    return (f"CREATE TEMPORARY VIEW {EVENTS_VIEW} (operation_id, expected_version, ord, event_type, tenant_id, "
+            f"symbol, execution_token, payload) AS " + " UNION ALL ".join(parts))
 
 
-_STAGE_EVENTS_SQL = _stage_events_sql()
+# the batch table and its events view, created once per session
+_BATCH_TABLE_DDL = _BATCH_TABLE_DDL_TEMPLATE.replace("{events_view}", _events_view_sql())
 
 
 def _update_levels_sql() -> str:
@@ -453,7 +460,7 @@ class Backfill:
         Returns ``(candidates looked at, the last candidate id)``."""
         from django.db import connection, transaction
 
-        from stopmonitor.events import ConcurrencyConflict, append_many, append_stage
+        from stopmonitor.events import ConcurrencyConflict, append_many
 
         now = datetime.now(timezone.utc)
         skips: list[tuple[int, str | None, str, str]] = []
@@ -498,11 +505,9 @@ class Backfill:
                         levels["target_price"] = (new_target, target_pct)
                     would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
             elif n_ok:
-                stage = append_stage()
-                cursor.execute(_STAGE_EVENTS_SQL.format(stage=stage))
                 while True:
                     try:
-                        append_many(staged=True, source="backfill", venue=self.venue, now=now)
+                        append_many(staged=True, relation=EVENTS_VIEW, source="backfill", venue=self.venue, now=now)
                         break
                     except ConcurrencyConflict as exc:  # those streams moved: skip them, append the rest
                         moved = getattr(exc, "moved", None)
@@ -512,7 +517,6 @@ class Backfill:
                         skips.extend((pk, None, CONFLICT, f"operation {pk}: stream at version {moved[pk][0]}, "
                                                           f"expected {moved[pk][1]}") for pk in ids)
                         cursor.execute(f"UPDATE {BATCH_TABLE} SET state = 'conflict' WHERE id = ANY(%s)", [ids])
-                        cursor.execute(f"DELETE FROM {stage} WHERE operation_id = ANY(%s)", [ids])
                 cursor.execute(_update_levels_sql(), [now])
                 written = cursor.fetchone()
             if self.batch_sleep:
