@@ -86,12 +86,29 @@ TEMPLATES = [
     }
 ]
 
-# Database: DATABASE_URL or RBS_PG_*. CONN_MAX_AGE=0: one connection per request, closed at
-# its end, so gunicorn workers x greenlets never hold more than they use (see README).
+# Database: DATABASE_URL or RBS_PG_*. CONN_MAX_AGE=0: a connection is released when the request
+# (or command) ends. In the web workers docker/gunicorn.conf.py sets DB_POOL_MAX_SIZE to
+# worker_connections: each worker process then keeps a psycopg pool of at most that many
+# connections (a request takes one at its first query and gives it back at its end), so a pod
+# still holds at most workers x worker_connections connections, without one connection set-up
+# (a PostgreSQL backend start, ~5 ms of server CPU) per request. Everything else (commands,
+# Celery, tests) opens and closes its own connection. See docker/README.md.
 DATABASES = {"default": dj_database_url.parse(CONFIG.database_url, conn_max_age=0)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    DATABASES["default"].setdefault("OPTIONS", {})
-    DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", 5)
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options.setdefault("connect_timeout", 5)
+    # sessions start in UTC (what Django wants with USE_TZ): no SET TIME ZONE after each connect
+    _options.setdefault("options", "-c TimeZone=UTC")
+    _pool_max_size = decouple_config("DB_POOL_MAX_SIZE", default=0, cast=int)
+    if _pool_max_size > 0:
+        _options["pool"] = {
+            "min_size": min(2, _pool_max_size),
+            "max_size": _pool_max_size,
+            "timeout": 10,  # s a request waits for a connection (only when all max_size are busy)
+            "max_idle": 300,  # s before a connection above min_size is closed
+        }
+        # a pooled connection that died (database restart, idle timeout) is replaced, not handed out
+        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"]["TEST"] = {"NAME": decouple_config("TEST_DATABASE_NAME", default="test_stopmonitor")}
 
 # Cache: Redis when configured (shared by every pod: rate-limit bans, clock offset, filters);

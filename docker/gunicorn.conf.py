@@ -20,11 +20,15 @@ Why gevent, no preload, and how database connections stay bounded
       its wait function at import time (``psycopg.waiting`` uses the select-based one only when
       it sees ``select`` patched by gevent) — an unpatched psycopg blocks the whole worker on
       every query. This file imports nothing from Django or psycopg for the same reason.
-    * Settings use ``CONN_MAX_AGE=0``: a request opens at most one connection and closes it when
-      it ends; nothing is pooled or kept per greenlet. The gevent worker serves at most
-      ``worker_connections`` requests at once (its greenlet pool size), so one pod holds at most
+    * Each worker keeps one psycopg pool (Django's ``OPTIONS["pool"]``) of at most
+      ``worker_connections`` connections: this file exports ``DB_POOL_MAX_SIZE`` for the settings.
+      A request takes a connection at its first query and gives it back when it ends; nothing is
+      kept per greenlet. The gevent worker serves at most ``worker_connections`` requests at once
+      (its greenlet pool size), so no request waits for the pool and one pod holds at most
       ``workers x worker_connections`` PostgreSQL connections whatever the number of concurrent
-      clients — extra clients wait in the listen backlog, they do not open connections.
+      clients — extra clients wait in the listen backlog, they do not open connections. psycopg
+      and psycopg_pool are imported after gevent's patches, so their waits (socket, lock,
+      condition) yield to the other greenlets.
       Defaults: 2 x 50 = 100 per pod. With PostgreSQL's default ``max_connections=100`` that is
       already too much for 2 replicas plus the monitor, migrate and Celery, so set
       ``GUNICORN_DB_CONNECTION_BUDGET`` (the k8s ConfigMap sets 40: 2 pods x 40 = 80, leaving 20
@@ -69,6 +73,10 @@ if _budget > 0 and workers * worker_connections > _budget:
         f"GUNICORN_DB_CONNECTION_BUDGET={_budget}; worker_connections lowered to {_capped}\n"
     )
     worker_connections = _capped
+
+# each worker keeps a psycopg pool of at most worker_connections connections (config/settings.py):
+# the greenlet cap stays the connection cap, and requests no longer open a connection each
+os.environ["DB_POOL_MAX_SIZE"] = str(worker_connections)
 
 timeout = _int("GUNICORN_TIMEOUT", 30)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 25)
@@ -130,7 +138,7 @@ def on_starting(server):
         sys.stderr.flush()
         os._exit(EX_CONFIG)
     server.log.info(
-        "stopmonitor web: %s gevent worker(s) x %s connections = at most %s database connections (CONN_MAX_AGE=0)",
+        "stopmonitor web: %s gevent worker(s) x %s connections = at most %s database connections (pooled)",
         workers,
         worker_connections,
         workers * worker_connections,

@@ -187,13 +187,16 @@ def test_database_connections_stay_bounded_under_200_concurrent_requests(migrate
     )
     bound = workers * per_worker
     seen: list[int] = []
+    backends: set[int] = set()
     stop = threading.Event()
 
     def sample():
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
             while not stop.is_set():
-                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (DB_NAME,)).fetchone()
-                seen.append(row[0])
+                pids = [row[0] for row in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", (DB_NAME,)).fetchall()]
+                seen.append(len(pids))
+                backends.update(pids)
                 time.sleep(0.002)
 
     with gunicorn(env, tmp_path) as (proc, port, out, err):
@@ -208,12 +211,14 @@ def test_database_connections_stay_bounded_under_200_concurrent_requests(migrate
             sampler.join(timeout=10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0
-    print(f"max concurrent connections seen: {max(seen)} (bound {bound})")
+    print(f"max concurrent connections seen: {max(seen)} (bound {bound}); {len(backends)} backends in all")
     assert results == [200] * 200
     assert seen and max(seen) <= bound, f"max {max(seen)} connections > {bound}"
     # greenlets really interleave on database I/O (psycopg imported after gevent's patches):
     # more connections at once than there are worker processes
     assert max(seen) > workers, f"max {max(seen)} concurrent connections: psycopg blocks the gevent loop?"
+    # each worker's pool reuses its connections: 200 requests, not 200 backends
+    assert len(backends) <= bound, f"{len(backends)} backends for 200 requests: connections are not pooled"
 
 
 # --------------------------------------------------------------------------- doctor and entrypoint

@@ -1,0 +1,45 @@
+"""The database settings of each kind of process: pooled in gunicorn workers, one connection elsewhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {
+    "PATH": "/usr/bin:/bin",
+    "ENVIRONMENT": "development",
+    "DATABASE_URL": "postgres://u:p@db:5432/stop",
+    "DJANGO_SETTINGS_MODULE": "config.settings",
+}
+
+
+def database_settings(**extra: str) -> dict:
+    """``settings.DATABASES["default"]`` as a fresh process sees it with ``extra`` in its environment."""
+    code = ("import json, django; from django.conf import settings; django.setup(); "
+            "print(json.dumps(settings.DATABASES['default'], default=str))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, **extra},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_commands_and_celery_open_their_own_connection_in_utc():
+    db = database_settings()
+    assert db["CONN_MAX_AGE"] == 0
+    assert "pool" not in db["OPTIONS"]
+    # the session starts in UTC: Django sends no SET TIME ZONE after connecting
+    assert db["OPTIONS"]["options"] == "-c TimeZone=UTC"
+
+
+@pytest.mark.parametrize("size, min_size", [pytest.param("50", 2, id="defaults"), pytest.param("1", 1, id="one")])
+def test_gunicorn_workers_get_a_pool_as_large_as_their_greenlet_cap(size, min_size):
+    # docker/gunicorn.conf.py exports DB_POOL_MAX_SIZE = worker_connections
+    db = database_settings(DB_POOL_MAX_SIZE=size)
+    assert db["OPTIONS"]["pool"] == {"min_size": min_size, "max_size": int(size), "timeout": 10, "max_idle": 300}
+    assert db["CONN_MAX_AGE"] == 0  # Django's pool requires it: a request gives its connection back at its end
+    assert db["CONN_HEALTH_CHECKS"] is True
