@@ -11,7 +11,7 @@ unknown outcome stays SUBMITTED until reconciled (invariant 3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -102,6 +102,38 @@ def _dec(value) -> Decimal | None:
     return None if value is None or value == "" else Decimal(str(value))
 
 
+# The fold builds its states without the frozen dataclass ``__init__``: that ``__init__`` sets each
+# of the 26 fields through ``object.__setattr__``, and ``dataclasses.replace`` reads every field
+# and calls it again, which made them most of the cost of folding a million events. A state made
+# here is an ordinary ``ExecutionState`` (frozen, same ``__eq__``/``__hash__``/``repr``); the
+# checks below keep the one guarantee ``__init__`` and ``replace`` gave: every field, and no other.
+_FIELD_NAMES = frozenset(f.name for f in fields(ExecutionState))
+_FIELD_COUNT = len(_FIELD_NAMES)
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _state(values: dict[str, Any]) -> ExecutionState:
+    """``ExecutionState(**values)``; ``values`` (taken, not copied) must name every field and nothing else."""
+    if values.keys() != _FIELD_NAMES:
+        raise TypeError(f"ExecutionState fields: missing {sorted(_FIELD_NAMES - values.keys())}, "
+                        f"unknown {sorted(values.keys() - _FIELD_NAMES)}")
+    state = _new_object(ExecutionState)
+    _set_attribute(state, "__dict__", values)
+    return state
+
+
+def _evolve(state: ExecutionState, changes: dict[str, Any]) -> ExecutionState:
+    """``dataclasses.replace(state, **changes)``: a new state; ``TypeError`` on a name that is not a field."""
+    values = state.__dict__.copy()
+    values.update(changes)
+    if len(values) != _FIELD_COUNT:
+        raise TypeError(f"not ExecutionState fields: {sorted(changes.keys() - _FIELD_NAMES)}")
+    new = _new_object(ExecutionState)
+    _set_attribute(new, "__dict__", values)
+    return new
+
+
 def apply(state: ExecutionState | None, event: StoredEvent) -> ExecutionState | None:
     """Fold ``event`` into the execution it belongs to; returns the new state.
 
@@ -111,69 +143,70 @@ def apply(state: ExecutionState | None, event: StoredEvent) -> ExecutionState | 
     if event.execution_token is None:
         return state
     p = event.payload
-    if event.event_type == STOP_TRIGGERED:
-        return ExecutionState(
-            execution_token=event.execution_token,
-            operation_id=event.operation_id,
-            tenant_id=event.tenant_id,
-            symbol=event.symbol,
-            attempt=int(p["attempt"]),
-            trigger=p["trigger"],
-            status="TRIGGERED",
-            side=p["close_side"],
-            trigger_price=_dec(p.get("level")),
-            observed_price=_dec(p.get("observed_price")),
-            requested_quantity=_dec(p.get("quantity")),
-            executed_quantity=None,
-            avg_fill_price=None,
-            commission=None,
-            commission_asset="",
-            slippage_pct=None,
-            exchange_order_id=None,
-            exchange_status="",
-            error_code=None,
-            error_message="",
-            source=event.source,
-            venue=event.venue,
-            last_version=event.version,
-            created_at=event.created_at,
-            updated_at=event.created_at,
-            submitted_at=None,
-        )
+    event_type = event.event_type
+    if event_type == STOP_TRIGGERED:
+        return _state({
+            "execution_token": event.execution_token,
+            "operation_id": event.operation_id,
+            "tenant_id": event.tenant_id,
+            "symbol": event.symbol,
+            "attempt": int(p["attempt"]),
+            "trigger": p["trigger"],
+            "status": "TRIGGERED",
+            "side": p["close_side"],
+            "trigger_price": _dec(p.get("level")),
+            "observed_price": _dec(p.get("observed_price")),
+            "requested_quantity": _dec(p.get("quantity")),
+            "executed_quantity": None,
+            "avg_fill_price": None,
+            "commission": None,
+            "commission_asset": "",
+            "slippage_pct": None,
+            "exchange_order_id": None,
+            "exchange_status": "",
+            "error_code": None,
+            "error_message": "",
+            "source": event.source,
+            "venue": event.venue,
+            "last_version": event.version,
+            "created_at": event.created_at,
+            "updated_at": event.created_at,
+            "submitted_at": None,
+        })
     if state is None:
-        raise ValueError(f"{event.event_type} v{event.version} for {event.execution_token} before STOP_TRIGGERED")
-    common = {"last_version": event.version, "updated_at": event.created_at}
-    if event.event_type == EXECUTION_SUBMITTED:
-        return replace(
-            state, status="SUBMITTED", requested_quantity=_dec(p.get("quantity")), submitted_at=event.created_at, **common
-        )
-    if event.event_type in (EXECUTED, PARTIALLY_EXECUTED):
-        return replace(
-            state,
-            status=event.event_type,
-            executed_quantity=_dec(p.get("executed_qty")),
-            avg_fill_price=_dec(p.get("avg_price")),
-            commission=_dec(p.get("commission")),
-            commission_asset=(p.get("commission_asset") or "")[:COMMISSION_ASSET_MAX],
-            slippage_pct=_dec(p.get("slippage_pct")),
-            exchange_order_id=p.get("order_id"),
-            exchange_status=p.get("exchange_status", ""),
-            **common,
-        )
-    if event.event_type == FAILED:
-        return replace(
-            state,
-            status="FAILED",
-            error_code=p.get("code"),
-            error_message=(p.get("message") or "")[:300],
-            exchange_order_id=p.get("order_id", state.exchange_order_id),
-            exchange_status=p.get("exchange_status", state.exchange_status),
-            executed_quantity=_dec(p.get("executed_qty")) if "executed_qty" in p else state.executed_quantity,
-            **common,
-        )
-    if event.event_type == RECONCILED and p.get("resubmitted"):
-        return replace(state, status="SUBMITTED", submitted_at=event.created_at, **common)
-    return replace(state, **common)
+        raise ValueError(f"{event_type} v{event.version} for {event.execution_token} before STOP_TRIGGERED")
+    if event_type == EXECUTION_SUBMITTED:
+        return _evolve(state, {"status": "SUBMITTED", "requested_quantity": _dec(p.get("quantity")),
+                               "submitted_at": event.created_at,
+                               "last_version": event.version, "updated_at": event.created_at})
+    if event_type == EXECUTED or event_type == PARTIALLY_EXECUTED:
+        return _evolve(state, {
+            "status": event_type,
+            "executed_quantity": _dec(p.get("executed_qty")),
+            "avg_fill_price": _dec(p.get("avg_price")),
+            "commission": _dec(p.get("commission")),
+            "commission_asset": (p.get("commission_asset") or "")[:COMMISSION_ASSET_MAX],
+            "slippage_pct": _dec(p.get("slippage_pct")),
+            "exchange_order_id": p.get("order_id"),
+            "exchange_status": p.get("exchange_status", ""),
+            "last_version": event.version,
+            "updated_at": event.created_at,
+        })
+    if event_type == FAILED:
+        return _evolve(state, {
+            "status": "FAILED",
+            "error_code": p.get("code"),
+            "error_message": (p.get("message") or "")[:300],
+            "exchange_order_id": p.get("order_id", state.exchange_order_id),
+            "exchange_status": p.get("exchange_status", state.exchange_status),
+            "executed_quantity": _dec(p.get("executed_qty")) if "executed_qty" in p else state.executed_quantity,
+            "last_version": event.version,
+            "updated_at": event.created_at,
+        })
+    if event_type == RECONCILED and p.get("resubmitted"):
+        return _evolve(state, {"status": "SUBMITTED", "submitted_at": event.created_at,
+                               "last_version": event.version, "updated_at": event.created_at})
+    return _evolve(state, {"last_version": event.version, "updated_at": event.created_at})
 
 
 def fold(events) -> dict[str, ExecutionState]:
