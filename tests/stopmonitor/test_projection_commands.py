@@ -213,3 +213,34 @@ def test_streamed_rebuild_and_verify_match_the_in_memory_fold_across_chunks(clos
         (tokens[short.pk], "last_version", 99)]
     assert projections.rebuild(short.pk) == 1
     assert projections.verify() == []
+
+
+def test_streamed_events_carry_the_payloads_the_orm_reads(open_op):
+    """The rebuild reads payloads as ``payload::text`` and decodes them itself: the same dicts as the
+    ORM's (unicode, escapes, nesting, big and negative integers, floats, booleans, null, empty)."""
+    from django.db import transaction
+
+    from api.models import StopMonitorEvent
+    from stopmonitor import projections
+    from stopmonitor.events import append_events, to_stored
+    from stopmonitor.execution import NewEvent
+
+    op = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    head = StopMonitorEvent.objects.filter(operation_id=op.pk).count()
+    trigger = {"attempt": 1, "trigger": "STOP_LOSS", "close_side": "SELL", "level": "9200", "quantity": "0.5",
+               "note": "café \u20ac \U0001F600 \"quoted\" back\\slash\ttab\nline \u0001", "nested": {"a": [1, {"b": None}]}}
+    failed = {"code": -2010, "message": "Account has insufficient balance — ünïcode", "order_id": 2**62 + 1,
+              "ratio": 0.1, "big": 12345678901234567890, "definite": True, "fills": [], "meta": {}}
+    with transaction.atomic():
+        append_events(op, head, [NewEvent("STOP_TRIGGERED", trigger, "tok-payloads"),
+                                 NewEvent("FAILED", failed, "tok-payloads"), NewEvent("STOP_MOVED", {"x": 1})],
+                      source="cron", venue="paper", now=NOW)
+    orm = [to_stored(e) for e in StopMonitorEvent.objects.filter(execution_token="tok-payloads").order_by("sequence")]
+    with transaction.atomic():
+        streamed = list(projections._events(op.pk))
+    assert streamed == orm
+    assert [e.payload for e in streamed] == [trigger, failed]
+    assert streamed[1].payload["order_id"] == 4611686018427387905 and type(streamed[1].payload["ratio"]) is float
+    (state,) = projections._fold(op.pk)
+    assert (state.status, state.error_code, state.error_message, state.exchange_order_id, state.last_version) == (
+        "FAILED", -2010, "Account has insufficient balance — ünïcode", 4611686018427387905, head + 2)
