@@ -8,6 +8,7 @@ error rather than a silently ignored change.
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Mapping
 from decimal import Decimal
 
@@ -211,6 +212,69 @@ class OperationSerializer(serializers.ModelSerializer):
             "entry_price", "stop_price", "target_price", "stop_execution_token", "created_at", "updated_at",
         ]
         read_only_fields = fields
+
+    #: ``QuerySet.values()`` of a listed operation: :meth:`represent_values` renders these rows
+    VALUES = ("id", "client_id", "symbol__symbol", "side", "status", "quantity", "closed_quantity", "entry_price",
+              "stop_price", "target_price", "stop_execution_token", "created_at", "updated_at")
+
+    @classmethod
+    def represent_values(cls, rows) -> list[dict]:
+        """``cls(operations, many=True).data`` from ``QuerySet.values(*cls.VALUES)`` rows: the same dicts
+        (same keys in ``Meta.fields`` order, same strings), without a model instance and a pass through
+        every DRF field per row — the bulk of a 50-row list's CPU (``bench/bench_api.py``).
+        ``tests/api/test_api_operations.py`` compares both for every field."""
+        money, moment = _money_text, _moment_text()
+        out = []
+        for r in rows:
+            quantity, closed = r["quantity"], r["closed_quantity"]
+            out.append({
+                "id": r["id"],
+                "client": r["client_id"],
+                "symbol": r["symbol__symbol"],
+                "side": r["side"],
+                "status": r["status"],
+                "quantity": money(quantity),
+                "closed_quantity": money(closed),
+                # Operation.remaining_quantity
+                "remaining_quantity": money(max(quantity - (closed or _ZERO), _ZERO)),
+                "entry_price": money(r["entry_price"]),
+                "stop_price": money(r["stop_price"]),
+                "target_price": money(r["target_price"]),
+                "stop_execution_token": r["stop_execution_token"],
+                "created_at": moment(r["created_at"]),
+                "updated_at": moment(r["updated_at"]),
+            })
+        return out
+
+
+_ZERO = Decimal("0")
+_EIGHT_PLACES = Decimal("1e-8")
+_MONEY_CONTEXT = decimal.Context(prec=20, rounding=decimal.ROUND_HALF_EVEN)  # DecimalField(20, 8)'s quantize
+
+
+def _money_text(value: Decimal | None) -> str | None:
+    """A money column as DRF's ``DecimalField(max_digits=20, decimal_places=8)`` renders it: 8 decimals."""
+    if value is None:
+        return None
+    return f"{value.quantize(_EIGHT_PLACES, context=_MONEY_CONTEXT):f}"
+
+
+def _moment_text():
+    """DRF's ``DateTimeField`` rendering (ISO 8601 in the current time zone, ``Z`` for UTC) as a function."""
+    field = serializers.DateTimeField()
+    tz = field.default_timezone()
+    if tz is None:  # USE_TZ off: DRF's own path
+        return lambda value: None if value is None else field.to_representation(value)
+
+    def moment(value):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return field.to_representation(value)
+        text = value.astimezone(tz).isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+    return moment
 
 
 class OperationDetailSerializer(OperationSerializer):

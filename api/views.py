@@ -160,6 +160,13 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
     def get_serializer_class(self):
         return OperationDetailSerializer if self.action == "retrieve" else OperationSerializer
 
+    def list(self, request, *args, **kwargs):
+        # the columns of a listed operation as dicts, rendered without model instances (the cursor
+        # pagination reads ``id`` from a dict as well); the body equals OperationSerializer's
+        rows = self.filter_queryset(self.get_queryset()).values(*OperationSerializer.VALUES)
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(OperationSerializer.represent_values(page))
+
     def _detail(self, pk: int, status_code=status.HTTP_200_OK, headers=None) -> Response:
         op = Operation.objects.select_related("symbol").get(pk=pk)
         return Response(OperationDetailSerializer(op).data, status=status_code, headers=headers)

@@ -144,6 +144,30 @@ def test_list_with_invalid_cursor_is_not_found(alice):
     assert (r.status_code, r.json()) == (404, error("not_found", "Invalid cursor"))
 
 
+def test_list_rows_render_exactly_as_the_operation_serializer(alice, open_op):
+    """The list renders ``.values()`` rows by hand (OperationSerializer.represent_values); every field
+    of every kind of row must equal what the ModelSerializer makes of the instance."""
+    from api.serializers import OperationSerializer
+
+    open_op(alice.tenant)  # no target, nothing closed
+    open_op(alice.tenant, "ETHUSDT", "SELL", "1.23456789", entry="2000.01", stop="2100.99", target="1900.5")
+    partly = open_op(alice.tenant, "ADAUSDT", "BUY", "40", entry="0.35", stop="0.3412", target="0.4")
+    Operation.objects.filter(pk=partly.pk).update(closed_quantity=D("12.5"), status="CLOSING",
+                                                  stop_execution_token="sm1-S1-0123456789abcdef")
+    # the columns' extremes; closed beyond the quantity (remaining stays 0); no levels at all
+    Operation.objects.create(client=alice.tenant, symbol=partly.symbol, side="BUY", status="CLOSED",
+                             quantity=D("0.00001"), closed_quantity=D("0.00002"),
+                             entry_price=D("999999999999.99999999"), stop_price=D("0.00000001"))
+    Operation.objects.create(client=alice.tenant, symbol=partly.symbol, side="SELL", quantity=D("3"))
+    queryset = Operation.objects.filter(client=alice.tenant).order_by("-id")
+    expected = OperationSerializer(queryset.select_related("symbol"), many=True).data
+    got = OperationSerializer.represent_values(queryset.values(*OperationSerializer.VALUES))
+    assert len(got) == 5
+    assert [list(row) for row in got] == [OperationSerializer.Meta.fields] * 5
+    assert got == [dict(row) for row in expected]
+    assert alice.api.get(URL).json()["results"] == got
+
+
 def test_list_query_count_does_not_grow_with_rows(alice, open_op, django_assert_max_num_queries):
     for _ in range(30):
         open_op(alice.tenant)
