@@ -53,6 +53,56 @@ class AppendOnlyTrigger(migrations.operations.base.Operation):
         return f"Refuse UPDATE and DELETE on {self.table} (PostgreSQL trigger)"
 
 
+KEEP_REFERENCED_FUNCTION = """
+CREATE OR REPLACE FUNCTION stopmonitor_operation_keeps_its_events() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.id = OLD.id THEN
+        RETURN NEW;
+    END IF;
+    IF EXISTS (SELECT 1 FROM api_stopmonitorevent WHERE operation_id = OLD.id) THEN
+        RAISE EXCEPTION 'operation % has events: % refused (the event store keeps its operations, invariant 8)',
+            OLD.id, TG_OP USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END;
+$$ LANGUAGE plpgsql;
+"""
+
+
+class OperationKeepsItsEvents(migrations.operations.base.Operation):
+    """On PostgreSQL, a row trigger on ``api_operation`` that refuses to DELETE an operation, or
+    change its id, while events refer to it: what the event's foreign key constraint enforced on
+    that side, checked once per (rare) delete instead of once per appended event at commit.
+
+    The other side — no event for an operation that does not exist — holds by construction: events
+    are written only by ``stopmonitor.events`` for an operation row the writer has read (and
+    locked) in the same transaction. Django's ``on_delete=PROTECT`` still guards ORM deletes.
+    """
+
+    reduces_to_sql = True
+    reversible = True
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(KEEP_REFERENCED_FUNCTION, params=None)
+        schema_editor.execute(
+            'CREATE TRIGGER "api_operation_keeps_its_events" BEFORE DELETE OR UPDATE OF id ON "api_operation" '
+            "FOR EACH ROW EXECUTE FUNCTION stopmonitor_operation_keeps_its_events()"
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute('DROP TRIGGER IF EXISTS "api_operation_keeps_its_events" ON "api_operation"')
+        schema_editor.execute("DROP FUNCTION IF EXISTS stopmonitor_operation_keeps_its_events()")
+
+    def describe(self):
+        return "Refuse DELETE of an operation that has events (PostgreSQL trigger)"
+
 class AddIndexConcurrentlyRepairing(migrations.AddIndex):
     """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.
 

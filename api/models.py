@@ -151,8 +151,11 @@ class StopMonitorEvent(models.Model):
 
     sequence = models.BigAutoField(primary_key=True)
     event_id = models.UUIDField(default=uuid7, unique=True, editable=False)
-    # the (operation, version) unique index serves lookups by operation: no index of its own
-    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="events", db_index=False)
+    # the (operation, version) unique index serves lookups by operation: no index of its own; no
+    # constraint check per event either: the one writer appends for an operation row it has locked,
+    # and a trigger refuses to delete an operation that has events (migration 0020)
+    operation = models.ForeignKey(Operation, on_delete=models.PROTECT, related_name="events", db_index=False,
+                                  db_constraint=False)
     version = models.PositiveIntegerField()
     event_type = models.CharField(max_length=32)
     # copied from the operation by the one writer (the operation's own foreign key guards it):

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.migrations.executor import MigrationExecutor
-from django.db.utils import InternalError, ProgrammingError
+from django.db.utils import IntegrityError, InternalError, ProgrammingError
 
 pg_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL behaviour")
 
@@ -191,8 +191,7 @@ def test_migration_0020_back_to_0019_and_forward_again():
     assert set(event_indexes()) == after
     assert 'WHERE (execution_token IS NOT NULL)' in event_indexes()["event_token_idx"]
     assert "WHERE ((event_type)::text = 'STOP_TRIGGERED'::text)" in event_indexes()["event_tenant_trigger_idx"]
-    assert foreign_keys("api_stopmonitorevent") == {
-        "FOREIGN KEY (operation_id) REFERENCES api_operation(id) DEFERRABLE INITIALLY DEFERRED"}
+    assert foreign_keys("api_stopmonitorevent") == set()
     assert foreign_keys("api_outbox") == set()
 
     migrate_to(("api", "0019_monitor_pass"))
@@ -204,8 +203,9 @@ def test_migration_0020_back_to_0019_and_forward_again():
     assert len(foreign_keys("api_stopmonitorevent")) == 2
     assert len(foreign_keys("api_outbox")) == 1
     with connection.cursor() as cur:
-        cur.execute("SELECT to_regprocedure('stopmonitor_uuid7()')")
-        assert cur.fetchone()[0] is None
+        cur.execute("SELECT to_regprocedure('stopmonitor_uuid7()'), "
+                    "to_regprocedure('stopmonitor_operation_keeps_its_events()')")
+        assert cur.fetchone() == (None, None)
 
     migrate_to(("api", "0020_event_store_write_path"))
     assert set(event_indexes()) == after
@@ -213,3 +213,31 @@ def test_migration_0020_back_to_0019_and_forward_again():
         cur.execute("SELECT stopmonitor_uuid7()::text")
         made = cur.fetchone()[0]
     assert uuid.UUID(made).version == 7
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_an_operation_with_events_cannot_be_deleted_or_renumbered_one_without_can():
+    """Migration 0020's trigger: the guard the event's foreign key gave, on the operation's side."""
+    from datetime import datetime, timezone
+
+    from api.models import Client, Operation, StopMonitorEvent, Symbol
+    from stopmonitor.events import append_events
+    from stopmonitor.execution import NewEvent
+
+    client = Client.objects.create(name="t")
+    symbol = Symbol.objects.create(symbol="BTCUSDT", base_asset="BTC", quote_asset="USDT", tick_size=Decimal("0.01"))
+    kept, bare = (Operation.objects.create(client=client, symbol=symbol, side="BUY", quantity=Decimal("1"),
+                                           entry_price=Decimal("100"), status="ACTIVE") for _ in range(2))
+    with transaction.atomic():
+        append_events(kept, 0, [NewEvent("STOP_SET", {"stop_price": "90"})], source="api", venue="paper",
+                      now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    for sql in ("DELETE FROM api_operation WHERE id = %s", "UPDATE api_operation SET id = id + 1000 WHERE id = %s"):
+        with pytest.raises(IntegrityError, match=f"operation {kept.pk} has events"), transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute(sql, [kept.pk])
+    with connection.cursor() as cur:  # a level change on the same row is no concern of the trigger
+        cur.execute("UPDATE api_operation SET stop_price = 95 WHERE id = %s", [kept.pk])
+        cur.execute("DELETE FROM api_operation WHERE id = %s", [bare.pk])
+    assert list(Operation.objects.values_list("pk", "stop_price")) == [(kept.pk, Decimal("95"))]
+    assert StopMonitorEvent.objects.filter(operation_id=kept.pk).count() == 1
