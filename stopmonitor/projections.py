@@ -24,6 +24,7 @@ from stopmonitor.execution import ExecutionState, StoredEvent, apply, state_fiel
 
 CHUNK = 5000  # events per fetch from the server-side cursor, and folded rows per write or comparison
 
+_STAGE = "stopmonitor_projection_stage"  # rebuild's temporary table, dropped before it returns
 _JSON = json.JSONDecoder()  # json.loads's decoder (no hooks): payloads decode to the dicts the ORM gives
 _EVENT_COLUMNS = ("operation_id", "tenant_id", "symbol", "version", "event_type", "execution_token", "source",
                   "venue", "payload", "created_at")
@@ -132,6 +133,7 @@ def verify(operation_id: int | None = None) -> list[Difference]:
         if outermost and connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        values = attrgetter(*names)
         for chunk in _chunks(_fold(operation_id)):
             stored = {row[0]: row for row in _stored_rows([state.execution_token for state in chunk])}
             for state in chunk:
@@ -139,8 +141,10 @@ def verify(operation_id: int | None = None) -> list[Difference]:
                 if row is None:
                     diffs.append(Difference(state.execution_token, "<missing>", None, state.status))
                     continue
-                for name, value in zip(names, row):
-                    rebuilt = getattr(state, name)
+                rebuilt_row = values(state)
+                if row == rebuilt_row:  # one comparison in C for the usual, equal row; field by field otherwise
+                    continue
+                for name, value, rebuilt in zip(names, row, rebuilt_row):
                     if value != rebuilt:
                         diffs.append(Difference(state.execution_token, name, value, rebuilt))
         events = StopMonitorEvent.objects.filter(execution_token=OuterRef("execution_token"))
@@ -170,44 +174,62 @@ def _stored_rows(tokens: list[str]) -> list[tuple]:
 
 
 def rebuild(operation_id: int | None = None) -> int:
-    """Replace the projection (all, or one operation's) with the fold of the events; returns rows written.
+    """Make the projection (all, or one operation's) equal to the fold of the events; returns the
+    number of execution rows the events give.
 
     One transaction holding the event store's append lock, so no event is appended between the
-    read and the commit (appends wait for it); rows are written with ``COPY`` on PostgreSQL."""
+    read and the commit (appends wait for it). On PostgreSQL the folded rows go by binary ``COPY``:
+    straight into the projection when it holds no row in scope (a first build), otherwise into a
+    temporary table from which one statement deletes the stored rows that no event explains and
+    one ``INSERT … ON CONFLICT DO UPDATE`` writes only the rows that differ, so a rebuild of a
+    correct projection rewrites nothing (no dead rows, no index or foreign-key work) and readers
+    see the old rows until the commit either way."""
     from api.models import StopMonitorExecution
 
     _, executions = _tables()
     written = 0
     with transaction.atomic():
-        qs = StopMonitorExecution.objects.all()
-        if operation_id is not None:
-            qs = qs.filter(operation_id=operation_id)
         if connection.vendor != "postgresql":
+            qs = StopMonitorExecution.objects.all()
+            if operation_id is not None:
+                qs = qs.filter(operation_id=operation_id)
             qs.delete()
             for state in _fold(operation_id):
                 save_execution_state(state)
                 written += 1
             return written
+        scope, params = ("operation_id = %s", [operation_id]) if operation_id is not None else ("TRUE", [])
+        columns = _columns()
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-            if operation_id is None:
-                cursor.execute(f"DELETE FROM {executions}")
-            else:
-                cursor.execute(f"DELETE FROM {executions} WHERE operation_id = %s", [operation_id])
-        columns = _columns()
-        with connection.cursor() as cursor:  # the column types, for a binary COPY
-            cursor.execute(f"SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "
+            cursor.execute(f"SELECT EXISTS (SELECT FROM {executions} WHERE {scope})", params)
+            staged = cursor.fetchone()[0]
+            if staged:
+                cursor.execute(f"CREATE TEMPORARY TABLE {_STAGE} (LIKE {executions}) ON COMMIT DROP")
+            cursor.execute(f"SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "  # for a binary COPY
                            f"AND attnum > 0 AND NOT attisdropped", [executions])
             oids = dict(cursor.fetchall())
         types = [oids[column] for column in columns]
         values = attrgetter(*state_field_names())
-        copy_sql = f"COPY {executions} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+        copy_sql = f"COPY {_STAGE if staged else executions} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
         for chunk in _chunks(_fold(operation_id)):
             with connection.connection.cursor() as cur, cur.copy(copy_sql) as copy:
                 copy.set_types(types)
                 for state in chunk:
                     copy.write_row(values(state))
             written += len(chunk)
+        if staged:
+            key = StopMonitorExecution._meta.pk.column
+            rest = [column for column in columns if column != key]
+            with connection.cursor() as cursor:
+                cursor.execute(f"DELETE FROM {executions} e WHERE {scope} AND NOT EXISTS "
+                               f"(SELECT FROM {_STAGE} s WHERE s.{key} = e.{key})", params)
+                cursor.execute(
+                    f"INSERT INTO {executions} AS e ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {_STAGE} "
+                    f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in rest)} "
+                    f"WHERE ({', '.join(f'e.{c}' for c in rest)}) IS DISTINCT FROM "
+                    f"({', '.join(f'EXCLUDED.{c}' for c in rest)})")
+                cursor.execute(f"DROP TABLE {_STAGE}")
     return written
 
 

@@ -244,3 +244,59 @@ def test_streamed_events_carry_the_payloads_the_orm_reads(open_op):
     (state,) = projections._fold(op.pk)
     assert (state.status, state.error_code, state.error_message, state.exchange_order_id, state.last_version) == (
         "FAILED", -2010, "Account has insufficient balance — ünïcode", 4611686018427387905, head + 2)
+
+
+def test_rebuild_over_a_projection_rewrites_only_the_rows_that_differ(closed_pair):
+    """A rebuild over stored rows goes through a temporary table: equal rows keep their row version
+    (``xmin``), a changed row is rewritten, a row no event explains is deleted in scope only."""
+    from django.db import transaction
+
+    from api.models import StopMonitorExecution
+    from stopmonitor import projections
+
+    long_, short, tokens = closed_pair
+
+    def versions():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT execution_token, xmin::text FROM api_stopmonitorexecution")
+            return dict(cursor.fetchall())
+
+    before = versions()
+    StopMonitorExecution.objects.filter(pk=tokens[short.pk]).update(status="FAILED", executed_quantity=None)
+    extra = StopMonitorExecution.objects.get(pk=tokens[long_.pk])
+    extra.execution_token = f"sm{long_.pk}-S9-deadbeef"
+    extra.save(force_insert=True)
+    corrupted = versions()
+
+    assert projections.rebuild(short.pk) == 1
+    after = versions()
+    assert after.keys() == {tokens[long_.pk], tokens[short.pk], f"sm{long_.pk}-S9-deadbeef"}  # the extra is out of scope
+    assert after[tokens[long_.pk]] == before[tokens[long_.pk]]
+    assert after[tokens[short.pk]] != corrupted[tokens[short.pk]]
+    assert StopMonitorExecution.objects.get(pk=tokens[short.pk]).executed_quantity == D("2")
+
+    with transaction.atomic():  # twice in one transaction: the temporary table is dropped each time
+        assert projections.rebuild() == 2
+        assert projections.rebuild() == 2
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('pg_temp.stopmonitor_projection_stage') IS NULL")
+            assert cursor.fetchone() == (True,)
+    final = versions()
+    assert final == {tokens[long_.pk]: before[tokens[long_.pk]], tokens[short.pk]: after[tokens[short.pk]]}
+    assert projections.verify() == []
+
+
+def test_first_rebuild_writes_every_row(closed_pair):
+    from api.models import StopMonitorExecution
+    from stopmonitor import projections
+
+    long_, short, tokens = closed_pair
+    expected = {ex.execution_token: ex for ex in StopMonitorExecution.objects.all()}
+    StopMonitorExecution.objects.all().delete()
+    assert projections.rebuild(long_.pk) == 1
+    assert list(StopMonitorExecution.objects.values_list("execution_token", flat=True)) == [tokens[long_.pk]]
+    assert projections.rebuild() == 2
+    from stopmonitor.events import execution_state_of
+
+    assert {ex.execution_token: execution_state_of(ex) for ex in StopMonitorExecution.objects.all()} == {
+        token: execution_state_of(ex) for token, ex in expected.items()}
