@@ -19,15 +19,33 @@ class NoTenant(exceptions.PermissionDenied):
     default_detail = "This user belongs to no tenant."
 
 
+def _tenant_ids(user):
+    """The ids of ``user``'s tenants, the one that counts first (a user or an ``OuterRef`` to one)."""
+    from api.models import Client
+
+    return Client.objects.filter(users=user).order_by("id").values_list("id", flat=True)
+
+
 def tenant_id_of(user) -> int | None:
-    """The id of the user's tenant (the first ``Client`` by id), or None; cached on the user object."""
+    """The id of the user's tenant (the first ``Client`` by id), or None; cached on the user object
+    (the bearer-token authentication puts it there with the token's own query)."""
     cached = getattr(user, "_stopmonitor_tenant_id", _UNSET)
     if cached is _UNSET:
-        from api.models import Client
-
-        cached = Client.objects.filter(users=user).order_by("id").values_list("id", flat=True).first()
-        user._stopmonitor_tenant_id = cached
+        cached = _tenant_ids(user).first()
+        remember_tenant_id(user, cached)
     return cached
+
+
+def tenant_id_subquery(user_field: str):
+    """:func:`tenant_id_of` as a subquery on the row's ``user_field`` (a user id), for ``annotate``."""
+    from django.db.models import OuterRef, Subquery
+
+    return Subquery(_tenant_ids(OuterRef(user_field))[:1])
+
+
+def remember_tenant_id(user, tenant_id: int | None) -> None:
+    """Cache ``user``'s tenant id (None: no tenant) for :func:`tenant_id_of`."""
+    user._stopmonitor_tenant_id = tenant_id
 
 
 def scope_to_tenant(queryset, user, field: str = "client"):

@@ -179,3 +179,22 @@ def test_anonymous_and_bad_tokens_are_401(db, anon, method, path):
     anon.credentials(HTTP_AUTHORIZATION="Bearer 0000000000000000000000000000000000000000")
     r = getattr(anon, method)(V1 + path, {}, format="json")
     assert (r.status_code, r.json()) == (401, error("authentication_failed", "Invalid token."))
+
+
+def test_a_deactivated_users_token_is_401(alice):
+    alice.user.is_active = False
+    alice.user.save(update_fields=["is_active"])
+    r = alice.api.get(V1 + "/operations/")
+    assert (r.status_code, r.json()) == (401, error("authentication_failed", "User inactive or deleted."))
+
+
+def test_the_token_query_brings_the_users_tenant(alice, bob, nobody, staff, django_assert_num_queries):
+    """The bearer-token authentication annotates the tenant id that scoping reads (one query, not two)."""
+    from api.auth import BearerTokenAuthentication
+    from api.permissions import tenant_id_of
+
+    for actor, tenant_id in ((alice, alice.tenant.pk), (bob, bob.tenant.pk), (nobody, None), (staff, None)):
+        with django_assert_num_queries(1):
+            user, _ = BearerTokenAuthentication().authenticate_credentials(actor.token.key)
+            assert tenant_id_of(user) == tenant_id
+        assert user == actor.user
