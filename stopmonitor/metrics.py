@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -88,12 +88,19 @@ def observe_decision(decision, *, log: bool = True) -> None:
 # ------------------------------------------------------------------------------- the pass
 
 
+# MonitorPass rows older than this are deleted; a CronJob pass a minute keeps ≈43k rows
+PASS_RETENTION = timedelta(days=30)
+PRUNE_EVERY = 60  # passes: the pruning DELETE runs when the new row's id is a multiple of this
+
+
 def record_pass(summary, *, error: str = "", finished_at: datetime | None = None) -> None:
     """Count the pass and write its ``MonitorPass`` row (one INSERT). Commits (autocommit).
 
     ``summary`` is a :class:`~stopmonitor.services.PassSummary`; ``error`` (non-empty) records
-    a pass that could not run. A database error here is logged, never raised: the pass
-    itself already happened.
+    a pass that could not run. Every :data:`PRUNE_EVERY` th row (by id: about once an hour at one
+    pass a minute, whichever process writes it) also deletes the rows that finished more than
+    :data:`PASS_RETENTION` before this one, so the table stays bounded. A database error here is
+    logged, never raised: the pass itself already happened.
     """
     from django.db import transaction
 
@@ -117,7 +124,7 @@ def record_pass(summary, *, error: str = "", finished_at: datetime | None = None
         # inside a caller's transaction a savepoint keeps a failure here from poisoning it; in autocommit
         # (a pass) the INSERT is its own statement: no BEGIN/COMMIT round trips
         with transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext():
-            MonitorPass.objects.create(
+            row = MonitorPass.objects.create(
                 finished_at=finished_at,
                 started_at=summary.started_at,
                 source=summary.source[:12],
@@ -129,6 +136,8 @@ def record_pass(summary, *, error: str = "", finished_at: datetime | None = None
                 error=redact(error)[:500],
                 **{name: getattr(summary, name) for name in fields},
             )
+            if row.pk % PRUNE_EVERY == 0:
+                MonitorPass.objects.filter(finished_at__lt=finished_at - PASS_RETENTION).delete()
     except Exception:  # noqa: BLE001 - metrics never fail a pass
         logging.getLogger("stopmonitor.metrics").warning("could not record the pass summary", exc_info=True)
 

@@ -189,3 +189,26 @@ def test_loop_serves_metrics_on_its_own_port():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         proc.stderr.close()
+
+
+@pytest.mark.django_db
+def test_every_sixtieth_pass_row_prunes_the_rows_older_than_thirty_days():
+    from api.models import MonitorPass
+    from stopmonitor.metrics import PRUNE_EVERY, record_pass
+    from stopmonitor.services import PassSummary
+
+    def summary(at):
+        return PassSummary(source="cron", venue="paper", started_at=at, dry_run=False)
+
+    old = NOW - timedelta(days=30, seconds=1)
+    kept = NOW - timedelta(days=29, hours=23)
+    record_pass(summary(old), finished_at=old)
+    record_pass(summary(kept), finished_at=kept)
+    last = MonitorPass.objects.latest("pk").pk
+    for i in range(PRUNE_EVERY - 1 - last % PRUNE_EVERY):  # up to the row before a multiple of 60: no pruning
+        record_pass(summary(NOW), finished_at=NOW)
+    assert MonitorPass.objects.filter(finished_at=old).count() == 1
+    record_pass(summary(NOW), finished_at=NOW)  # this row's id is a multiple of 60
+    assert MonitorPass.objects.latest("pk").pk % PRUNE_EVERY == 0
+    assert MonitorPass.objects.filter(finished_at=old).count() == 0
+    assert MonitorPass.objects.filter(finished_at=kept).count() == 1
