@@ -193,10 +193,11 @@ def test_events_errors_exit_2(tenant, args, message):
     assert command("events", *args) == (2, "", message)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 1000])
-def test_streamed_rebuild_and_verify_match_the_in_memory_fold_across_chunks(closed_pair, monkeypatch, chunk):
-    """Rebuild and verify stream the events by (token, sequence) in chunks: any chunk size gives the
-    rows of the plain fold of the whole log in sequence order, and verify sees a change in any chunk."""
+@pytest.mark.parametrize("chunk,fetch", [(1, 1), (2, 3), (1000, 2), (1, 5000)])
+def test_streamed_rebuild_and_verify_match_the_in_memory_fold_across_chunks(closed_pair, monkeypatch, chunk, fetch):
+    """Rebuild and verify stream the events by (token, sequence) in fetches and fold them into chunks
+    of rows: any sizes give the rows of the plain fold of the whole log in sequence order, and verify
+    sees a change in any chunk."""
     from api.models import StopMonitorEvent, StopMonitorExecution
     from stopmonitor import projections
     from stopmonitor.events import execution_state_of, to_stored
@@ -204,6 +205,7 @@ def test_streamed_rebuild_and_verify_match_the_in_memory_fold_across_chunks(clos
 
     long_, short, tokens = closed_pair
     monkeypatch.setattr(projections, "CHUNK", chunk)
+    monkeypatch.setattr(projections, "FETCH", fetch)
     expected = fold(to_stored(e) for e in StopMonitorEvent.objects.order_by("sequence"))
     assert projections.rebuild() == 2
     assert {ex.execution_token: execution_state_of(ex) for ex in StopMonitorExecution.objects.all()} == expected
