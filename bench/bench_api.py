@@ -33,8 +33,13 @@ The requirement (issue 5, "Speed"): one tenant with 10,000 operations, 50 rows a
    Each phase prints count, throughput, p50/p90/p99/max and errors (non-200, socket errors), the
    server-side durations from gunicorn's JSON access log (time in the worker, no queueing in the
    listen backlog), PostgreSQL transactions and sessions per request (``pg_stat_database``
-   deltas: every query is its own transaction in autocommit; ``CONN_MAX_AGE=0`` opens one session
-   per request) and the load average (the machine may be shared).
+   deltas: every query is its own transaction in autocommit, the pool's check on taking a
+   connection one more; a worker's pool opens sessions only when it grows), the CPU per request
+   of the gunicorn workers, of the PostgreSQL backends serving the bench database (``pg ms``) and
+   of the load generator (``lg ms``), the machine's busy share and the load average (the machine
+   may be shared). After the phases, one line adds up the CPU per request at ``--concurrency``
+   clients and what it implies: the highest throughput the CPUs allow, and the least mean latency
+   of that many closed-loop clients at that throughput (Little's law).
 
 Figures only: nothing asserts on time. gunicorn is always stopped (its process group) and the
 database dropped unless ``--keep-db``.
@@ -54,6 +59,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -540,6 +546,24 @@ def cpu_seconds(pids: list[int]) -> list[float]:
     return out
 
 
+def pg_backend_cpu() -> dict[int, float]:
+    """utime + stime (s) of each PostgreSQL backend connected to the bench database (same machine),
+    read from /proc. Pooled backends live through a phase; a backend that starts and ends inside
+    one (no pool) is missed, so the figure is a lower bound then."""
+    import psycopg
+
+    with psycopg.connect(admin_url(), autocommit=True) as conn:
+        pids = [row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", [DB]).fetchall()]
+    return {pid: cpu for pid, cpu in zip(pids, cpu_seconds(pids)) if not math.isnan(cpu)}
+
+
+def children_cpu() -> float:
+    """utime + stime (s) of this process's ended children: the load generator (wrk or the gevent child)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def machine_cpu() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine (/proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -553,9 +577,12 @@ def phase(name: str, run, access: Path, url_path: str, workers: list[int]) -> di
     x0, s0 = pg_counters()
     load_before = os.getloadavg()[0]
     w0, m0 = cpu_seconds(workers), machine_cpu()
+    pg0, lg0 = pg_backend_cpu(), children_cpu()
     r = run()
     w1, m1 = cpu_seconds(workers), machine_cpu()
+    lg1 = children_cpu()
     drain(access)  # in-flight answers are logged; ended sessions have flushed their statistics
+    pg1 = pg_backend_cpu()
     x1, s1 = pg_counters()
     server = sorted(access_durations(access, offset, url_path))
     n = r["requests"]
@@ -563,13 +590,19 @@ def phase(name: str, run, access: Path, url_path: str, workers: list[int]) -> di
     errors = f"{r['errors']}" + (f" {r['error_detail']}" if r.get("error_detail") else "")
     per_worker = [b - a for a, b in zip(w0, w1)]
     busy = 100 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
+    pg_cpu = sum(cpu - pg0.get(pid, 0.0) for pid, cpu in pg1.items())
     print(f"{name:<34} {n:>6} {rps:>7.0f} {r['p50']:>7.1f} {r['p90']:>7.1f} {r['p99']:>7.1f} {r['max']:>7.1f} "
           f"{errors:>6} | {pct(server, 50):>6.1f} {pct(server, 99):>6.1f} | "
           f"{(x1 - x0 - 1) / n if n else float('nan'):>5.2f} {(s1 - s0 - 1) / n if n else float('nan'):>5.2f} | "
           f"{1000 * sum(per_worker) / n if n else float('nan'):>6.1f} {'/'.join(f'{c:.1f}' for c in per_worker):>11} "
-          f"{busy:>4.0f}% | {load_before:.2f}->{os.getloadavg()[0]:.2f}", flush=True)
+          f"{busy:>4.0f}% | {load_before:.2f}->{os.getloadavg()[0]:.2f} | "
+          f"{1000 * pg_cpu / n if n else float('nan'):>5.2f} {1000 * (lg1 - lg0) / n if n else float('nan'):>5.2f}",
+          flush=True)
     r["rps"] = rps
     r["server"] = server
+    r["cpu_ms"] = {"worker": 1000 * sum(per_worker) / n if n else float("nan"),
+                   "postgres": 1000 * pg_cpu / n if n else float("nan"),
+                   "loadgen": 1000 * (lg1 - lg0) / n if n else float("nan")}
     return r
 
 
@@ -594,9 +627,9 @@ def bench_server(args, tenants: dict, workers: int, logdir: Path, wrk: str | Non
         gen(list_url, token, args.warmup, args.concurrency)()  # warm-up: workers imported, caches filled
         print(f"{'phase':<34} {'reqs':>6} {'req/s':>7} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7} {'errors':>6} | "
               f"{'srv50':>6} {'srv99':>6} | {'xact':>5} {'sess':>5} | {'cpu ms':>6} {'worker cpu s':>11} {'busy':>5} | "
-              "load 1-min")
+              f"{'load 1-min':<10} | {'pg ms':>5} {'lg ms':>5}")
         print(f"{'':<34} {'':>6} {'':>7} {'(client latency, ms)':>31} {'':>6} | {'(in worker)':>13} | "
-              f"{'(per req)':>11} | {'(gunicorn workers; machine)':>25} |")
+              f"{'(per req)':>11} | {'(gunicorn workers; machine)':>25} | {'':<10} | {'(CPU per req)':>11}")
         pids = worker_pids(proc.pid)
         results["health"] = phase(f"/health, {args.concurrency} clients",
                                   gen(base + HEALTH_PATH, None, args.requests, args.concurrency), access, HEALTH_PATH, pids)
@@ -615,6 +648,14 @@ def bench_server(args, tenants: dict, workers: int, logdir: Path, wrk: str | Non
               f"list at {args.concurrency} clients / 1 client: p50 {lst['p50'] / s['p50']:.1f}x, "
               f"p99 {lst['p99'] / s['p99']:.1f}x; throughput {lst['rps']:.0f} req/s at {args.concurrency} clients "
               f"vs {s['rps']:.0f} req/s with one")
+        cpu = lst["cpu_ms"]
+        total = cpu["worker"] + cpu["postgres"] + cpu["loadgen"]
+        ceiling = os.cpu_count() * 1000 / total if total > 0 else float("nan")
+        print(f"CPU per request at {args.concurrency} clients: gunicorn worker {cpu['worker']:.2f} + PostgreSQL "
+              f"{cpu['postgres']:.2f} + load generator {cpu['loadgen']:.2f} = {total:.2f} ms -> at most "
+              f"{ceiling:.0f} req/s on {os.cpu_count()} CPUs with nothing else running; {args.concurrency} "
+              f"closed-loop clients then wait at least {args.concurrency / ceiling * 1000:.0f} ms per request on "
+              f"average (Little's law: clients / throughput)")
         met = lst["p99"] < 50 and lst["errors"] == 0
         print(f"requirement p99 < 50 ms at {args.concurrency} clients: p99 = {lst['p99']:.1f} ms -> "
               f"{'met' if met else 'NOT met'} ({load()})")
@@ -637,9 +678,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2],
                         help="GUNICORN_WORKERS; several values run one server each [2]")
     parser.add_argument("--worker-connections", type=int, default=50, help="GUNICORN_WORKER_CONNECTIONS [50]")
-    parser.add_argument("--paced", type=float, nargs="*", default=[5, 10, 15],
+    parser.add_argument("--paced", type=float, nargs="*", default=[5, 10, 15, 50, 100],
                         help="extra phases: --concurrency gevent clients sending this many req/s in all, "
-                             "below saturation (open loop; latency from the scheduled send) [5 10 15]")
+                             "below saturation (open loop; latency from the scheduled send) [5 10 15 50 100]")
     parser.add_argument("--paced-seconds", type=float, default=20, help="length of one paced phase [20]")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--max-seconds", type=int, default=240, help="upper bound of one load phase [240]")
