@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import django_filters
 from django import forms
+from django_filters.rest_framework import DjangoFilterBackend
 
 from api.models import ExecutionStatus, Operation, OperationStatus, Side, StopMonitorExecution
 
@@ -35,3 +36,16 @@ class ExecutionFilter(django_filters.FilterSet):
     class Meta:
         model = StopMonitorExecution
         fields = ["status", "operation"]
+
+
+class FilterBackend(DjangoFilterBackend):
+    """django-filter's backend, skipped when the query has no parameter but the view's pagination
+    ones (``cursor``, ``limit``): no filter is given then, and the filterset would hand the queryset
+    back unchanged after building and validating its form (about a tenth of a list request's CPU)."""
+
+    def filter_queryset(self, request, queryset, view):
+        paginator = getattr(view, "paginator", None)
+        pagination = {getattr(paginator, "cursor_query_param", None), getattr(paginator, "page_size_query_param", None)}
+        if all(name in pagination for name in request.query_params):
+            return queryset
+        return super().filter_queryset(request, queryset, view)

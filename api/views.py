@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from django.conf import settings
 from django.db import transaction
 from django.http import Http404
-from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -32,7 +31,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.errors import Conflict
-from api.filters import ExecutionFilter, OperationFilter
+from api.filters import ExecutionFilter, FilterBackend, OperationFilter
 from api.models import (
     CircuitBreakerState,
     Client,
@@ -149,7 +148,7 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
 
     queryset = Operation.objects.select_related("symbol")
     serializer_class = OperationSerializer
-    filter_backends = [DjangoFilterBackend]
+    filter_backends = [FilterBackend]
     filterset_class = OperationFilter
     pagination_class = OperationCursorPagination
     http_method_names = ["get", "post", "patch", "head", "options"]
@@ -298,7 +297,7 @@ class ExecutionViewSet(NotFoundAsAPIError, viewsets.ReadOnlyModelViewSet):
 
     queryset = StopMonitorExecution.objects.all()
     serializer_class = ExecutionSerializer
-    filter_backends = [DjangoFilterBackend]
+    filter_backends = [FilterBackend]
     filterset_class = ExecutionFilter
     pagination_class = ExecutionCursorPagination
 

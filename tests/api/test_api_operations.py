@@ -125,6 +125,29 @@ def test_list_refuses_bad_filters(alice, query, fields):
     assert (r.status_code, r.json()) == (400, invalid(**fields))
 
 
+def test_the_filterset_runs_only_when_the_query_has_more_than_pagination(alice, open_op, monkeypatch):
+    """api.filters.FilterBackend skips django-filter for ``?cursor=&limit=`` only (nothing to filter)."""
+    from api.filters import OperationFilter
+
+    built = []
+    original = OperationFilter.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(kwargs["data"].dict())
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OperationFilter, "__init__", spy)
+    open_op(alice.tenant)
+    first = alice.api.get(f"{URL}?limit=1")
+    assert first.status_code == 200 and len(first.json()["results"]) == 1
+    assert alice.api.get(URL).status_code == 200
+    assert built == []
+    assert alice.api.get(f"{URL}?limit=1&status=CLOSED").json()["results"] == []
+    assert alice.api.get(f"{URL}?side=LONG").status_code == 400
+    assert alice.api.get(f"{URL}?unknown=1").status_code == 200  # not a filter: django-filter ignores it too
+    assert built == [{"limit": "1", "status": "CLOSED"}, {"side": "LONG"}, {"unknown": "1"}]
+
+
 def test_list_cursor_pages_are_stable_while_operations_are_added(alice, open_op):
     ids = [open_op(alice.tenant).pk for _ in range(5)]
     r = alice.api.get(f"{URL}?limit=2")
