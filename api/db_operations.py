@@ -16,7 +16,38 @@ $$ LANGUAGE plpgsql;
 """
 
 
-class AppendOnlyTrigger(migrations.operations.base.Operation):
+class _RowTrigger(migrations.operations.base.Operation):
+    """A PostgreSQL ``BEFORE … FOR EACH ROW`` trigger and its function (other databases: nothing).
+
+    Subclasses give ``function`` (name), ``function_sql`` (its CREATE), ``trigger`` (name),
+    ``table``, ``events`` (e.g. ``"UPDATE OR DELETE"``) and ``summary`` (for ``describe``).
+    """
+
+    reduces_to_sql = True
+    reversible = True
+    function = function_sql = trigger = table = events = summary = ""
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(self.function_sql, params=None)
+        schema_editor.execute(f'CREATE TRIGGER "{self.trigger}" BEFORE {self.events} ON "{self.table}" '
+                              f"FOR EACH ROW EXECUTE FUNCTION {self.function}()")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"')
+        schema_editor.execute(f"DROP FUNCTION IF EXISTS {self.function}()")
+
+    def describe(self):
+        return f"{self.summary} (PostgreSQL trigger)"
+
+
+class AppendOnlyTrigger(_RowTrigger):
     """On PostgreSQL, a row trigger that refuses UPDATE and DELETE on ``table``.
 
     TRUNCATE stays possible for the test runner's flush; it needs table ownership, which the
@@ -25,32 +56,12 @@ class AppendOnlyTrigger(migrations.operations.base.Operation):
     Other databases rely on the ORM guard in ``api.models.StopMonitorEvent``.
     """
 
-    reduces_to_sql = True
-    reversible = True
+    function, function_sql, events = "stopmonitor_event_append_only", APPEND_ONLY_FUNCTION, "UPDATE OR DELETE"
 
     def __init__(self, table: str):
         self.table = table
-
-    def state_forwards(self, app_label, state):
-        pass
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        schema_editor.execute(APPEND_ONLY_FUNCTION, params=None)
-        schema_editor.execute(
-            f'CREATE TRIGGER "{self.table}_append_only" BEFORE UPDATE OR DELETE ON "{self.table}" '
-            "FOR EACH ROW EXECUTE FUNCTION stopmonitor_event_append_only()"
-        )
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.table}_append_only" ON "{self.table}"')
-        schema_editor.execute("DROP FUNCTION IF EXISTS stopmonitor_event_append_only()")
-
-    def describe(self):
-        return f"Refuse UPDATE and DELETE on {self.table} (PostgreSQL trigger)"
+        self.trigger = f"{table}_append_only"
+        self.summary = f"Refuse UPDATE and DELETE on {table}"
 
 
 KEEP_REFERENCED_FUNCTION = """
@@ -69,7 +80,7 @@ $$ LANGUAGE plpgsql;
 """
 
 
-class OperationKeepsItsEvents(migrations.operations.base.Operation):
+class OperationKeepsItsEvents(_RowTrigger):
     """On PostgreSQL, a row trigger on ``api_operation`` that refuses to DELETE an operation, or
     change its id, while events refer to it: what the event's foreign key constraint enforced on
     that side, checked once per (rare) delete instead of once per appended event at commit.
@@ -79,29 +90,10 @@ class OperationKeepsItsEvents(migrations.operations.base.Operation):
     locked) in the same transaction. Django's ``on_delete=PROTECT`` still guards ORM deletes.
     """
 
-    reduces_to_sql = True
-    reversible = True
+    function, function_sql = "stopmonitor_operation_keeps_its_events", KEEP_REFERENCED_FUNCTION
+    trigger, table, events = "api_operation_keeps_its_events", "api_operation", "DELETE OR UPDATE OF id"
+    summary = "Refuse DELETE of an operation that has events"
 
-    def state_forwards(self, app_label, state):
-        pass
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        schema_editor.execute(KEEP_REFERENCED_FUNCTION, params=None)
-        schema_editor.execute(
-            'CREATE TRIGGER "api_operation_keeps_its_events" BEFORE DELETE OR UPDATE OF id ON "api_operation" '
-            "FOR EACH ROW EXECUTE FUNCTION stopmonitor_operation_keeps_its_events()"
-        )
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        schema_editor.execute('DROP TRIGGER IF EXISTS "api_operation_keeps_its_events" ON "api_operation"')
-        schema_editor.execute("DROP FUNCTION IF EXISTS stopmonitor_operation_keeps_its_events()")
-
-    def describe(self):
-        return "Refuse DELETE of an operation that has events (PostgreSQL trigger)"
 
 class AddIndexConcurrentlyRepairing(migrations.AddIndex):
     """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.

@@ -39,6 +39,12 @@ def index_state(name):
         return cur.fetchone()
 
 
+def sqlmigrate(name: str) -> str:
+    out = StringIO()
+    call_command("sqlmigrate", "api", name, stdout=out)
+    return out.getvalue()
+
+
 def columns(table):
     with connection.cursor() as cur:
         return {c.name for c in connection.introspection.get_table_description(cur, table)}
@@ -52,9 +58,7 @@ def test_makemigrations_finds_nothing_to_do():
 @pg_only
 @pytest.mark.django_db
 def test_sqlmigrate_0018_builds_concurrently():
-    out = StringIO()
-    call_command("sqlmigrate", "api", "0018", stdout=out)
-    sql = out.getvalue()
+    sql = sqlmigrate("0018")
     assert 'CREATE INDEX CONCURRENTLY "op_active_stop_idx"' in sql
     assert 'CREATE INDEX CONCURRENTLY "op_stop_exec_token_idx"' in sql
     assert "SET lock_timeout = '5s'" in sql
@@ -169,9 +173,7 @@ def foreign_keys(table: str) -> set[str]:
 @pg_only
 @pytest.mark.django_db
 def test_sqlmigrate_0020_changes_indexes_concurrently_and_never_revalidates_a_foreign_key():
-    out = StringIO()
-    call_command("sqlmigrate", "api", "0020", stdout=out)
-    sql = out.getvalue()
+    sql = sqlmigrate("0020")
     for name in ("event_token_idx", "event_tenant_seq_idx", "event_tenant_trigger_idx"):
         assert f'CREATE INDEX CONCURRENTLY "{name}"' in sql
     for name in ("event_exec_token_idx", "event_tenant_type_time_idx", "api_stopmonitorevent_operation_id_ba39ecd4",
