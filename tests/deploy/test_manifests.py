@@ -32,6 +32,21 @@ LIMIT_RANGE = {
     "max": {"cpu": "2", "memory": "4Gi"},
 }
 API_HOSTS = {"api.staging.stopmonitor.example"}
+RELAY = "stopmonitor-outbox-relay"
+# the relay's exec liveness probe, as the manifest must carry it (tests/deploy/test_outbox_relay.py runs it)
+RELAY_LIVENESS_SCRIPT = """\
+state=/tmp/outbox-relay-liveness
+read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ start _ < /proc/1/stat || exit 1
+switches=
+while read -r key value _; do
+  if [ "$key" = "voluntary_ctxt_switches:" ]; then switches=$value; fi
+done < /proc/1/status
+[ -n "$switches" ] || exit 1
+last=
+if [ -r "$state" ]; then read -r last < "$state" || true; fi
+echo "$start $switches" > "$state" || exit 1
+[ "$last" != "$start $switches" ]
+"""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,6 +103,36 @@ def pod_spec(doc: dict) -> dict:
 
 def workloads(docs):
     return [d for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")]
+
+
+def pod_labels(doc: dict) -> dict:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels + matchExpressions) matches ``labels``."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def policies_selecting(docs, labels: dict) -> dict[str, dict]:
+    """The NetworkPolicies (name -> spec) whose podSelector selects a pod with ``labels``."""
+    return {
+        d["metadata"]["name"]: d["spec"] for d in find(docs, "NetworkPolicy") if selects(d["spec"]["podSelector"], labels)
+    }
 
 
 # --------------------------------------------------------------------------- kustomize
@@ -211,6 +256,56 @@ def test_seven_network_policies(docs):
                 assert peer.get("namespaceSelector") != {}, name
 
 
+def test_outbox_relay_network_access(docs):
+    """The relay's egress, summed over every policy that selects its pods, is DNS, PostgreSQL, Redis
+    (doctor --quick checks it at start) and RabbitMQ in its own namespace: no HTTPS, no other
+    stopmonitor pod, no other namespace; the only ingress rule reaching it is the datastores' one."""
+    relay_labels = pod_labels(find(docs, "Deployment", RELAY))
+    selecting = policies_selecting(docs, relay_labels)
+    assert set(selecting) == {"default-deny-ingress", "default-deny-egress", "allow-dns", "allow-backend-to-datastores"}
+
+    def rules(direction):
+        key = {"Ingress": "ingress", "Egress": "egress"}[direction]
+        return [
+            (name, rule)
+            for name, spec in selecting.items()
+            if direction in spec["policyTypes"]
+            for rule in spec.get(key, [])
+        ]
+
+    egress = {
+        (name, yaml.safe_dump(rule["to"], sort_keys=True), frozenset((p["protocol"], p["port"]) for p in rule["ports"]))
+        for name, rule in rules("Egress")
+    }
+    dns_peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    datastore_peer = [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "datastore"}}}]
+    assert egress == {
+        ("allow-dns", yaml.safe_dump(dns_peer, sort_keys=True), frozenset({("UDP", 53), ("TCP", 53)})),
+        (
+            "allow-backend-to-datastores",
+            yaml.safe_dump(datastore_peer, sort_keys=True),
+            frozenset({("TCP", 5432), ("TCP", 6379), ("TCP", 5672)}),
+        ),
+    }
+    # ingress: only allow-backend-to-datastores' rule (written for the datastore pods, it selects every
+    # stopmonitor pod); the relay listens on no port, so nothing reaches it
+    ingress = rules("Ingress")
+    assert [name for name, _ in ingress] == ["allow-backend-to-datastores"]
+    ((_, rule),) = ingress
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "backend"}}}]
+    container = pod_spec(find(docs, "Deployment", RELAY))["containers"][0]
+    assert "ports" not in container
+    # the other pods keep HTTPS (Binance) and the production guard
+    for doc in workloads(docs):
+        if doc["metadata"]["name"] == RELAY:
+            continue
+        others = policies_selecting(docs, pod_labels(doc))
+        assert {"allow-https-egress", "block-production-namespace", "allow-dns", "allow-backend-to-datastores"} <= set(
+            others
+        ), doc["metadata"]["name"]
+
+
 def test_every_container_fits_the_limit_range(docs):
     maximum = {k: quantity(v) for k, v in LIMIT_RANGE["max"].items()}
     for doc in workloads(docs):
@@ -233,7 +328,8 @@ def _pod_totals(doc) -> dict[str, Decimal]:
 
 def test_quota_arithmetic(docs):
     """Worst case at one instant: web replicas + the rolling-update surge pod, one monitor
-    CronJob pod (concurrencyPolicy Forbid) and the migrate and backfill Jobs together."""
+    CronJob pod (concurrencyPolicy Forbid), the migrate and backfill Jobs, and the outbox relay
+    replicas + their surge pod, together."""
     web = find(docs, "Deployment", "stopmonitor-web")
     assert web["spec"]["replicas"] == 2
     surge = web["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
@@ -241,9 +337,17 @@ def test_quota_arithmetic(docs):
     cron = find(docs, "CronJob", "stopmonitor-monitor-stops")
     migrate = find(docs, "Job", "stopmonitor-migrate")
     backfill = find(docs, "Job", "stopmonitor-backfill")
+    relay = find(docs, "Deployment", RELAY)
+    assert relay["spec"]["replicas"] == 2
+    relay_pods = relay["spec"]["replicas"] + int(relay["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
+    assert relay_pods == 3
+    # every Deployment, Job and CronJob of the base is counted here
+    assert {d["metadata"]["name"] for d in workloads(docs)} == {
+        "stopmonitor-web", "stopmonitor-monitor-stops", "stopmonitor-migrate", "stopmonitor-backfill", RELAY,
+    }
 
     total = {k: Decimal(0) for k in QUOTA}
-    for doc, count in ((web, web_pods), (cron, 1), (migrate, 1), (backfill, 1)):
+    for doc, count in ((web, web_pods), (cron, 1), (migrate, 1), (backfill, 1), (relay, relay_pods)):
         for key, value in _pod_totals(doc).items():
             total[key] += value * count
     hard = {k: quantity(v) for k, v in QUOTA.items()}
@@ -251,17 +355,42 @@ def test_quota_arithmetic(docs):
         assert total[key] <= hard[key], f"{key}: {total[key]} > {hard[key]}"
     # the numbers written in deploy/README.md
     assert total == {
-        "requests.cpu": Decimal("1.000"),
-        "requests.memory": 2176 * 2**20,
-        "limits.cpu": Decimal("4.250"),
-        "limits.memory": 4352 * 2**20,
+        "requests.cpu": Decimal("1.150"),
+        "requests.memory": 2560 * 2**20,
+        "limits.cpu": Decimal("5.000"),
+        "limits.memory": 5120 * 2**20,
     }
-    # the steady state (2 web + the CronJob pod) as well
-    steady = {k: _pod_totals(web)[k] * 2 + _pod_totals(cron)[k] for k in QUOTA}
-    assert steady["requests.cpu"] == Decimal("0.550") and steady["requests.memory"] == 1152 * 2**20
+    relay_pod = _pod_totals(relay)
+    assert relay_pod == {
+        "requests.cpu": Decimal("0.050"),
+        "requests.memory": 128 * 2**20,
+        "limits.cpu": Decimal("0.250"),
+        "limits.memory": 256 * 2**20,
+    }
+    # the steady state (2 web + the CronJob pod + 2 relays) as well
+    steady = {k: _pod_totals(web)[k] * 2 + _pod_totals(cron)[k] + relay_pod[k] * 2 for k in QUOTA}
+    assert steady == {
+        "requests.cpu": Decimal("0.650"),
+        "requests.memory": 1408 * 2**20,
+        "limits.cpu": Decimal("2.750"),
+        "limits.memory": 2816 * 2**20,
+    }
+    # the table in deploy/README.md, row by row
     readme = (ROOT / "deploy" / "README.md").read_text()
-    for figure in ("1000m", "2176Mi", "4250m", "4352Mi"):
-        assert figure in readme
+
+    def row(label, values, bold=False):
+        cpu = lambda v: f"{int(v * 1000)}m"  # noqa: E731
+        mem = lambda v: f"{int(v / 2**20)}Mi"  # noqa: E731
+        cells = [cpu(values["requests.cpu"]), mem(values["requests.memory"]),
+                 cpu(values["limits.cpu"]), mem(values["limits.memory"])]
+        cells = [f"**{c}**" for c in cells] if bold else cells
+        return "| " + " | ".join([label, *cells]) + " |"
+
+    assert row("relay × 3", {k: v * relay_pods for k, v in relay_pod.items()}) in readme
+    assert row("**total**", total, bold=True) in readme
+    assert row("headroom", {k: hard[k] - total[k] for k in QUOTA}) in readme
+    assert row("headroom", {k: hard[k] - total[k] for k in QUOTA}) == "| headroom | 2850m | 5632Mi | 3000m | 11264Mi |"
+    assert "requests 650m / 1408Mi, limits 2750m / 2816Mi" in readme
 
 
 # --------------------------------------------------------------------------- workloads
@@ -288,6 +417,7 @@ def test_web_deployment_probes_and_ports(docs):
         ("CronJob", "stopmonitor-monitor-stops"),
         ("Job", "stopmonitor-migrate"),
         ("Job", "stopmonitor-backfill"),
+        ("Deployment", RELAY),
     ],
 )
 def test_pod_security_env_and_tmp(docs, kind, name):
@@ -341,6 +471,65 @@ def test_jobs(docs):
     backfill = find(docs, "Job", "stopmonitor-backfill")
     assert pod_spec(backfill)["containers"][0]["args"] == ["backfill"]
     assert backfill["spec"]["suspend"] is True  # started on purpose, never by an apply
+
+
+def test_outbox_relay_deployment(docs):
+    from stopmonitor.outbox import CONFIRM_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
+
+    relay = find(docs, "Deployment", RELAY)
+    spec = relay["spec"]
+    assert spec["replicas"] == 2  # several relays are safe (stopmonitor/outbox.py); the second is for availability
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert spec["minReadySeconds"] == 10
+    labels = pod_labels(relay)
+    assert labels == {
+        "app.kubernetes.io/name": "stopmonitor",
+        "app.kubernetes.io/part-of": "stopmonitor",
+        "app.kubernetes.io/component": "outbox",
+        "stopmonitor.io/tier": "backend",
+    }
+    assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/name": "stopmonitor", "app.kubernetes.io/component": "outbox"}
+    # the selectors of the two Deployments and the web Service do not overlap
+    web = find(docs, "Deployment", "stopmonitor-web")
+    assert not selects(web["spec"]["selector"], labels)
+    assert not selects(spec["selector"], pod_labels(web))
+    assert not selects({"matchLabels": find(docs, "Service", "stopmonitor-web")["spec"]["selector"]}, labels)
+    pod = pod_spec(relay)
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway" and spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"] == spec["selector"]
+    (container,) = pod["containers"]
+    assert container["image"] == "stopmonitor:latest"
+    assert container["args"] == ["outbox", "--loop"]  # entrypoint: manage.py publish_outbox --loop
+    assert "command" not in container  # the image's entrypoint (doctor --quick first) runs it
+    assert container["resources"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"cpu": "250m", "memory": "256Mi"},
+    }
+    # no HTTP: one exec liveness probe, no readiness/startup probe, no port
+    assert {"readinessProbe", "startupProbe", "ports", "lifecycle"}.isdisjoint(container)
+    probe = container["livenessProbe"]
+    assert probe == {
+        "exec": {"command": ["sh", "-c", RELAY_LIVENESS_SCRIPT]},
+        "initialDelaySeconds": 10,
+        "periodSeconds": 30,
+        "timeoutSeconds": 5,
+        "failureThreshold": 3,
+    }
+    # the probe keeps its state in the writable /tmp
+    assert RELAY_LIVENESS_SCRIPT.startswith("state=/tmp/")
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    # a restart needs (failureThreshold) probes without progress: far longer than the longest
+    # legitimate wait inside the loop (broker connect + one publisher confirm)
+    longest_wait = CONNECT_TIMEOUT_SECONDS + CONFIRM_TIMEOUT_SECONDS
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 6 * longest_wait
+    assert probe["periodSeconds"] > longest_wait
+    # SIGTERM ends the loop after the batch in flight, whose waits are bounded by those timeouts
+    assert pod["terminationGracePeriodSeconds"] == 20
+    assert pod["terminationGracePeriodSeconds"] >= longest_wait + 5
+    # RABBITMQ_URL comes from the secrets (either spelling), never from the ConfigMap
+    assert not {"RABBITMQ_URL", "RBS_RABBITMQ_URL"} & set(find(docs, "ConfigMap", "stopmonitor-config")["data"])
+    assert "manage.py publish_outbox" in (DOCKER / "entrypoint.sh").read_text()
 
 
 def test_service_and_ingress(docs):
