@@ -104,7 +104,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         _options["pool"] = {
             "min_size": min(2, _pool_max_size),
             "max_size": _pool_max_size,
-            "timeout": 10,  # s a request waits for a connection (only when all max_size are busy)
+            # s a request waits for a connection: only while the pool grows (a few ms), or when the
+            # database cannot be reached; then the request fails and /health/ready answers 503
+            # within the readiness probe's 3 s (the pool keeps retrying in the background)
+            "timeout": 2,
             "max_idle": 300,  # s before a connection above min_size is closed
         }
         # a pooled connection that died (database restart, idle timeout) is replaced, not handed out

@@ -40,6 +40,6 @@ def test_commands_and_celery_open_their_own_connection_in_utc():
 def test_gunicorn_workers_get_a_pool_as_large_as_their_greenlet_cap(size, min_size):
     # docker/gunicorn.conf.py exports DB_POOL_MAX_SIZE = worker_connections
     db = database_settings(DB_POOL_MAX_SIZE=size)
-    assert db["OPTIONS"]["pool"] == {"min_size": min_size, "max_size": int(size), "timeout": 10, "max_idle": 300}
+    assert db["OPTIONS"]["pool"] == {"min_size": min_size, "max_size": int(size), "timeout": 2, "max_idle": 300}
     assert db["CONN_MAX_AGE"] == 0  # Django's pool requires it: a request gives its connection back at its end
     assert db["CONN_HEALTH_CHECKS"] is True
