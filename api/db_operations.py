@@ -16,6 +16,9 @@ $$ LANGUAGE plpgsql;
 """
 
 
+LOCK_TIMEOUT = "5s"  # how long a schema change may wait for its lock before it fails (and can be re-run)
+
+
 class _RowTrigger(migrations.operations.base.Operation):
     """A PostgreSQL ``BEFORE … FOR EACH ROW`` trigger and its function (other databases: nothing).
 
@@ -34,8 +37,13 @@ class _RowTrigger(migrations.operations.base.Operation):
         if schema_editor.connection.vendor != "postgresql":
             return
         schema_editor.execute(self.function_sql, params=None)
+        # re-runnable (a non-atomic migration that failed after this step runs it again) and never
+        # queued for ever behind a long transaction on the table
+        schema_editor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"')
         schema_editor.execute(f'CREATE TRIGGER "{self.trigger}" BEFORE {self.events} ON "{self.table}" '
                               f"FOR EACH ROW EXECUTE FUNCTION {self.function}()")
+        schema_editor.execute("RESET lock_timeout")
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
@@ -103,7 +111,7 @@ class AddIndexConcurrentlyRepairing(migrations.AddIndex):
     using it must set ``atomic = False``. On SQLite it is a plain ``CREATE INDEX``.
     """
 
-    def __init__(self, model_name, index, lock_timeout: str = "5s"):
+    def __init__(self, model_name, index, lock_timeout: str = LOCK_TIMEOUT):
         super().__init__(model_name, index)
         self.lock_timeout = lock_timeout
 
@@ -166,7 +174,7 @@ class RemoveIndexConcurrently(migrations.RemoveIndex):
     The migration using it must set ``atomic = False``. On SQLite it is a plain ``DROP INDEX``.
     """
 
-    def __init__(self, model_name, name, lock_timeout: str = "5s"):
+    def __init__(self, model_name, name, lock_timeout: str = LOCK_TIMEOUT):
         super().__init__(model_name, name)
         self.lock_timeout = lock_timeout
 
@@ -213,7 +221,7 @@ class DropIndexByNameConcurrently(migrations.operations.base.Operation):
 
     reversible = True
 
-    def __init__(self, table: str, name: str, columns: list[str], lock_timeout: str = "5s"):
+    def __init__(self, table: str, name: str, columns: list[str], lock_timeout: str = LOCK_TIMEOUT):
         self.table, self.name, self.columns, self.lock_timeout = table, name, columns, lock_timeout
 
     def deconstruct(self):
@@ -242,6 +250,48 @@ class DropIndexByNameConcurrently(migrations.operations.base.Operation):
 
     def describe(self):
         return f"Drop index {self.name} of {self.table} concurrently"
+
+
+class DropForeignKeyConstraint(migrations.operations.base.Operation):
+    """Drops the foreign key constraint ``name`` of ``table`` under a ``lock_timeout``
+    (``DROP CONSTRAINT IF EXISTS``: re-runnable), without changing the migration state; pair it
+    with a state-only ``AlterField(db_constraint=False)`` in ``SeparateDatabaseAndState``
+    (``AlterField`` itself would wait for its lock with no limit). Backwards it adds
+    ``definition`` again ``NOT VALID`` and then validates it, which does not block writes while
+    the table is checked. PostgreSQL only (SQLite keeps the constraint in its table definition).
+    Needs ``atomic = False``.
+    """
+
+    reversible = True
+
+    def __init__(self, table: str, name: str, definition: str, lock_timeout: str = LOCK_TIMEOUT):
+        self.table, self.name, self.definition, self.lock_timeout = table, name, definition, lock_timeout
+
+    def deconstruct(self):
+        return (self.__class__.__name__, [], {"table": self.table, "name": self.name, "definition": self.definition,
+                                              "lock_timeout": self.lock_timeout})
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"')
+        schema_editor.execute("RESET lock_timeout")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
+        schema_editor.execute(f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"')
+        schema_editor.execute(f'ALTER TABLE "{self.table}" ADD CONSTRAINT "{self.name}" {self.definition} NOT VALID')
+        schema_editor.execute("RESET lock_timeout")
+        schema_editor.execute(f'ALTER TABLE "{self.table}" VALIDATE CONSTRAINT "{self.name}"')
+
+    def describe(self):
+        return f"Drop constraint {self.name} of {self.table} (under a lock timeout)"
 
 # RFC 9562 UUID version 7 in SQL (the function :data:`stopmonitor.events.UUID7_SQL_FUNCTION`), for events appended set-based (``append_many``): the first 48
 # bits are the Unix time in milliseconds (clock_timestamp), then version 7 and random bits; the

@@ -16,7 +16,10 @@
   (invariant 8): the unique index stays, the per-row constraint check at commit goes.
 
 Non-atomic: new indexes are built ``CONCURRENTLY`` before the old ones are dropped
-``CONCURRENTLY``, so a live event table keeps taking appends.
+``CONCURRENTLY``, so a live event table keeps taking appends; every step that takes a table lock
+waits at most 5 s for it (``lock_timeout``) and every step can run again, so a run that timed out
+behind a long transaction is simply re-run. SQLite keeps its foreign keys (its tables are not
+rebuilt for this).
 """
 
 import django.db.models.deletion
@@ -26,6 +29,7 @@ from django.db import migrations, models
 from api.db_operations import (
     AddIndexConcurrentlyRepairing,
     CreateUUID7Function,
+    DropForeignKeyConstraint,
     DropIndexByNameConcurrently,
     OperationKeepsItsEvents,
     RemoveIndexConcurrently,
@@ -67,22 +71,36 @@ class Migration(migrations.Migration):
                                     ["operation_id"]),
         DropIndexByNameConcurrently("api_stopmonitorevent", "api_stopmonitorevent_tenant_id_43281414", ["tenant_id"]),
         OperationKeepsItsEvents(),
-        migrations.AlterField(
-            model_name="stopmonitorevent",
-            name="operation",
-            field=models.ForeignKey(db_constraint=False, db_index=False, on_delete=django.db.models.deletion.PROTECT,
-                                    related_name="events", to="api.operation"),
-        ),
-        migrations.AlterField(
-            model_name="stopmonitorevent",
-            name="tenant",
-            field=models.ForeignKey(db_constraint=False, db_index=False, on_delete=django.db.models.deletion.PROTECT,
-                                    related_name="events", to="api.client"),
-        ),
-        migrations.AlterField(
-            model_name="outbox",
-            name="event",
-            field=models.OneToOneField(db_constraint=False, on_delete=django.db.models.deletion.PROTECT,
-                                       related_name="outbox", to="api.stopmonitorevent"),
-        ),
+        # the constraints, each dropped under a lock timeout (re-runnable); the state follows
+        DropForeignKeyConstraint(
+            "api_stopmonitorevent", "api_stopmonitorevent_operation_id_ba39ecd4_fk_api_operation_id",
+            'FOREIGN KEY ("operation_id") REFERENCES "api_operation" ("id") DEFERRABLE INITIALLY DEFERRED'),
+        DropForeignKeyConstraint(
+            "api_stopmonitorevent", "api_stopmonitorevent_tenant_id_43281414_fk_api_client_id",
+            'FOREIGN KEY ("tenant_id") REFERENCES "api_client" ("id") DEFERRABLE INITIALLY DEFERRED'),
+        DropForeignKeyConstraint(
+            "api_outbox", "api_outbox_event_id_23d4bbb2_fk_api_stopmonitorevent_sequence",
+            'FOREIGN KEY ("event_id") REFERENCES "api_stopmonitorevent" ("sequence") DEFERRABLE INITIALLY DEFERRED'),
+        migrations.SeparateDatabaseAndState(state_operations=[
+            migrations.AlterField(
+                model_name="stopmonitorevent",
+                name="operation",
+                field=models.ForeignKey(db_constraint=False, db_index=False,
+                                        on_delete=django.db.models.deletion.PROTECT, related_name="events",
+                                        to="api.operation"),
+            ),
+            migrations.AlterField(
+                model_name="stopmonitorevent",
+                name="tenant",
+                field=models.ForeignKey(db_constraint=False, db_index=False,
+                                        on_delete=django.db.models.deletion.PROTECT, related_name="events",
+                                        to="api.client"),
+            ),
+            migrations.AlterField(
+                model_name="outbox",
+                name="event",
+                field=models.OneToOneField(db_constraint=False, on_delete=django.db.models.deletion.PROTECT,
+                                           related_name="outbox", to="api.stopmonitorevent"),
+            ),
+        ]),
     ]

@@ -39,9 +39,9 @@ def index_state(name):
         return cur.fetchone()
 
 
-def sqlmigrate(name: str) -> str:
+def sqlmigrate(name: str, *flags: str) -> str:
     out = StringIO()
-    call_command("sqlmigrate", "api", name, stdout=out)
+    call_command("sqlmigrate", "api", name, *flags, stdout=out)
     return out.getvalue()
 
 
@@ -243,3 +243,63 @@ def test_an_operation_with_events_cannot_be_deleted_or_renumbered_one_without_ca
         cur.execute("DELETE FROM api_operation WHERE id = %s", [bare.pk])
     assert list(Operation.objects.values_list("pk", "stop_price")) == [(kept.pk, Decimal("95"))]
     assert StopMonitorEvent.objects.filter(operation_id=kept.pk).count() == 1
+
+
+# -- 0020 on a live database: never queued without limit behind a transaction, re-runnable, and
+#    its way back builds nothing that blocks appends (reproductions from a review)
+
+def _dsn() -> str:
+    s = connection.settings_dict
+    return f"host={s['HOST'] or '127.0.0.1'} port={s['PORT'] or 5432} user={s['USER'] or 'postgres'} dbname={s['NAME']}"
+
+
+def _reader_in_transaction():
+    """Another session that has read api_operation and sits idle in its transaction (a slow API request, say)."""
+    import psycopg
+
+    reader = psycopg.connect(_dsn())
+    reader.execute("SELECT count(*) FROM api_operation")
+    return reader
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_0020_gives_up_after_its_lock_timeout_behind_a_long_transaction_and_a_rerun_completes():
+    import threading
+    import time
+
+    from django.db.utils import OperationalError
+
+    migrate_to(("api", "0019_monitor_pass"))
+    reader = _reader_in_transaction()
+    releaser = threading.Timer(20, reader.rollback)  # never hang the suite
+    releaser.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="lock timeout"):
+            migrate_to(("api", "0020_event_store_write_path"))
+        assert time.monotonic() - started < 15  # 5 s lock timeout, not the reader's lifetime
+    finally:
+        releaser.cancel()
+        reader.rollback()
+        reader.close()
+    with connection.cursor() as cur:
+        cur.execute("RESET lock_timeout")
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'api_operation_keeps_its_events'")
+        assert cur.fetchone()[0] == 1  # it failed after the trigger step
+    migrate_to(("api", "0020_event_store_write_path"))  # the re-run completes
+    assert foreign_keys("api_stopmonitorevent") == set() and foreign_keys("api_outbox") == set()
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'api_operation_keeps_its_events'")
+        assert cur.fetchone()[0] == 1
+
+
+@pg_only
+@pytest.mark.django_db
+def test_0020_backwards_builds_indexes_concurrently_and_validates_foreign_keys_without_blocking_writes():
+    sql = sqlmigrate("0020", "--backwards")
+    plain = [line for line in sql.splitlines() if line.startswith("CREATE INDEX") and "CONCURRENTLY" not in line]
+    assert plain == []
+    adds = [line for line in sql.splitlines() if "ADD CONSTRAINT" in line]
+    assert len(adds) == 3 and all(line.endswith("NOT VALID;") for line in adds)
+    assert sql.count("VALIDATE CONSTRAINT") == 3
