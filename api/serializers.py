@@ -419,3 +419,12 @@ class ErrorSerializer(serializers.Serializer):
 
     error = ErrorBodySerializer()
 
+
+class NotClosedSerializer(serializers.Serializer):
+    """409/502 of ``close``: the error envelope and, when the close protocol ran, what it did."""
+
+    error = ErrorBodySerializer()
+    outcome = serializers.CharField(required=False)
+    decisions = DecisionSerializer(many=True, required=False)
+    operation = OperationDetailSerializer(required=False)
+

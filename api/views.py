@@ -52,6 +52,7 @@ from api.serializers import (
     CircuitBreakerSerializer,
     CloseRequestSerializer,
     CloseResultSerializer,
+    NotClosedSerializer,
     ErrorSerializer,
     EventSerializer,
     ExecutionSerializer,
@@ -109,6 +110,17 @@ _ERROR_TEXT = {
     415: "The request body must be application/json.",
     429: "Too many requests for this user; retry after the Retry-After header.",
     503: "The exchange cannot be read now; nothing was changed.",
+}
+
+
+# POST /operations/{id}/close/: the HTTP status says whether the position was closed (the body's
+# ``outcome`` says how): sold (in full or in part, or found sold by reconcile) 200; the order was
+# sent and its outcome is unknown (the monitor reconciles it) 202; the exchange refused it 502; a
+# guardrail held it, or the block was already recorded, 409; an unexpected error 500
+CLOSE_STATUS = {
+    "executed": status.HTTP_200_OK, "partially_executed": status.HTTP_200_OK, "reconciled": status.HTTP_200_OK,
+    "unknown": status.HTTP_202_ACCEPTED, "submitted": status.HTTP_202_ACCEPTED,
+    "failed": status.HTTP_502_BAD_GATEWAY, "error": status.HTTP_500_INTERNAL_SERVER_ERROR,
 }
 
 
@@ -214,13 +226,18 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
     @extend_schema(
         summary="Close now at market through the engine (source api, exactly once).",
         description=(
-            "Runs the same close protocol as the monitor. `outcome` is the last decision: executed, "
-            "partially_executed, failed, unknown (the order may exist; the monitor reconciles it) or blocked "
-            "(a guardrail held it; the reason is in the decision and in the stream). 409 when the operation is "
-            "not ACTIVE or someone else (the monitor, another request) is closing it: no order is placed."
+            "Runs the same close protocol as the monitor. The status says whether the position was closed and "
+            "`outcome` (the last decision) how: 200 executed or partially_executed (the rest stays protected); "
+            "202 unknown (the order was sent and may exist; the monitor reconciles it); 502 failed (the exchange "
+            "refused the order; the operation stays ACTIVE); 409 blocked (a guardrail held it: the reason is in "
+            "the error message, the decision and the stream), or the operation is not ACTIVE, or someone else "
+            "(the monitor, another request) is closing it: no order is placed. 409 and 502 carry the error "
+            "envelope and, when close ran, its outcome, decisions and operation."
         ),
         request=CloseRequestSerializer,
-        responses={200: CloseResultSerializer, **error_responses(400, 404, 409, 415, 503)},
+        responses={**error_responses(400, 404, 415, 503), 200: CloseResultSerializer, 202: CloseResultSerializer,
+                   409: OpenApiResponse(NotClosedSerializer, description=_ERROR_TEXT[409]),
+                   502: OpenApiResponse(NotClosedSerializer, description="The exchange refused the order.")},
     )
     @action(detail=True, methods=["post"], filter_backends=[], pagination_class=None)
     def close(self, request, pk=None):
@@ -242,8 +259,9 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
             raise Conflict(f"operation {op.pk} is being changed by someone else") from None
         if any(d.action == "skipped" and d.reason == "NOT_ACTIVE" for d in decisions):
             raise Conflict(f"operation {op.pk} is already being closed by someone else")
+        outcome = decisions[-1].action
         body = {
-            "outcome": decisions[-1].action,
+            "outcome": outcome,
             "decisions": [
                 {"action": d.action, "execution_token": d.execution_token, "event_type": d.event_type,
                  "reason": d.reason, "detail": d.detail}
@@ -251,7 +269,13 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
             ],
             "operation": OperationDetailSerializer(Operation.objects.select_related("symbol").get(pk=op.pk)).data,
         }
-        return Response(body)
+        status_code = CLOSE_STATUS.get(outcome, status.HTTP_409_CONFLICT)
+        if status_code >= 400:  # nothing (more) was sold: the error envelope, and what close did
+            last = decisions[-1]
+            why = ": ".join(x for x in (last.reason, last.detail) if x)
+            body = {"error": {"code": "not_closed", "message": f"operation {op.pk} was not closed ({outcome}"
+                                                               f"{': ' + why if why else ''})", "fields": {}}, **body}
+        return Response(body, status=status_code)
 
     @extend_schema(
         summary="The operation's stream in version order.",

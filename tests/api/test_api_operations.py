@@ -214,8 +214,12 @@ def test_retrieve_without_execution(alice, open_op):
 def test_retrieve_with_latest_execution(alice, open_op, paper):
     op = open_op(alice.tenant)
     paper.push(Scripted("reject", code=-2010))
-    assert alice.api.post(f"{URL}{op.pk}/close/").json()["outcome"] == "failed"
-    assert alice.api.post(f"{URL}{op.pk}/close/").json()["outcome"] == "executed"
+    rejected = alice.api.post(f"{URL}{op.pk}/close/")
+    assert (rejected.status_code, rejected.json()["outcome"], rejected.json()["error"]["code"]) == (
+        502, "failed", "not_closed")
+    assert rejected.json()["operation"]["status"] == "ACTIVE"
+    executed = alice.api.post(f"{URL}{op.pk}/close/")
+    assert (executed.status_code, executed.json()["outcome"], "error" in executed.json()) == (200, "executed", False)
     r = alice.api.get(f"{URL}{op.pk}/")
     assert r.status_code == 200
     latest = r.json()["latest_execution"]
@@ -352,7 +356,10 @@ def test_close_blocked_by_kill_switch_reports_the_guard(alice, open_op, paper):
     TenantConfig.objects.create(client=alice.tenant, kill_switch=True, kill_switch_reason="incident 42")
     op = open_op(alice.tenant)
     r = alice.api.post(f"{URL}{op.pk}/close/")
-    assert r.status_code == 200
+    assert r.status_code == 409
+    assert r.json()["error"] == {"code": "not_closed", "fields": {},
+                                 "message": f"operation {op.pk} was not closed (blocked: KILL_SWITCH: "
+                                            f"kill switch on: incident 42)"}
     assert r.json()["outcome"] == "blocked"
     assert r.json()["decisions"] == [{"action": "blocked", "execution_token": None, "event_type": "BLOCKED",
                                       "reason": "KILL_SWITCH", "detail": "kill switch on: incident 42"}]
@@ -364,7 +371,8 @@ def test_close_with_unknown_outcome_leaves_it_closing(alice, open_op, paper):
     op = open_op(alice.tenant)
     paper.push(Scripted("timeout_after"))
     r = alice.api.post(f"{URL}{op.pk}/close/")
-    assert r.status_code == 200
+    assert r.status_code == 202
+    assert "error" not in r.json()
     assert r.json()["outcome"] == "unknown"
     assert r.json()["operation"]["status"] == "CLOSING"
     assert r.json()["operation"]["latest_execution"]["status"] == "SUBMITTED"

@@ -55,10 +55,14 @@ def test_schema_describes_every_error_with_the_envelope(db, anon):
             assert {"400", "415"} <= codes or path.endswith("/reset/"), (path, method)
         for code, response in op["responses"].items():
             if code >= "400":
-                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                envelope = ("NotClosed" if path.endswith("/close/") and code in ("409", "502") else "Error")
+                assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{envelope}"}
                 assert response["description"], (path, method, code)
     close = schema["paths"]["/api/v1/operations/{id}/close/"]["post"]["responses"]
-    assert {"409", "503"} <= set(close)
+    assert {"200", "202", "409", "502", "503"} <= set(close)
+    not_closed = schema["components"]["schemas"]["NotClosed"]
+    assert not_closed["properties"]["error"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert not_closed["required"] == ["error"]
     assert "409" in schema["paths"]["/api/v1/operations/{id}/"]["patch"]["responses"]
     assert "403" in schema["paths"]["/api/v1/risk/circuit-breakers/{symbol}/reset/"]["post"]["responses"]
 
