@@ -127,7 +127,8 @@ class OperationCreateSerializer(InputSerializer):
 
     symbol = serializers.CharField(max_length=20, help_text="An active symbol, e.g. BTCUSDT.")
     side = serializers.ChoiceField(choices=Side.choices, help_text="Opening side: BUY = long, SELL = short.")
-    quantity = money(help_text="Opened size in the base asset; at least the symbol's minQty and minNotional.")
+    quantity = money(help_text="Opened size in the base asset: a multiple of the symbol's stepSize, at least its minQty "
+                                "and minNotional.")
     entry_price = money(help_text="Entry price in the quote asset.")
     stop_price = money(help_text="Stop-loss level in the quote asset: below the entry for a long, above for a short.")
     target_price = money(required=False, help_text="Take-profit level: above the entry for a long, below for a short.")
@@ -144,6 +145,13 @@ class OperationCreateSerializer(InputSerializer):
         if symbol.min_qty is not None and quantity < symbol.min_qty:
             raise serializers.ValidationError(
                 {"quantity": [f"Below the symbol's minQty {_plain(symbol.min_qty)}."]}, code="below_min_qty"
+            )
+        # Binance LOT_SIZE: a quantity off the step could never be sold in full; the close would leave
+        # a remainder below minQty that stays open (and watched) for ever
+        if symbol.step_size and symbol.step_size > 0 and quantity % symbol.step_size != 0:
+            raise serializers.ValidationError(
+                {"quantity": [f"{_plain(quantity)} is not a multiple of the symbol's stepSize "
+                              f"{_plain(symbol.step_size)}."]}, code="off_step_size"
             )
         notional = quantity * attrs["entry_price"]
         if symbol.min_notional is not None and notional < symbol.min_notional:

@@ -112,11 +112,11 @@ def close_quantity(
     # never more precise than the exchange and the DecimalField(20, 8) columns: floor, never round up
     qty = qty.quantize(QTY_QUANTUM, rounding=ROUND_DOWN)
     if qty <= 0 or (min_qty and qty < min_qty):
-        return CloseQuantity(qty, "BELOW_MIN_QTY", f"quantity {qty} < minQty {min_qty} (stepSize {step_size})")
+        return CloseQuantity(qty, "BELOW_MIN_QTY", f"quantity {decimal_str(qty)} < minQty {decimal_str(min_qty)} "
+                                                   f"(stepSize {decimal_str(step_size)})")
     if min_notional and qty * price < min_notional:
-        return CloseQuantity(
-            qty, "BELOW_MIN_NOTIONAL", f"notional {qty * price} < minNotional {min_notional} at price {price}"
-        )
+        return CloseQuantity(qty, "BELOW_MIN_NOTIONAL", f"notional {decimal_str(qty * price)} < minNotional "
+                                                        f"{decimal_str(min_notional)} at price {decimal_str(price)}")
     return CloseQuantity(qty)
 
 

@@ -68,6 +68,9 @@ def body(**changes):
                      id="below-min-qty"),
         pytest.param(body(quantity="0.0001"),
                      {"quantity": ["Notional 0.93 is below the symbol's minNotional 5."]}, id="below-min-notional"),
+        pytest.param(body(quantity="0.012345"),
+                     {"quantity": ["0.012345 is not a multiple of the symbol's stepSize 0.00001."]},
+                     id="off-step-size"),
         # symbol and side
         pytest.param(body(symbol="DOGEUSDT"), {"symbol": ["Unknown or inactive symbol 'DOGEUSDT'."]},
                      id="unknown-symbol"),

@@ -98,3 +98,13 @@ def test_close_quantity_with_zero_step_is_floored_to_8_decimals():
     r = close_quantity(D("500"), D("1000") / D("6.95"), D("0"), D("0"), D("0"), D("6.95"))
     assert r.quantity == D("143.88489208")
     assert r.quantity * D("6.95") <= D("1000")
+
+
+def test_blocked_close_details_print_plain_decimals_never_exponents():
+    """A remainder under one step floors to 0: the reason read by a trader says 0, not ``0E-8``."""
+    from stopmonitor.rules import close_quantity
+
+    dust = close_quantity(D("0.000005"), None, D("0.00001"), D("0.00001"), D("5"), D("9100"))
+    assert (dust.blocked_reason, dust.detail) == ("BELOW_MIN_QTY", "quantity 0 < minQty 0.00001 (stepSize 0.00001)")
+    small = close_quantity(D("0.00050000"), None, D("0.00001"), D("0.00001"), D("5.00000000"), D("9100.00000000"))
+    assert (small.blocked_reason, small.detail) == ("BELOW_MIN_NOTIONAL", "notional 4.55 < minNotional 5 at price 9100")
