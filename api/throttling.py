@@ -8,11 +8,15 @@ workers, pods) can each write back a log missing the other's entry, so the throt
 
 from __future__ import annotations
 
+import logging
 import os
 
 from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.core.cache.backends.redis import RedisCache
+from redis import RedisError
 from rest_framework import throttling
+
+log = logging.getLogger("api.throttling")
 
 # KEYS[1]: the user's log (a sorted set: member = one request, score = its time in s)
 # ARGV: now, duration (s), allowed requests, member
@@ -40,10 +44,20 @@ class UserRateThrottle(throttling.UserRateThrottle):
     Redis cache the log is a sorted set under ``<key>:log``, trimmed, counted and appended by one
     Lua script (one round trip whatever the rate; concurrent requests cannot lose each other's
     entries). With another cache (development's file cache, the tests' local memory) DRF's own
-    code runs.
+    code runs. When Redis cannot be reached, requests are let through (see :meth:`allow_request`).
     """
 
     def allow_request(self, request, view):
+        """Fails open: when the cache cannot be reached the request goes through (a warning is
+        logged, and ``/health/ready`` reports the cache), because a trader's read or close must not
+        fail for want of a rate counter."""
+        try:
+            return self._allow_request(request, view)
+        except RedisError as exc:
+            log.warning("throttle not applied: the cache is unreachable", extra={"error": type(exc).__name__})
+            return True
+
+    def _allow_request(self, request, view):
         backend = caches[DEFAULT_CACHE_ALIAS] if self.cache is throttling.default_cache else self.cache
         if self.rate is None or not isinstance(backend, RedisCache):
             return super().allow_request(request, view)

@@ -112,3 +112,19 @@ def test_concurrent_requests_of_one_user_are_all_counted(redis_cache):
         t.join(timeout=30)
     assert len(allowed) == 200
     assert allowed.count(True) == 120
+
+
+def test_requests_go_through_with_a_warning_when_redis_is_down(settings, alice, caplog):
+    """Failing open: the API keeps answering (reads, closes) when the throttle's cache is down."""
+    from django.core.cache import caches
+    from django.core.cache.backends.redis import RedisCache
+
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:1/0",  # nothing listens on port 1
+                                   "OPTIONS": {"socket_connect_timeout": 0.2}}}
+    assert isinstance(caches["default"], RedisCache)
+    with caplog.at_level("WARNING", logger="api.throttling"):
+        r = alice.api.get("/api/v1/symbols/")
+    assert r.status_code == 200
+    assert [(rec.getMessage(), rec.error) for rec in caplog.records if rec.name == "api.throttling"] == [
+        ("throttle not applied: the cache is unreachable", "ConnectionError")]
