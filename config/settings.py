@@ -5,6 +5,7 @@ beside ``manage.py``, the replay exchange on recorded real prices. In staging/pr
 a missing value stops start-up with one line on stderr and exit status 78.
 """
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -115,14 +116,18 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["TEST"] = {"NAME": decouple_config("TEST_DATABASE_NAME", default="test_stopmonitor")}
 
 # Cache: Redis when configured (shared by every pod: rate-limit bans, clock offset, filters);
-# otherwise a file cache under /tmp, shared by the processes of one machine.
+# otherwise a file cache under /tmp, shared by the processes of one machine that use the same
+# database (its throttle counters and exchange state belong to that database's users and venue:
+# two checkouts or test databases on one machine do not see each other's).
 if CONFIG.redis_url:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CONFIG.redis_url}}
 else:
+    _db = DATABASES["default"]
+    _db_key = hashlib.sha1(f"{_db.get('HOST')}:{_db.get('PORT')}/{_db.get('NAME')}".encode()).hexdigest()[:12]
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-            "LOCATION": decouple_config("CACHE_DIR", default="/tmp/stopmonitor-cache"),
+            "LOCATION": decouple_config("CACHE_DIR", default=f"/tmp/stopmonitor-cache-{_db_key}"),
         }
     }
 

@@ -43,3 +43,25 @@ def test_gunicorn_workers_get_a_pool_as_large_as_their_greenlet_cap(size, min_si
     assert db["OPTIONS"]["pool"] == {"min_size": min_size, "max_size": int(size), "timeout": 2, "max_idle": 300}
     assert db["CONN_MAX_AGE"] == 0  # Django's pool requires it: a request gives its connection back at its end
     assert db["CONN_HEALTH_CHECKS"] is True
+
+
+def cache_location(**extra: str) -> str:
+    code = ("import django; from django.conf import settings; django.setup(); "
+            "print(settings.CACHES['default']['LOCATION'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, **extra},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines()[-1]
+
+
+def test_the_file_cache_belongs_to_one_database_unless_cache_dir_says_otherwise():
+    """Without Redis: two databases on one machine never share throttle counters or exchange state."""
+    import hashlib
+
+    stop = cache_location()
+    other = cache_location(DATABASE_URL="postgres://u:p@db:5432/other")
+    assert stop == "/tmp/stopmonitor-cache-" + hashlib.sha1(b"db:5432/stop").hexdigest()[:12]
+    assert other == "/tmp/stopmonitor-cache-" + hashlib.sha1(b"db:5432/other").hexdigest()[:12]
+    assert cache_location(DATABASE_URL="postgres://u:p@db:5432/stop") == stop  # stable
+    assert cache_location(CACHE_DIR="/tmp/mine") == "/tmp/mine"
+    assert cache_location(REDIS_URL="redis://r:6379/0") == "redis://r:6379/0"

@@ -265,7 +265,8 @@ def check_cache(secrets: list[str], redis_ok: bool | None) -> Check:
         cache.delete(key)
         if value != "1":
             raise RuntimeError("value written was not read back")
-        return Check("cache", OK, backend)
+        where = settings.CACHES["default"].get("LOCATION", "") if backend == "filebased" else ""
+        return Check("cache", OK, f"{backend} {where}".strip())
     except Exception as exc:  # noqa: BLE001
         return Check(
             "cache",
