@@ -72,3 +72,16 @@ def test_bad_interval_is_refused_with_one_line(tmp_path):
     proc = run_command(tmp_path, "--loop", "--interval", "0")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "CommandError: --interval must be a positive number of seconds"
+
+
+def test_an_unmigrated_database_is_one_line_that_says_to_migrate(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RBS_", "BINANCE", "EXCHANGE"))}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}", ENVIRONMENT="development",
+               CACHE_DIR=str(tmp_path / "cache"), LOG_LEVEL="WARNING")
+    proc = subprocess.run([sys.executable, "manage.py", "monitor_stops"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("CommandError: pass could not run: database error: OperationalError: no such table")
+    assert lines[0].endswith("(has `python manage.py migrate` run on this database?)")

@@ -75,10 +75,10 @@ def test_verify_lists_every_difference_and_exits_1_then_rebuild_repairs(closed_p
     code, out, _ = command("rebuild_projections", "--verify")
     assert code == 1
     assert sorted(out.splitlines()[:-1]) == sorted([
-        f"DIFF {tokens[long_.pk]} status: stored='FAILED' rebuilt='EXECUTED'",
-        f"DIFF {tokens[long_.pk]} executed_quantity: stored=Decimal('0.40000000') rebuilt=Decimal('0.5')",
-        f"DIFF {tokens[short.pk]} <missing>: stored=None rebuilt='EXECUTED'",
-        f"DIFF sm{long_.pk}-S9-deadbeef <extra>: stored='FAILED' rebuilt=None",
+        f'DIFF {tokens[long_.pk]} status: stored="FAILED" rebuilt="EXECUTED"',
+        f'DIFF {tokens[long_.pk]} executed_quantity: stored="0.40000000" rebuilt="0.5"',
+        f'DIFF {tokens[short.pk]} <missing>: stored=null rebuilt="EXECUTED"',
+        f'DIFF sm{long_.pk}-S9-deadbeef <extra>: stored="FAILED" rebuilt=null',
     ])
     assert out.splitlines()[-1] == ("projection differs from the events: 4 difference(s) (all operations); "
                                     "run rebuild_projections to repair")
@@ -128,8 +128,8 @@ def test_verify_exit_status_of_the_real_process(closed_pair):
     StopMonitorExecution.objects.filter(pk=tokens[long_.pk]).update(avg_fill_price=D("9000"))
     proc = run("--verify")
     assert proc.returncode == 1
-    assert proc.stdout.splitlines()[0] == (f"DIFF {tokens[long_.pk]} avg_fill_price: stored=Decimal('9000.00000000') "
-                                           "rebuilt=Decimal('9199.5')")
+    assert proc.stdout.splitlines()[0] == (f'DIFF {tokens[long_.pk]} avg_fill_price: stored="9000.00000000" '
+                                           'rebuilt="9199.5"')
     assert run().returncode == 0
     assert run("--verify").returncode == 0
 
@@ -188,6 +188,8 @@ def test_events_json_lines_and_the_global_feed_after_a_sequence(closed_pair):
 @pytest.mark.parametrize("args,message", [
     pytest.param(["--operation", "987654"], "operation 987654 does not exist", id="unknown-operation"),
     pytest.param(["--limit", "0"], "--limit must be a positive integer", id="zero-limit"),
+    pytest.param(["--operation", "1", "--after", "3"],
+                 "--after reads the global feed: give --operation or --after, not both", id="operation-and-after"),
 ])
 def test_events_errors_exit_2(tenant, args, message):
     assert command("events", *args) == (2, "", message)

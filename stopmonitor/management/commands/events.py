@@ -49,6 +49,8 @@ class Command(BaseCommand):
         from api.models import Operation, StopMonitorEvent
 
         limit = opts["limit"]
+        if opts["operation"] is not None and opts["after"]:
+            raise CommandError("--after reads the global feed: give --operation or --after, not both", returncode=2)
         if limit is not None and limit <= 0:
             raise CommandError("--limit must be a positive integer", returncode=2)
         try:

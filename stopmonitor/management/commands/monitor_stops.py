@@ -101,7 +101,8 @@ class Command(BaseCommand):
                 emit_json(out, {"type": "error", "error": str(exc)[:500]})
             except DatabaseError as exc:
                 if not opts["loop"]:
-                    raise CommandError(f"pass could not run: database error: {type(exc).__name__}: {exc}") from None
+                    raise CommandError(f"pass could not run: database error: {type(exc).__name__}: {exc}"
+                                       f"{MIGRATE_HINT if _missing_table(exc) else ''}") from None
                 emit_json(out, {"type": "error", "error": f"database: {type(exc).__name__}"})
             else:
                 if as_json:
@@ -126,3 +127,12 @@ class Command(BaseCommand):
             if stop["now"]:
                 break
         sys.stdout.flush()
+
+
+MIGRATE_HINT = " (has `python manage.py migrate` run on this database?)"
+
+
+def _missing_table(exc: Exception) -> bool:
+    """The schema is not there: SQLite's "no such table", PostgreSQL's undefined_table (42P01)."""
+    cause = exc.__cause__
+    return "no such table" in str(exc) or getattr(cause, "sqlstate", None) == "42P01"

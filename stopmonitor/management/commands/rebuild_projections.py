@@ -72,7 +72,8 @@ class Command(BaseCommand):
                                               "field": d.field, "stored": _jsonable(d.stored),
                                               "rebuilt": _jsonable(d.rebuilt)}))
             else:
-                self.stdout.write(f"DIFF {d.execution_token} {d.field}: stored={d.stored!r} rebuilt={d.rebuilt!r}")
+                self.stdout.write(f"DIFF {d.execution_token} {d.field}: stored={json.dumps(_jsonable(d.stored))} "
+                                  f"rebuilt={json.dumps(_jsonable(d.rebuilt))}")
         if as_json:
             self.stdout.write(json.dumps({"type": "summary", "action": "verify", "operation": operation_id,
                                           "differences": len(diffs), "duration_s": duration}))
