@@ -19,6 +19,14 @@ $$ LANGUAGE plpgsql;
 LOCK_TIMEOUT = "5s"  # how long a schema change may wait for its lock before it fails (and can be re-run)
 
 
+def _with_lock_timeout(schema_editor, timeout: str, *statements: str) -> None:
+    """Run ``statements`` each waiting at most ``timeout`` for its lock (then ``RESET lock_timeout``)."""
+    schema_editor.execute(f"SET lock_timeout = '{timeout}'")
+    for statement in statements:
+        schema_editor.execute(statement)
+    schema_editor.execute("RESET lock_timeout")
+
+
 class _RowTrigger(migrations.operations.base.Operation):
     """A PostgreSQL ``BEFORE … FOR EACH ROW`` trigger and its function (other databases: nothing).
 
@@ -39,11 +47,10 @@ class _RowTrigger(migrations.operations.base.Operation):
         schema_editor.execute(self.function_sql, params=None)
         # re-runnable (a non-atomic migration that failed after this step runs it again) and never
         # queued for ever behind a long transaction on the table
-        schema_editor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"')
-        schema_editor.execute(f'CREATE TRIGGER "{self.trigger}" BEFORE {self.events} ON "{self.table}" '
-                              f"FOR EACH ROW EXECUTE FUNCTION {self.function}()")
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, LOCK_TIMEOUT,
+                           f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"',
+                           f'CREATE TRIGGER "{self.trigger}" BEFORE {self.events} ON "{self.table}" '
+                           f"FOR EACH ROW EXECUTE FUNCTION {self.function}()")
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
@@ -103,22 +110,26 @@ class OperationKeepsItsEvents(_RowTrigger):
     summary = "Refuse DELETE of an operation that has events"
 
 
-class AddIndexConcurrentlyRepairing(migrations.AddIndex):
-    """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.
+class _LockTimeout:
+    """``lock_timeout`` (keyword) for an index operation: kept by ``deconstruct``."""
 
-    An index left INVALID by an earlier failed concurrent build is dropped (concurrently) and
-    built again instead of being skipped; a valid one already present is kept. The migration
-    using it must set ``atomic = False``. On SQLite it is a plain ``CREATE INDEX``.
-    """
-
-    def __init__(self, model_name, index, lock_timeout: str = LOCK_TIMEOUT):
-        super().__init__(model_name, index)
+    def __init__(self, *args, lock_timeout: str = LOCK_TIMEOUT, **kwargs):
+        super().__init__(*args, **kwargs)
         self.lock_timeout = lock_timeout
 
     def deconstruct(self):
         name, args, kwargs = super().deconstruct()
         kwargs["lock_timeout"] = self.lock_timeout
         return name, args, kwargs
+
+
+class AddIndexConcurrentlyRepairing(_LockTimeout, migrations.AddIndex):
+    """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.
+
+    An index left INVALID by an earlier failed concurrent build is dropped (concurrently) and
+    built again instead of being skipped; a valid one already present is kept. The migration
+    using it must set ``atomic = False``. On SQLite it is a plain ``CREATE INDEX``.
+    """
 
     @staticmethod
     def index_state(connection, name: str) -> str:
@@ -160,28 +171,17 @@ class AddIndexConcurrentlyRepairing(migrations.AddIndex):
         if schema_editor.connection.vendor != "postgresql":
             schema_editor.remove_index(model, self.index)
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout, f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
 
     def describe(self):
         return f"Create index {self.index.name} concurrently (repairing an INVALID one) on {self.model_name}"
 
 
-class RemoveIndexConcurrently(migrations.RemoveIndex):
+class RemoveIndexConcurrently(_LockTimeout, migrations.RemoveIndex):
     """``RemoveIndex`` that on PostgreSQL drops ``CONCURRENTLY IF EXISTS`` under a ``lock_timeout``,
     so a large table keeps taking writes; backwards it builds the index again concurrently.
     The migration using it must set ``atomic = False``. On SQLite it is a plain ``DROP INDEX``.
     """
-
-    def __init__(self, model_name, name, lock_timeout: str = LOCK_TIMEOUT):
-        super().__init__(model_name, name)
-        self.lock_timeout = lock_timeout
-
-    def deconstruct(self):
-        name, args, kwargs = super().deconstruct()
-        kwargs["lock_timeout"] = self.lock_timeout
-        return name, args, kwargs
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         model = from_state.apps.get_model(app_label, self.model_name)
@@ -190,9 +190,7 @@ class RemoveIndexConcurrently(migrations.RemoveIndex):
         if schema_editor.connection.vendor != "postgresql":
             super().database_forwards(app_label, schema_editor, from_state, to_state)
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout, f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         model = to_state.apps.get_model(app_label, self.model_name)
@@ -235,18 +233,15 @@ class DropIndexByNameConcurrently(migrations.operations.base.Operation):
         if schema_editor.connection.vendor != "postgresql":
             schema_editor.execute(f'DROP INDEX IF EXISTS "{self.name}"')
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout, f'DROP INDEX CONCURRENTLY IF EXISTS "{self.name}"')
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         columns = ", ".join(f'"{c}"' for c in self.columns)
         if schema_editor.connection.vendor != "postgresql":
             schema_editor.execute(f'CREATE INDEX IF NOT EXISTS "{self.name}" ON "{self.table}" ({columns})')
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self.name}" ON "{self.table}" ({columns})')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout,
+                           f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self.name}" ON "{self.table}" ({columns})')
 
     def describe(self):
         return f"Drop index {self.name} of {self.table} concurrently"
@@ -277,17 +272,15 @@ class DropForeignKeyConstraint(migrations.operations.base.Operation):
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout,
+                           f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"')
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
             return
-        schema_editor.execute(f"SET lock_timeout = '{self.lock_timeout}'")
-        schema_editor.execute(f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"')
-        schema_editor.execute(f'ALTER TABLE "{self.table}" ADD CONSTRAINT "{self.name}" {self.definition} NOT VALID')
-        schema_editor.execute("RESET lock_timeout")
+        _with_lock_timeout(schema_editor, self.lock_timeout,
+                           f'ALTER TABLE "{self.table}" DROP CONSTRAINT IF EXISTS "{self.name}"',
+                           f'ALTER TABLE "{self.table}" ADD CONSTRAINT "{self.name}" {self.definition} NOT VALID')
         schema_editor.execute(f'ALTER TABLE "{self.table}" VALIDATE CONSTRAINT "{self.name}"')
 
     def describe(self):

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from tests.stopmonitor.exchange.fake_binance import API_KEY, API_SECRET, FakeBinance
+from tests.deploy.support import free_port as _free_port
+from tests.deploy.support import listening as _listening
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +46,6 @@ SECRET_KEY = "faults-test-secret-key-0123456789abcdef"
 APP_PARTS = ("manage.py", "requirements.txt", "config", "api", "stopmonitor", "docker")
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from tests.deploy.support import free_port as _free_port
+from tests.deploy.support import listening as _listening
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +35,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 API_HOST = "api.staging.example"
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.deploy.support import listening as _listening
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 BROKER_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 STATE_PATH = "/tmp/outbox-relay-liveness"
 
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def container() -> dict:
