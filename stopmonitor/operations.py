@@ -30,6 +30,23 @@ class StateConflict(Exception):
     """The operation's status does not allow the change (CLOSING, CLOSED, CANCELLED)."""
 
 
+def lock_operation(operation_id: int):
+    """The ``Operation`` (with its symbol) locked until the end of the caller's transaction: the one
+    lock every writer of an operation takes before it reads the stream and appends (invariant 1).
+
+    ``FOR NO KEY UPDATE`` of the operation row and of its symbol row: closers and level changes of
+    one symbol still queue for each other (the per-symbol order the breaker relies on), but the lock
+    does not conflict with the ``FOR KEY SHARE`` that PostgreSQL takes on the symbol (and the operation)
+    when a row referencing it is inserted — with a plain ``FOR UPDATE``, an insert holding that key
+    lock and waiting for the append lock, a closer queued on the symbol and the append lock's holder
+    needing the same key lock deadlocked (266 of 600 requests under 40 concurrent API clients).
+    Raises ``Operation.DoesNotExist``. Must run inside ``transaction.atomic``.
+    """
+    from api.models import Operation
+
+    return Operation.objects.select_for_update(no_key=True).select_related("symbol").get(pk=operation_id)
+
+
 def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target: Decimal | None,
                  tick_size: Decimal | None = None) -> None:
     """A long's stop below the entry and target above it; a short's the mirror; each level a
@@ -88,7 +105,7 @@ def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_
 
     now = now or datetime.now(timezone.utc)
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         if op.status not in ("ACTIVE", "PLANNED"):
             raise StateConflict(f"operation {op.pk} is {op.status}: its levels cannot change")
         check_levels(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,

@@ -25,6 +25,7 @@ from django.db.models import Q
 
 from stopmonitor import guardrails as g
 from stopmonitor.events import ConcurrencyConflict, append_events, stream_head
+from stopmonitor.operations import lock_operation
 from stopmonitor.exchange.base import (
     ClockSkew,
     ExchangeError,
@@ -487,7 +488,7 @@ def _record_block_outside(operation_id: int, block: g.Block, trig, venue: str, s
     from api.models import Operation
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         version, last = stream_head(op.pk)
         return _record_block(op, version, last, block, trig, venue, source, now)
 
@@ -515,7 +516,7 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, exchange, contex
     from api.models import Operation, StopMonitorEvent
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         symbol = op.symbol.symbol
         if op.status != "ACTIVE":
             return Decision("skipped", op.pk, op.client_id, symbol, reason="NOT_ACTIVE",
@@ -661,7 +662,7 @@ def _submit_and_place(operation_id: int, token: str, exchange, *, now: datetime,
     from api.models import Operation, StopMonitorExecution
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         execution = StopMonitorExecution.objects.get(pk=token)
         symbol = op.symbol.symbol
         expected = "SUBMITTED" if resubmit_note else "TRIGGERED"
@@ -710,7 +711,7 @@ def record_failure(operation_id: int, token: str, exc: ExchangeError, venue: str
     from api.models import Operation, StopMonitorExecution
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         execution = StopMonitorExecution.objects.get(pk=token)
         symbol = op.symbol.symbol
         if execution.status not in ("SUBMITTED", "TRIGGERED"):
@@ -744,7 +745,7 @@ def record_outcome(operation_id: int, token: str, result, venue: str, *, now: da
     from api.models import Operation, StopMonitorExecution
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         execution = StopMonitorExecution.objects.get(pk=token)
         symbol = op.symbol.symbol
         if execution.status not in ("SUBMITTED",):
@@ -861,7 +862,7 @@ def _warn_if_stuck(operation_id: int, token: str, status: str, venue: str, now: 
     from api.models import Operation, StopMonitorExecution
 
     with transaction.atomic():
-        op = Operation.objects.select_for_update().select_related("symbol").get(pk=operation_id)
+        op = lock_operation(operation_id)
         execution = StopMonitorExecution.objects.get(pk=token)
         if execution.status != "SUBMITTED" or not execution.submitted_at or now - execution.submitted_at < STUCK_AFTER:
             return []

@@ -46,7 +46,7 @@ class Command(BaseCommand):
 
         created = updated = deactivated = missing = 0
         with transaction.atomic():
-            existing = {s.symbol: s for s in Symbol.objects.select_for_update().filter(symbol__in=wanted)}
+            existing = {s.symbol: s for s in Symbol.objects.select_for_update(no_key=True).filter(symbol__in=wanted)}
             for name in wanted:
                 f = filters.get(name)
                 row = existing.get(name)

@@ -6,7 +6,7 @@ PostgreSQL kills one of them with OperationalError (deadlock detected), which es
 close_operation / reconcile_submitted / run_pass.
 
 The two threading.Events only make the (otherwise timing-dependent) interleaving deterministic;
-no engine code is changed. It does NOT deadlock: every ``select_for_update().select_related("symbol")``
+no engine code is changed. It does NOT deadlock: ``lock_operation`` (``FOR NO KEY UPDATE`` with ``select_related("symbol")``)
 also locks the joined Symbol row (no ``of=``), so all closers of one symbol serialize on that row
 before they reach the breaker row or the append lock. Kept as a regression guard: adding
 ``of=("self",)`` to those queries would open the deadlock."""
