@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import OperationalError as DatabaseOperationalError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -19,8 +22,8 @@ def _fields(detail) -> dict:
 
 
 def exception_handler(exc, context):
-    """Convert every API exception (DRF's, and Django's ValidationError, Http404 and PermissionDenied)
-    to the one envelope.
+    """Convert every API exception (DRF's, Django's ValidationError, Http404 and PermissionDenied, and
+    database OperationalErrors as 503 ``database_unavailable``) to the one envelope.
 
     Django's exceptions are converted here, before the code is read from ``exc``: DRF's handler
     converts Http404 and PermissionDenied too, but only its own local copy. A Django ``Http404``
@@ -34,6 +37,11 @@ def exception_handler(exc, context):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied(*(str(a) for a in exc.args[:1]))
+    elif isinstance(exc, DatabaseOperationalError):
+        # no connection within the pool's timeout, a connection that died, a deadlock, a lock or
+        # statement timeout: the request's transaction is rolled back and it may be retried
+        logging.getLogger("api.errors").error("database error answered 503", exc_info=exc)
+        exc = DatabaseUnavailable()
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -53,7 +61,20 @@ def exception_handler(exc, context):
         if isinstance(detail, (dict, list)):
             body["error"]["fields"] = _fields(detail)
     response.data = body
+    if isinstance(exc, DatabaseUnavailable):
+        response["Retry-After"] = str(DatabaseUnavailable.retry_after)
     return response
+
+
+class DatabaseUnavailable(exceptions.APIException):
+    """503: the database could not complete the request (unreachable, or a deadlock or lock timeout);
+    nothing of it was committed. Sent with ``Retry-After``."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "database_unavailable"
+    default_detail = ("The database could not complete the request; nothing of it was saved. Read the object "
+                      "again before retrying: a close may already be under way.")
+    retry_after = 2
 
 
 class Conflict(exceptions.APIException):
@@ -64,4 +85,4 @@ class Conflict(exceptions.APIException):
     default_detail = "The operation's state does not allow this change."
 
 
-__all__ = ["exception_handler", "Conflict", "Response"]
+__all__ = ["exception_handler", "Conflict", "DatabaseUnavailable", "Response"]

@@ -111,3 +111,26 @@ def test_handler_called_directly_with_a_fake_context():
 
 def test_other_exceptions_are_left_to_django():
     assert exception_handler(RuntimeError("boom"), {"view": None, "request": None}) is None
+
+
+def test_a_database_error_is_a_json_503_with_retry_after_and_changes_nothing(alice, open_op, monkeypatch, caplog):
+    """A pool timeout, a dead connection or a deadlock answered Django's HTML 500 page before."""
+    from django.db import OperationalError
+
+    from api.models import Operation
+    from stopmonitor import operations
+
+    op = open_op(alice.tenant)
+
+    def deadlock(operation_id):
+        raise OperationalError("deadlock detected")
+
+    monkeypatch.setattr(operations, "lock_operation", deadlock)
+    with caplog.at_level("ERROR", logger="api.errors"):
+        r = alice.api.patch(f"/api/v1/operations/{op.pk}/", {"stop_price": "9100"}, format="json")
+    assert r.status_code == 503
+    assert r.json() == error("database_unavailable", "The database could not complete the request; nothing of it "
+                             "was saved. Read the object again before retrying: a close may already be under way.")
+    assert r["Retry-After"] == "2"
+    assert Operation.objects.get(pk=op.pk).stop_price == op.stop_price
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "api.errors"] == ["database error answered 503"]
