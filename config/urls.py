@@ -1,17 +1,15 @@
 """URL configuration: the admin, the REST API under /api/v1/, OpenAPI schema and docs.
 
 ``/health`` and ``/health/ready`` are answered by ``api.health.HealthProbeMiddleware``; ``/metrics``
-is Prometheus (django-prometheus plus the monitor's gauges read from the database).
+(django-prometheus plus the monitor's gauges read from the database) by
+``stopmonitor.metrics.MetricsEndpointMiddleware``, only to requests that did not come through the proxy.
 """
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from stopmonitor.metrics import metrics_view
-
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("metrics", metrics_view, name="prometheus-django-metrics"),
     path("api/v1/", include("api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

@@ -296,16 +296,29 @@ def serve(port: int, addr: str = "0.0.0.0"):
 
 
 class MetricsEndpointMiddleware:
-    """Answers ``GET /metrics`` before host validation and the SSL redirect (placed right after
-    the probe middleware): Prometheus scrapes the pod IP over plain HTTP, like the kubelet's
-    probes, so ``Host:`` is not in a strict ``ALLOWED_HOSTS``. Same view as the URL route."""
+    """Answers ``/metrics`` before host validation and the SSL redirect (placed right after the
+    probe middleware): Prometheus scrapes the pod IP over plain HTTP, like the kubelet's probes, so
+    ``Host:`` is not in a strict ``ALLOWED_HOSTS``.
+
+    Only to requests that did not come through the reverse proxy: one carrying ``X-Forwarded-For``,
+    ``X-Forwarded-Host`` or ``X-Forwarded-Proto`` (Traefik sets them on everything it forwards
+    from the public Ingress) gets a 404 — the metrics (symbols watched, request counts, backlog)
+    are not for the internet. Other methods get 405.
+    """
 
     path = "/metrics"
+    forwarded = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO")
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        if request.path_info.rstrip("/") == self.path and request.method in ("GET", "HEAD"):
-            return metrics_view(request)
-        return self.get_response(request)
+        from django.http import HttpResponseNotAllowed, HttpResponseNotFound
+
+        if request.path_info.rstrip("/") != self.path:
+            return self.get_response(request)
+        if any(request.META.get(header) for header in self.forwarded):
+            return HttpResponseNotFound("not found", content_type="text/plain")
+        if request.method not in ("GET", "HEAD"):
+            return HttpResponseNotAllowed(["GET", "HEAD"])
+        return metrics_view(request)

@@ -212,3 +212,16 @@ def test_every_sixtieth_pass_row_prunes_the_rows_older_than_thirty_days():
     assert MonitorPass.objects.latest("pk").pk % PRUNE_EVERY == 0
     assert MonitorPass.objects.filter(finished_at=old).count() == 0
     assert MonitorPass.objects.filter(finished_at=kept).count() == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("header", ["HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO"])
+def test_metrics_are_not_served_through_the_public_proxy(client, header):
+    """The Ingress (Traefik) adds X-Forwarded-*: from the internet /metrics is a 404; Prometheus
+    scraping the pod IP (no such header) gets it, whatever the Host."""
+    value = {"HTTP_X_FORWARDED_PROTO": "https"}.get(header, "203.0.113.7")
+    forwarded = client.get("/metrics", HTTP_HOST="api.staging.example", **{header: value})
+    assert (forwarded.status_code, forwarded.content) == (404, b"not found")
+    scraped = client.get("/metrics", HTTP_HOST="10.42.0.17:8000")
+    assert scraped.status_code == 200 and b"stopmonitor_" in scraped.content
+    assert client.post("/metrics", HTTP_HOST="10.42.0.17:8000").status_code == 405
