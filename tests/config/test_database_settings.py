@@ -18,14 +18,19 @@ ENV = {
 }
 
 
-def database_settings(**extra: str) -> dict:
-    """``settings.DATABASES["default"]`` as a fresh process sees it with ``extra`` in its environment."""
+def setting(expression: str, **extra: str):
+    """``expression`` (over ``settings``) as a fresh process sees it with ``extra`` in its environment."""
     code = ("import json, django; from django.conf import settings; django.setup(); "
-            "print(json.dumps(settings.DATABASES['default'], default=str))")
+            f"print(json.dumps({expression}, default=str))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, **extra},
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def database_settings(**extra: str) -> dict:
+    """``settings.DATABASES["default"]`` of a fresh process with ``extra`` in its environment."""
+    return setting("settings.DATABASES['default']", **extra)
 
 
 def test_commands_and_celery_open_their_own_connection_in_utc():
@@ -46,12 +51,7 @@ def test_gunicorn_workers_get_a_pool_as_large_as_their_greenlet_cap(size, min_si
 
 
 def cache_location(**extra: str) -> str:
-    code = ("import django; from django.conf import settings; django.setup(); "
-            "print(settings.CACHES['default']['LOCATION'])")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, **extra},
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.splitlines()[-1]
+    return setting("settings.CACHES['default']['LOCATION']", **extra)
 
 
 def test_the_file_cache_belongs_to_one_database_unless_cache_dir_says_otherwise():

@@ -1,8 +1,26 @@
-"""Shared by the deploy tests that run real processes: is a local port listening, and a free one."""
+"""Shared by the deploy tests that run real processes: a clean environment, is a local port
+listening, and a free one."""
 
 from __future__ import annotations
 
 import socket
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """A minimal environment: nothing inherited from the developer's shell (``extra`` on top)."""
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "CACHE_DIR": str(home / "cache"),
+    }
+    env.update(extra)
+    return env
 
 
 def listening(port: int) -> bool:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from tests.deploy.support import clean_env
 from tests.deploy.support import free_port as _free_port
 from tests.deploy.support import listening as _listening
 
@@ -35,19 +36,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 API_HOST = "api.staging.example"
 
 
-
-
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """A minimal environment: nothing inherited from the developer's shell."""
-    env = {
-        "PATH": f"{BIN}:/usr/bin:/bin",
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "CACHE_DIR": str(home / "cache"),
-    }
-    env.update(extra)
-    return env
 
 
 def production_env(home: Path, **extra: str) -> dict[str, str]:

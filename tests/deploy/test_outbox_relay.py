@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.deploy.support import clean_env
 from tests.deploy.support import listening as _listening
 
 pytestmark = pytest.mark.slow
@@ -51,18 +52,9 @@ def grace_seconds() -> int:
 
 def relay_env(home: Path, app_name: str, **extra: str) -> dict[str, str]:
     """A development environment (no static manifest needed) with every datastore on loopback."""
-    env = {
-        "PATH": f"{BIN}:/usr/bin:/bin",
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "CACHE_DIR": str(home / "cache"),
-        "ENVIRONMENT": "development",
-        "DATABASE_URL": DB_URL,
-        "REDIS_URL": REDIS_URL,
-        "RABBITMQ_URL": BROKER_URL,
-        "PGAPPNAME": app_name,  # libpq: finds this relay's sessions in pg_stat_activity
-    }
+    env = clean_env(home, ENVIRONMENT="development", DATABASE_URL=DB_URL, REDIS_URL=REDIS_URL,
+                    RABBITMQ_URL=BROKER_URL,
+                    PGAPPNAME=app_name)  # libpq: finds this relay's sessions in pg_stat_activity
     env.update(extra)
     return {k: v for k, v in env.items() if v is not None}
 
