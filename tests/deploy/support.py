@@ -3,6 +3,7 @@ listening, and a free one."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -37,3 +38,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def scratch_database(suffix: str) -> str:
+    """The name of a scratch database of these tests: ``sm_<suffix>``, or ``<TEST_DATABASE_NAME>_<suffix>``
+    when ``TEST_DATABASE_NAME`` is set, so two suites on one PostgreSQL server (two checkouts, CI and a
+    developer) never recreate each other's databases."""
+    return f"{os.environ.get('TEST_DATABASE_NAME') or 'sm'}_{suffix}"

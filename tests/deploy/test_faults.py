@@ -31,14 +31,15 @@ import pytest
 from tests.stopmonitor.exchange.fake_binance import API_KEY, API_SECRET, FakeBinance
 from tests.deploy.support import free_port as _free_port
 from tests.deploy.support import listening as _listening
+from tests.deploy.support import scratch_database
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DB_NAME = "sm_faults_ci"
-EMPTY_DB_NAME = "sm_faults_empty"
+DB_NAME = scratch_database("faults_ci")
+EMPTY_DB_NAME = scratch_database("faults_empty")
 DB_URL = f"postgres://postgres:faults-pg-password@127.0.0.1:5432/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API_HOST = "api.staging.example"

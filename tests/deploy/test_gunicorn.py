@@ -24,13 +24,14 @@ import pytest
 from tests.deploy.support import clean_env
 from tests.deploy.support import free_port as _free_port
 from tests.deploy.support import listening as _listening
+from tests.deploy.support import scratch_database
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DB_NAME = "sm_deploy_ci"
+DB_NAME = scratch_database("deploy_ci")
 DB_URL = f"postgres://postgres@127.0.0.1:5432/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API_HOST = "api.staging.example"

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from tests.deploy.support import clean_env
 from tests.deploy.support import listening as _listening
+from tests.deploy.support import scratch_database
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MANIFEST = ROOT / "deploy" / "k8s" / "base" / "deployment-outbox-relay.yaml"
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DB_NAME = "sm_relay_ci"
+DB_NAME = scratch_database("relay_ci")
 DB_URL = f"postgres://postgres@127.0.0.1:5432/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BROKER_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
