@@ -294,6 +294,10 @@ class Outbox(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["event"], name="outbox_unpublished_idx", condition=Q(published_at__isnull=True)),
+            # the relay's claim: "no earlier unpublished row of the same operation" is one index probe
+            # (without it, an anti-join over the whole backlog per batch: 3.6 s a batch at 10k rows)
+            models.Index(fields=["operation_id_ref", "event"], name="outbox_stream_unpublished_idx",
+                         condition=Q(published_at__isnull=True)),
         ]
 
 

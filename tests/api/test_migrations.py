@@ -303,3 +303,12 @@ def test_0020_backwards_builds_indexes_concurrently_and_validates_foreign_keys_w
     adds = [line for line in sql.splitlines() if "ADD CONSTRAINT" in line]
     assert len(adds) == 3 and all(line.endswith("NOT VALID;") for line in adds)
     assert sql.count("VALIDATE CONSTRAINT") == 3
+
+
+@pg_only
+@pytest.mark.django_db
+def test_sqlmigrate_0021_builds_the_relay_claim_index_concurrently():
+    sql = sqlmigrate("0021")
+    assert ('CREATE INDEX CONCURRENTLY "outbox_stream_unpublished_idx" ON "api_outbox" ("operation_id_ref", "event_id") '
+            'WHERE "published_at" IS NULL;') in sql
+    assert "BEGIN;" not in sql
