@@ -3,6 +3,7 @@ listening, and a free one."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import sys
@@ -45,3 +46,15 @@ def scratch_database(suffix: str) -> str:
     when ``TEST_DATABASE_NAME`` is set, so two suites on one PostgreSQL server (two checkouts, CI and a
     developer) never recreate each other's databases."""
     return f"{os.environ.get('TEST_DATABASE_NAME') or 'sm'}_{suffix}"
+
+
+def request(port: int, path: str, host: str = "10.1.2.3:8000", timeout: float = 10, headers: dict | None = None):
+    """``GET path`` from 127.0.0.1:``port`` with ``Host: host`` (default: a pod IP, as a probe sends it):
+    ``(status, headers, body bytes)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()

@@ -16,7 +16,6 @@ otherwise); Binance is the local fake (``tests/stopmonitor/exchange/fake_binance
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import pytest
 from tests.stopmonitor.exchange.fake_binance import API_KEY, API_SECRET, FakeBinance
 from tests.deploy.support import free_port as _free_port
 from tests.deploy.support import listening as _listening
+from tests.deploy.support import request
 from tests.deploy.support import scratch_database
 
 pytestmark = pytest.mark.slow
@@ -104,16 +104,6 @@ def assert_one_line_config_error(result: subprocess.CompletedProcess, *names: st
     for name in absent:
         assert name not in line, (name, line)
     return line
-
-
-def request(port: int, path: str, host: str = "10.1.2.3:8000", timeout: float = 10, headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": host, **(headers or {})})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def read_only_prefix(*folders: Path) -> list[str]:

@@ -9,7 +9,6 @@ database is a dedicated one (``sm_deploy_ci``, created and migrated here) so rea
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ import pytest
 from tests.deploy.support import clean_env
 from tests.deploy.support import free_port as _free_port
 from tests.deploy.support import listening as _listening
+from tests.deploy.support import request
 from tests.deploy.support import scratch_database
 
 pytestmark = pytest.mark.slow
@@ -109,16 +109,6 @@ def gunicorn(env: dict[str, str], logdir: Path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-
-
-def request(port: int, path: str, host: str, timeout: float = 10, headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": host, **(headers or {})})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------- gunicorn

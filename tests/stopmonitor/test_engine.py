@@ -10,23 +10,12 @@ import pytest
 
 from stopmonitor.exchange.base import OrderRequest, RateLimited
 from stopmonitor.exchange.paper import Scripted
-from stopmonitor.services import EngineSettings, PassError, close_operation, run_pass
+from stopmonitor.services import PassError, close_operation, run_pass
 
 from .conftest import NOW
+from .regressions.helpers import ENGINE, stream, types
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ENGINE = EngineSettings(quote_max_age_seconds=10, reconcile_after_seconds=30, breaker_threshold=3,
-                        breaker_cooldown_seconds=300)
-
-
-def stream(op):
-    from api.models import StopMonitorEvent
-
-    return [(e.event_type, e.payload) for e in StopMonitorEvent.objects.filter(operation=op).order_by("version")]
-
-
-def types(op):
-    return [t for t, _ in stream(op)]
 
 
 def run(paper, at=NOW, fresh=True, **kw):
