@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from django.db import migrations
+from datetime import timezone
+
+from django.core.management.base import CommandError
+from django.db import OperationalError, migrations
 
 from stopmonitor.events import UUID7_SQL_FUNCTION
 
@@ -23,7 +26,12 @@ def _with_lock_timeout(schema_editor, timeout: str, *statements: str) -> None:
     """Run ``statements`` each waiting at most ``timeout`` for its lock (then ``RESET lock_timeout``)."""
     schema_editor.execute(f"SET lock_timeout = '{timeout}'")
     for statement in statements:
-        schema_editor.execute(statement)
+        try:
+            schema_editor.execute(statement)
+        except OperationalError as exc:
+            if not _lock_not_available(exc):
+                raise
+            raise CommandError(lock_timeout_message(schema_editor.connection, statement, timeout)) from None
     schema_editor.execute("RESET lock_timeout")
 
 
@@ -123,6 +131,40 @@ class _LockTimeout:
         return name, args, kwargs
 
 
+BLOCKERS_SQL = """
+SELECT pid, state, EXTRACT(EPOCH FROM now() - xact_start), query_start, left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
+FROM pg_stat_activity
+WHERE pid <> pg_backend_pid() AND datname = current_database() AND xact_start IS NOT NULL
+ORDER BY xact_start LIMIT 3
+"""
+
+
+def lock_timeout_message(connection, what: str, timeout: str) -> str:
+    """One line for ``what`` (a DDL statement) that gave up after ``timeout`` waiting for a lock: the
+    oldest open transactions of the database, which hold it back (pid, state, transaction age, query
+    start, query), and what to do. A CREATE INDEX CONCURRENTLY waits for the transactions that
+    wrote to its table and for every one holding an older snapshot."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(BLOCKERS_SQL)
+            rows = cursor.fetchall()
+    except Exception:  # noqa: BLE001 - the message is still useful without the sessions
+        rows = []
+    sessions = "; ".join(
+        f"pid {pid} ({state}, transaction open {age:.1f} s, query started "
+        f"{started.astimezone(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ') if started else '?'}: {query!r})"
+        for pid, state, age, started, query in rows
+    ) or "no open transaction now (it has ended)"
+    first = rows[0][0] if rows else "<pid>"
+    return (f"{what} waited {timeout} for a lock and gave up; blocked by {sessions}. End it "
+            f"(SELECT pg_terminate_backend({first})) or let it finish, then run migrate again: it repairs "
+            f"what this step left (an INVALID index is dropped and rebuilt)")
+
+
+def _lock_not_available(exc: Exception) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03"
+
+
 class AddIndexConcurrentlyRepairing(_LockTimeout, migrations.AddIndex):
     """``AddIndex`` that on PostgreSQL builds ``CONCURRENTLY`` under a ``lock_timeout``.
 
@@ -161,7 +203,14 @@ class AddIndexConcurrentlyRepairing(_LockTimeout, migrations.AddIndex):
         if state == "invalid":
             schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
         if state != "valid":
-            schema_editor.add_index(model, self.index, concurrently=True)
+            try:
+                schema_editor.add_index(model, self.index, concurrently=True)
+            except OperationalError as exc:
+                if not _lock_not_available(exc):
+                    raise
+                # one line (migrate prints a CommandError without its traceback), naming the session
+                raise CommandError(lock_timeout_message(
+                    connection, f"CREATE INDEX CONCURRENTLY {self.index.name}", self.lock_timeout)) from None
         schema_editor.execute("RESET lock_timeout")
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
@@ -316,3 +365,76 @@ class CreateUUID7Function(migrations.operations.base.Operation):
 
     def describe(self):
         return f"Create SQL function {UUID7_SQL_FUNCTION}() (UUID version 7)"
+
+
+NO_TRUNCATE_FUNCTION = """
+CREATE OR REPLACE FUNCTION stopmonitor_event_no_truncate() RETURNS trigger AS $$
+BEGIN
+    -- a superuser (the test runner's flush, a restore drill's scratch copy) may; no other role,
+    -- the owner included, truncates the event store by accident
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION '% is append-only: TRUNCATE refused (invariant 8)', TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$ LANGUAGE plpgsql;
+"""
+
+
+class NoTruncateTrigger(migrations.operations.base.Operation):
+    """On PostgreSQL, a ``BEFORE TRUNCATE`` statement trigger on ``table`` refusing TRUNCATE to every
+    role but a superuser (also when reached by ``TRUNCATE … CASCADE`` from another table). The
+    runtime role has no TRUNCATE privilege at all (:mod:`stopmonitor.roles`); this stops the owner."""
+
+    reduces_to_sql = True
+    reversible = True
+
+    def __init__(self, table: str):
+        self.table = table
+        self.trigger = f"{table}_no_truncate"
+
+    def deconstruct(self):
+        return self.__class__.__name__, [self.table], {}
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        schema_editor.execute(NO_TRUNCATE_FUNCTION, params=None)
+        _with_lock_timeout(schema_editor, LOCK_TIMEOUT,
+                           f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"',
+                           f'CREATE TRIGGER "{self.trigger}" BEFORE TRUNCATE ON "{self.table}" '
+                           f"FOR EACH STATEMENT EXECUTE FUNCTION stopmonitor_event_no_truncate()")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(f'DROP TRIGGER IF EXISTS "{self.trigger}" ON "{self.table}"')
+
+    def describe(self):
+        return f"Refuse TRUNCATE on {self.table} (PostgreSQL trigger)"
+
+
+KEEP_TENANT_FUNCTION = """
+CREATE OR REPLACE FUNCTION stopmonitor_operation_keeps_its_tenant() RETURNS trigger AS $$
+BEGIN
+    IF NEW.client_id IS DISTINCT FROM OLD.client_id
+       AND EXISTS (SELECT 1 FROM api_stopmonitorevent WHERE operation_id = OLD.id) THEN
+        RAISE EXCEPTION 'operation % has events: its tenant cannot change (% to %)', OLD.id, OLD.client_id,
+            NEW.client_id USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+"""
+
+
+class OperationKeepsItsTenant(_RowTrigger):
+    """On PostgreSQL, a row trigger on ``api_operation`` refusing to change ``client_id`` (the tenant)
+    of an operation that has events: its events carry the tenant and the feed serves them by it."""
+
+    function, function_sql = "stopmonitor_operation_keeps_its_tenant", KEEP_TENANT_FUNCTION
+    trigger, table, events = "api_operation_keeps_its_tenant", "api_operation", "UPDATE OF client_id"
+    summary = "Refuse changing the tenant of an operation that has events"

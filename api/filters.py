@@ -5,32 +5,64 @@ from __future__ import annotations
 import django_filters
 from django import forms
 from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import extend_schema_field
 
 from api.models import ExecutionStatus, Operation, OperationStatus, Side, StopMonitorExecution
+
+
+class PresentChoiceField(forms.ChoiceField):
+    """A choice that, when the parameter is given, must be one of the choices: ``?status=`` is refused
+    (the schema's enum has no empty value; django-filter would ignore it)."""
+
+    def clean(self, value):
+        if value == "":
+            raise forms.ValidationError(f"Select one of {', '.join(str(c) for c, _ in self.choices if c)}.",
+                                        code="invalid_choice")
+        return super().clean(value)
+
+
+class StrictChoiceFilter(django_filters.ChoiceFilter):
+    field_class = PresentChoiceField
+
+
+@extend_schema_field({"type": "string", "maxLength": 20, "pattern": "^[^\\x00]*$"})
+class SymbolFilter(django_filters.CharFilter):
+    """A symbol name, at most 20 characters (the column's length), as the schema says."""
 
 
 class OperationFilter(django_filters.FilterSet):
     """``?status=ACTIVE&symbol=BTCUSDT&side=BUY``."""
 
-    status = django_filters.ChoiceFilter(choices=OperationStatus.choices)
-    symbol = django_filters.CharFilter(field_name="symbol__symbol", max_length=20)
-    side = django_filters.ChoiceFilter(choices=Side.choices)
+    status = StrictChoiceFilter(choices=OperationStatus.choices)
+    symbol = SymbolFilter(field_name="symbol__symbol", max_length=20)
+    side = StrictChoiceFilter(choices=Side.choices)
 
     class Meta:
         model = Operation
         fields = ["status", "symbol", "side"]
 
 
-class IntegerFilter(django_filters.NumberFilter):
-    """A whole-number filter (``1.5`` and ``NaN`` are refused)."""
+class StrictIntegerField(forms.IntegerField):
+    """ASCII digits only: ``int()`` would also take ``" 5"``, ``"+5"``, ``"1_0"`` and ``"١٠"``."""
 
-    field_class = forms.IntegerField
+    def to_python(self, value):
+        if value not in self.empty_values and not (isinstance(value, str) and value.isascii() and value.isdigit()):
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return super().to_python(value)
+
+
+@extend_schema_field({"type": "integer", "minimum": 1, "maximum": 2**63 - 1})
+class IntegerFilter(django_filters.NumberFilter):
+    """A whole-number filter of an id: 1 … 2**63-1 (``1.5``, ``NaN``, ``0`` and ``-1`` are refused, as the
+    schema says)."""
+
+    field_class = StrictIntegerField
 
 
 class ExecutionFilter(django_filters.FilterSet):
     """``?status=EXECUTED&operation=42``."""
 
-    status = django_filters.ChoiceFilter(choices=ExecutionStatus.choices)
+    status = StrictChoiceFilter(choices=ExecutionStatus.choices)
     operation = IntegerFilter(field_name="operation_id", min_value=1, max_value=2**63 - 1)
 
     class Meta:

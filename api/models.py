@@ -46,6 +46,9 @@ class Symbol(models.Model):
     step_size = money_field(null=True, blank=True)
     min_qty = money_field(null=True, blank=True)
     min_notional = money_field(null=True, blank=True)
+    #: MARKET_LOT_SIZE maxQty (with LOT_SIZE's): a close larger than this goes in chunks, each
+    #: of which must clear minNotional at the stop (checked at opening; issue #12 item 6)
+    market_max_qty = money_field(null=True, blank=True)
     is_active = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -59,6 +62,15 @@ class OperationStatus(models.TextChoices):
     CLOSING = "CLOSING"
     CLOSED = "CLOSED"
     CANCELLED = "CANCELLED"
+
+
+def current_venue() -> str:
+    """The venue this deployment trades on, as its exchange adapter names itself (``exchange.venue``):
+    what a new operation remembers. ``EXCHANGE_VENUE=replay`` fills on paper, so it is ``paper``."""
+    from django.conf import settings
+
+    venue = str(settings.EXCHANGE_VENUE)
+    return "paper" if venue == "replay" else venue
 
 
 class Operation(models.Model):
@@ -92,6 +104,25 @@ class Operation(models.Model):
     stop_execution_token = models.CharField(max_length=36, null=True, blank=True)
     last_stop_check_at = models.DateTimeField(null=True, blank=True)
     stop_check_count = models.IntegerField(null=True, blank=True, db_default=0)
+    # 0027: trailing stop and break-even settings (all optional; stopmonitor.trailing.TrailingSettings)
+    trail_distance = money_field(null=True, blank=True, help_text="Trail distance in the quote asset.")
+    trail_distance_percent = models.DecimalField(
+        max_digits=7, decimal_places=4, null=True, blank=True, help_text="Trail distance in percent of the best price."
+    )
+    trail_activation_price = money_field(null=True, blank=True, help_text="Trailing starts once the price reaches it.")
+    trail_step = money_field(null=True, blank=True, help_text="The stop moves only in whole steps from the entry.")
+    break_even_price = money_field(null=True, blank=True, help_text="Move the stop to break-even at this price.")
+    break_even_fee_percent = models.DecimalField(
+        max_digits=7, decimal_places=4, null=True, blank=True, help_text="Fee allowance above the entry, percent."
+    )
+    # 0026: the venue the operation was opened on (binance, binance-testnet, paper, replay); a
+    # monitor on another venue leaves it alone. Rows older than 0026 got the venue of the
+    # deployment that ran the migration. NULL only for a row written around the ORM (raw SQL):
+    # watched by any venue, as before 0026.
+    venue = models.CharField(max_length=20, null=True, blank=True, default=current_venue)
+    # 0028: the exchange account the position lives on; null = the default account (the environment's keys)
+    account = models.ForeignKey("ExchangeAccount", on_delete=models.PROTECT, related_name="operations",
+                                null=True, blank=True)
 
     class Meta:
         indexes = [
@@ -168,6 +199,11 @@ class StopMonitorEvent(models.Model):
     venue = models.CharField(max_length=20)
     payload = models.JSONField(default=dict)
     created_at = models.DateTimeField()
+    # tamper evidence (stopmonitor.chain, migration 0023): sha256 over this event and its stream's
+    # previous hash, and the sequence of the event committed just before it (a removed event
+    # breaks that link); both written by the one writer, checked by ``verify_events``
+    chain_hash = models.BinaryField(null=True, editable=False)
+    prev_sequence = models.BigIntegerField(null=True, editable=False)
 
     objects = AppendOnlyQuerySet.as_manager()
 
@@ -238,6 +274,39 @@ class StopMonitorExecution(models.Model):
         indexes = [models.Index(fields=["status", "submitted_at"], name="exec_status_submitted_idx")]
 
 
+class ProtectionStatus(models.TextChoices):
+    REQUESTED = "REQUESTED"
+    PLACED = "PLACED"
+    TRIGGERED = "TRIGGERED"
+    CANCELLED = "CANCELLED"
+    UNPROTECTED = "UNPROTECTED"
+
+
+class StopMonitorProtection(models.Model):
+    """Projection: the exchange-held protection of one operation, folded from its protection
+    events (:func:`stopmonitor.protection.apply_protection`; field names equal
+    :class:`stopmonitor.protection.ProtectionState`'s, a test compares them). Derived state
+    (invariant 8): rebuilt from the events by ``rebuild_projections``."""
+
+    operation = models.OneToOneField(Operation, on_delete=models.PROTECT, primary_key=True, related_name="protection")
+    status = models.CharField(max_length=12, choices=ProtectionStatus.choices)
+    generation = models.PositiveIntegerField()
+    client_order_id = models.CharField(max_length=36, blank=True, default="")
+    kind = models.CharField(max_length=10, blank=True, default="")  # STOP_LOSS | OCO
+    side = models.CharField(max_length=4, blank=True, default="")  # the closing side
+    quantity = money_field(null=True, blank=True)
+    stop_price = money_field(null=True, blank=True)
+    limit_price = money_field(null=True, blank=True)
+    exchange_order_id = models.BigIntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=40, blank=True, default="")
+    replaces = models.CharField(max_length=36, blank=True, default="")
+    requested_at = models.DateTimeField(null=True, blank=True)
+    placed_at = models.DateTimeField(null=True, blank=True)
+    replaced_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField()
+    last_version = models.PositiveIntegerField()
+
+
 class SlippageAction(models.TextChoices):
     WARN = "warn"
     BLOCK = "block"
@@ -257,9 +326,15 @@ class TenantConfig(models.Model):
     max_executions_per_hour = models.PositiveIntegerField(default=600)
     updated_at = models.DateTimeField(auto_now=True)
     updated_by = models.CharField(max_length=150, blank=True, default="")
+    # 0025: exchange-held protection (../shared/design/protection.md). None = the venue's default
+    # (on for Binance venues, off for paper: stopmonitor.protection.protection_enabled)
+    protection_enabled = models.BooleanField(null=True, blank=True, default=None,
+                                             help_text="Rest a stop on the exchange; empty = on for Binance venues.")
+    protection_buffer_bps = models.PositiveIntegerField(
+        default=50, db_default=50, help_text="How far beyond the monitor's stop the resting stop sits, in basis points.")
 
 
-class BreakerState(models.TextChoices):
+class BreakerStatus(models.TextChoices):
     CLOSED = "CLOSED"
     OPEN = "OPEN"
     HALF_OPEN = "HALF_OPEN"
@@ -269,7 +344,7 @@ class CircuitBreakerState(models.Model):
     """Per-symbol circuit breaker (CLOSED → OPEN after N consecutive failed closes → HALF_OPEN after the cool-down)."""
 
     symbol = models.CharField(max_length=20, unique=True)
-    state = models.CharField(max_length=10, choices=BreakerState.choices, default=BreakerState.CLOSED)
+    state = models.CharField(max_length=10, choices=BreakerStatus.choices, default=BreakerStatus.CLOSED)
     failure_count = models.PositiveIntegerField(default=0)
     opened_at = models.DateTimeField(null=True, blank=True)
     retry_at = models.DateTimeField(null=True, blank=True)
@@ -302,7 +377,7 @@ class Outbox(models.Model):
 
 
 class MonitorPass(models.Model):
-    """One monitor pass as it ended: the :class:`~stopmonitor.services.PassSummary` counts.
+    """One monitor pass as it ended: the :class:`~stopmonitor.engine.decisions.PassSummary` counts.
 
     Written once per pass (one INSERT, by :func:`stopmonitor.metrics.record_pass`) so a web
     pod can export "time of the last completed pass" for a CronJob pod that lived seconds.
@@ -331,3 +406,76 @@ class MonitorPass(models.Model):
     exchange_requests = models.PositiveIntegerField(default=0)
     duration_s = models.FloatField(default=0.0)
     error = models.CharField(max_length=500, blank=True, default="")
+
+
+class IdempotencyKey(models.Model):
+    """A write answered under an ``Idempotency-Key`` header (:mod:`api.idempotency`): the first answer,
+    replayed to every retry of the same user with the same key and the same request.
+
+    ``fingerprint`` is the SHA-256 of the method, the path and the canonical JSON of the body; a
+    retry with another fingerprint is refused (422). ``state`` is ``started`` while the first request
+    runs (a close: its effects commit in several transactions), ``done`` once ``status_code``,
+    ``response_body`` and ``response_headers`` hold its answer. Kept at least 24 h: a user's rows
+    older than that are deleted when they store a new key.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    method = models.CharField(max_length=10)
+    path = models.CharField(max_length=300)
+    state = models.CharField(max_length=10, default="started")
+    status_code = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True)
+    response_headers = models.JSONField(default=dict)
+    created_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_unique_per_user")]
+        indexes = [models.Index(fields=["user", "created_at"], name="idempotency_key_user_age")]
+
+
+class AccountVenue(models.TextChoices):
+    BINANCE = "binance"
+    BINANCE_TESTNET = "binance-testnet"
+
+
+class KeyType(models.TextChoices):
+    HMAC = "HMAC"  # API key + secret (HMAC-SHA256 signatures)
+    ED25519 = "ED25519"  # API key + Ed25519 private key (PEM)
+
+
+class ExchangeAccount(models.Model):
+    """One tenant's exchange account: where its operations' orders go and whose balance they spend.
+
+    ``secret_encrypted`` holds the HMAC secret or the Ed25519 private key (PEM), encrypted with
+    :mod:`stopmonitor.accounts.crypto` (Fernet, ``ACCOUNT_ENCRYPTION_KEYS``); it is write-only:
+    set or replaced through the API and the admin, never read back, never in a repr. An operation
+    with no account uses the default account: the environment's ``BINANCE_API_KEY``/secret.
+    """
+
+    client = models.ForeignKey(Client, on_delete=models.PROTECT, related_name="exchange_accounts")
+    venue = models.CharField(max_length=20, choices=AccountVenue.choices, default=AccountVenue.BINANCE)
+    label = models.CharField(max_length=80)
+    key_type = models.CharField(max_length=8, choices=KeyType.choices, default=KeyType.HMAC)
+    api_key = models.CharField(max_length=128)  # the key id Binance shows (not the secret)
+    secret_encrypted = models.TextField(editable=False)
+    enabled = models.BooleanField(default=True)
+    disabled_reason = models.CharField(max_length=300, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["client", "label"], name="account_tenant_label_uniq")]
+
+    @property
+    def key_hint(self) -> str:
+        """The last four characters of the key id (what the API and admin show of it)."""
+        return f"…{self.api_key[-4:]}" if self.api_key else ""
+
+    def __repr__(self) -> str:  # never the key id in full, never the secret
+        return f"<ExchangeAccount {self.pk} {self.label!r} {self.venue} key {self.key_hint}>"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.venue}, key {self.key_hint})"

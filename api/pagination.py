@@ -7,13 +7,50 @@ by the global ``sequence``: appends are serialized so that sequence order is com
 
 from __future__ import annotations
 
+import re
+
 from rest_framework import exceptions
 from rest_framework.pagination import BasePagination, CursorPagination
 from rest_framework.response import Response
 from rest_framework.utils.urls import replace_query_param
 
 
-class OperationCursorPagination(CursorPagination):
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
+
+
+def int_param(request, name: str, default: int, lo: int, hi: int | None) -> int:
+    """The query parameter ``name`` as an integer in [lo, hi] (``default`` when absent): 400 naming it when
+    it is empty, not ASCII digits (``"1.5"``, ``"1e3"``, ``"+5"``, ``"١٠"``) or out of range."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw):
+        raise exceptions.ValidationError({name: ["A valid integer is required."]})
+    value = int(raw) if len(raw) <= 40 else (-1 if raw.startswith("-") else 1) * 10**40
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise exceptions.ValidationError({name: [f"Must be {bound}."]})
+    return value
+
+
+class StrictCursorPagination(CursorPagination):
+    """DRF's cursor pages, but an invalid ``limit`` is 400 (DRF silently uses the default page size)."""
+
+    page_size_query_param = "limit"
+
+    def get_page_size(self, request):
+        return int_param(request, self.page_size_query_param, self.page_size, 1, self.max_page_size)
+
+    def get_schema_operation_parameters(self, view):
+        params = super().get_schema_operation_parameters(view)
+        for param in params:
+            if param["name"] == self.page_size_query_param:
+                param["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+                param["description"] = f"Page size, 1 to {self.max_page_size} (default {self.page_size})."
+        return params
+
+
+class OperationCursorPagination(StrictCursorPagination):
     """Newest operations first, 50 per page (``limit`` up to 200)."""
 
     ordering = "-id"
@@ -22,7 +59,7 @@ class OperationCursorPagination(CursorPagination):
     max_page_size = 200
 
 
-class ExecutionCursorPagination(CursorPagination):
+class ExecutionCursorPagination(StrictCursorPagination):
     """Newest executions first, 50 per page (``limit`` up to 200)."""
 
     ordering = ("-created_at", "execution_token")
@@ -31,7 +68,7 @@ class ExecutionCursorPagination(CursorPagination):
     max_page_size = 200
 
 
-class StreamCursorPagination(CursorPagination):
+class StreamCursorPagination(StrictCursorPagination):
     """One operation's stream in version order, 100 events per page (``limit`` up to 500)."""
 
     ordering = "version"
@@ -50,23 +87,10 @@ class SequencePagination(BasePagination):
     default_limit = 100
     max_limit = 500
 
-    def _int_param(self, request, name: str, default: int, lo: int, hi: int | None) -> int:
-        raw = request.query_params.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise exceptions.ValidationError({name: ["A valid integer is required."]}) from None
-        if value < lo or (hi is not None and value > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise exceptions.ValidationError({name: [f"Must be {bound}."]})
-        return value
-
     def paginate_queryset(self, queryset, request, view=None):
         self.request = request
-        self.after = self._int_param(request, "after", 0, 0, 2**63 - 1)
-        self.limit = self._int_param(request, "limit", self.default_limit, 1, self.max_limit)
+        self.after = int_param(request, "after", 0, 0, 2**63 - 1)
+        self.limit = int_param(request, "limit", self.default_limit, 1, self.max_limit)
         self.page = list(queryset.filter(sequence__gt=self.after).order_by("sequence")[: self.limit])
         return self.page
 
@@ -95,7 +119,7 @@ class SequencePagination(BasePagination):
                 "required": False,
                 "in": "query",
                 "description": "Return events with a sequence greater than this (default 0).",
-                "schema": {"type": "integer", "minimum": 0},
+                "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
             },
             {
                 "name": "limit",

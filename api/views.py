@@ -2,7 +2,7 @@
 
 Every query is narrowed to the caller's tenant (:mod:`api.permissions`); another tenant's
 object answers 404. Writes that change what is monitored go through
-:mod:`stopmonitor.operations` and :func:`stopmonitor.services.close_operation`, so the event
+:mod:`stopmonitor.operations` and :func:`stopmonitor.engine.close.close_operation`, so the event
 stream of an operation is complete whoever changed it. Errors come back in the one envelope
 of :mod:`api.errors`.
 """
@@ -30,6 +30,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api import idempotency
 from api.errors import Conflict
 from api.filters import ExecutionFilter, FilterBackend, OperationFilter
 from api.models import (
@@ -60,6 +61,8 @@ from api.serializers import (
     OperationDetailSerializer,
     OperationSerializer,
     OperationUpdateSerializer,
+    TRAILING_FIELD_NAMES,
+    TrailingFields,
     RiskConfigSerializer,
     RiskConfigUpdateSerializer,
     StreamEventSerializer,
@@ -67,11 +70,12 @@ from api.serializers import (
 )
 from stopmonitor.events import ConcurrencyConflict
 from stopmonitor.operations import LevelError, StateConflict, move_levels, open_operation
+from stopmonitor.trailing import TrailingSettings
 
 audit = logging.getLogger("api.audit")
 
 
-class ExchangeUnavailable(exceptions.APIException):
+class ExchangeServiceUnavailable(exceptions.APIException):
     """503: the exchange could not be read (quotes, balances or filters); nothing was changed."""
 
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
@@ -102,15 +106,28 @@ def actor_of(request) -> str:
 # --------------------------------------------------------------------------------------
 
 _ERROR_TEXT = {
-    400: "Invalid input or a body that is not JSON: `fields` gives each refused field and its reasons. Nothing changed.",
+    400: ("Invalid input, a body that is not JSON, or a NUL character in the path or query: `fields` gives each "
+          "refused field and its reasons. Nothing changed."),
     401: "Missing or invalid bearer token.",
     403: "Not allowed (staff only, or the user belongs to no tenant).",
     404: "No such object for this tenant (another tenant's objects are not found either), or an invalid cursor.",
     409: "The operation's state does not allow this (CLOSING, CLOSED or CANCELLED; or being closed by someone else).",
+    413: "The body is larger than the limit (64 KiB); it was not read.",
     415: "The request body must be application/json.",
+    422: "This Idempotency-Key was used for a different request (another body, path or method); nothing changed.",
     429: "Too many requests for this user; retry after the Retry-After header.",
-    503: "The exchange cannot be read now; nothing was changed.",
+    503: ("The exchange cannot be read, the database cannot complete the request (`committed` says whether "
+          "something of it was saved), or the request waited past its deadline; sent with Retry-After."),
 }
+
+_IDEMPOTENCY_KEY = OpenApiParameter(
+    idempotency.HEADER, OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+    description=("A key of yours (1-255 visible ASCII characters, e.g. a UUID) making the request safe to "
+                 "retry: a retry with the same key and body within 24 h gets the first answer (header "
+                 "`Idempotent-Replayed: true`) and changes nothing; the same key with another body is 422; "
+                 "a retry while the first request still runs waits for its answer (409 "
+                 "`idempotency_key_in_use` after 5 s)."),
+)
 
 
 # POST /operations/{id}/close/: the HTTP status says whether the position was closed (the body's
@@ -125,9 +142,23 @@ CLOSE_STATUS = {
 
 
 def error_responses(*codes: int) -> dict:
-    """OpenAPI responses for ``codes`` plus 401 and 429 (every endpoint), all with the error envelope."""
+    """OpenAPI responses for ``codes`` plus 400 (a NUL in the path or query, api.middleware), 401 and 429
+    (every endpoint), all with the error envelope."""
     return {code: OpenApiResponse(ErrorSerializer, description=_ERROR_TEXT[code])
-            for code in sorted({401, 429, *codes})}
+            for code in sorted({400, 401, 429, *codes})}
+
+
+def no_nul_in_string_parameters(result, generator, request, public):
+    """drf-spectacular postprocessing hook: every string path or query parameter without a pattern or an
+    enum gets ``pattern: ^[^\\x00]*$`` — a NUL is refused with 400 (PostgreSQL text cannot hold it)."""
+    for item in result.get("paths", {}).values():
+        for operation in item.values():
+            for param in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                schema = param.get("schema", {})
+                if param.get("in") in ("path", "query") and schema.get("type") == "string" and not (
+                        {"pattern", "enum", "format"} & set(schema)):
+                    schema["pattern"] = "^[^\\x00]*$"
+    return result
 
 
 class NotFoundAsAPIError:
@@ -185,7 +216,8 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
     @extend_schema(
         summary="Open an operation: appends STOP_SET (and TARGET_SET).",
         request=OperationCreateSerializer,
-        responses={201: OperationDetailSerializer, **error_responses(400, 403, 415)},
+        parameters=[_IDEMPOTENCY_KEY],
+        responses={201: OperationDetailSerializer, **error_responses(400, 403, 409, 413, 415, 422, 503)},
         examples=[OpenApiExample("A long on BTCUSDT", request_only=True, value={
             "symbol": "BTCUSDT", "side": "BUY", "quantity": "0.5", "entry_price": "9300", "stop_price": "9200",
             "target_price": "9500"})],
@@ -195,33 +227,51 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
         data = OperationCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        try:
-            op = open_operation(Client.objects.get(pk=tenant_id), v["symbol"], v["side"], v["quantity"],
-                                v["entry_price"], v["stop_price"], v.get("target_price"), source="api",
-                                venue=lifecycle_venue())
-        except LevelError as exc:
-            raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
-        return self._detail(op.pk, status.HTTP_201_CREATED, {"Location": f"{request.path}{op.pk}/"})
+
+        from api.accounts import resolve_account  # issue #20: the account the position lives on
+
+        def execute():
+            trail = TrailingFields.given(v)
+            account = resolve_account(tenant_id, v.get("account"))
+            try:
+                op = open_operation(Client.objects.get(pk=tenant_id), v["symbol"], v["side"], v["quantity"],
+                                    v["entry_price"], v["stop_price"], v.get("target_price"), source="api",
+                                    venue=lifecycle_venue(),
+                                    trailing_settings=TrailingSettings.from_values(
+                                        *(trail.get(name) for name in TRAILING_FIELD_NAMES)),
+                                    account=account)
+            except LevelError as exc:
+                raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
+            return self._detail(op.pk, status.HTTP_201_CREATED, {"Location": f"{request.path}{op.pk}/"})
+
+        # the operation, its answer and the Idempotency-Key commit together (api/idempotency.py)
+        return idempotency.run_atomic(request, execute)
 
     @extend_schema(
         summary="Move the stop and/or target: appends STOP_MOVED / TARGET_SET.",
         request=OperationUpdateSerializer,
-        responses={200: OperationDetailSerializer, **error_responses(400, 404, 409, 415)},
+        parameters=[_IDEMPOTENCY_KEY],
+        responses={200: OperationDetailSerializer, **error_responses(400, 404, 409, 413, 415, 422, 503)},
         examples=[OpenApiExample("Trail the stop of a long", request_only=True, value={"stop_price": "9250"})],
     )
     def partial_update(self, request, pk=None):
         op = self.get_object()
         data = OperationUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            move_levels(op.pk, stop_price=data.validated_data.get("stop_price"),
-                        target_price=data.validated_data.get("target_price"), source="api",
-                        venue=lifecycle_venue(), actor=actor_of(request))
-        except StateConflict as exc:
-            raise Conflict(str(exc)) from None
-        except LevelError as exc:
-            raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
-        return self._detail(op.pk)
+
+        def execute():
+            try:
+                move_levels(op.pk, stop_price=data.validated_data.get("stop_price"),
+                            target_price=data.validated_data.get("target_price"), source="api",
+                            venue=lifecycle_venue(), actor=actor_of(request),
+                            trailing_changes=TrailingFields.given(data.validated_data))
+            except StateConflict as exc:
+                raise Conflict(str(exc)) from None
+            except LevelError as exc:
+                raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
+            return self._detail(op.pk)
+
+        return idempotency.run_atomic(request, execute)
 
     @extend_schema(
         summary="Close now at market through the engine (source api, exactly once).",
@@ -235,26 +285,33 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
             "envelope and, when close ran, its outcome, decisions and operation."
         ),
         request=CloseRequestSerializer,
-        responses={**error_responses(400, 404, 415, 503), 200: CloseResultSerializer, 202: CloseResultSerializer,
+        parameters=[_IDEMPOTENCY_KEY],
+        responses={**error_responses(400, 404, 413, 415, 422, 503), 200: CloseResultSerializer, 202: CloseResultSerializer,
                    409: OpenApiResponse(NotClosedSerializer, description=_ERROR_TEXT[409]),
                    502: OpenApiResponse(NotClosedSerializer, description="The exchange refused the order.")},
     )
     @action(detail=True, methods=["post"], filter_backends=[], pagination_class=None)
     def close(self, request, pk=None):
-        from stopmonitor.services import PassError, close_operation
-
         op = self.get_object()
         CloseRequestSerializer(data=request.data).is_valid(raise_exception=True)
+        # a retry with the key gets the first answer: the close commits in several transactions around
+        # the exchange call, so the key is claimed first and the answer stored after (api/idempotency.py)
+        return idempotency.run_claimed(request, lambda: self._close(request, op))
+
+    def _close(self, request, op) -> Response:
+        from stopmonitor.engine.close import close_operation
+        from stopmonitor.engine.decisions import EngineUnavailable
+
         if op.status != "ACTIVE":
             raise Conflict(f"operation {op.pk} is {op.status}: it cannot be closed now")
         try:
             exchange = get_exchange()
         except (ValueError, ImportError) as exc:
-            raise ExchangeUnavailable(f"no exchange: {exc}") from None
+            raise ExchangeServiceUnavailable(f"no exchange: {exc}") from None
         try:
             decisions = close_operation(op.pk, exchange, source="api")
-        except PassError as exc:
-            raise ExchangeUnavailable(str(exc)) from None
+        except EngineUnavailable as exc:
+            raise ExchangeServiceUnavailable(str(exc)) from None
         except ConcurrencyConflict:
             raise Conflict(f"operation {op.pk} is being changed by someone else") from None
         if any(d.action == "skipped" and d.reason == "NOT_ACTIVE" for d in decisions):
@@ -334,7 +391,7 @@ class ExecutionViewSet(NotFoundAsAPIError, viewsets.ReadOnlyModelViewSet):
 # --------------------------------------------------------------------------------------
 
 _CLIENT_PARAM = OpenApiParameter(
-    "client", OpenApiTypes.INT, OpenApiParameter.QUERY, required=False,
+    "client", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}, OpenApiParameter.QUERY, required=False,
     description="Tenant id (staff; defaults to the caller's tenant).",
 )
 
@@ -344,17 +401,16 @@ class RiskConfigView(APIView):
 
     def _tenant_id(self, request) -> int:
         raw = request.query_params.get("client")
-        if raw in (None, ""):
+        if raw is None:
             tenant_id = tenant_id_of(request.user)
             if tenant_id is None:
                 if request.user.is_staff:
                     raise exceptions.ValidationError({"client": ["Required for a staff user without a tenant."]})
                 raise NoTenant()
             return tenant_id
-        try:
-            wanted = int(raw)
-        except ValueError:
-            raise exceptions.ValidationError({"client": ["A valid integer is required."]}) from None
+        if not (raw.isascii() and raw.isdigit()):  # int() also takes " 5", "+5", "1_0" and "١٠"
+            raise exceptions.ValidationError({"client": ["A valid integer is required."]})
+        wanted = int(raw)
         if not 0 < wanted < 2**63 or not _visible_clients(request.user).filter(pk=wanted).exists():
             raise exceptions.NotFound()
         return wanted

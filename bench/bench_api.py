@@ -29,6 +29,13 @@ The requirement (issue 5, "Speed"): one tenant with 10,000 operations, 50 rows a
    * the list at ``--concurrency`` clients (``--requests`` requests): the requirement;
    * ``--paced`` phases: the same clients sending a fixed total rate below saturation (gevent child,
      open loop, latency from the scheduled send), i.e. the latency when the server is not the queue.
+   * issue 16: ``--concurrency`` closed-loop keep-alive clients for ``--closed-seconds`` (40) with a 30 s
+     client timeout: client timeouts (goal 0), p50/p99 (goal p99 < 1 s) and the throughput against the
+     CPU-per-request ceiling of that phase;
+   * issue 16: a mixed load for ``--mixed-seconds`` by a third tenant: ``--write-share`` of the requests
+     are creates with a fresh ``Idempotency-Key``, ``--retry-share`` of those sent again with the same
+     key (half of them after the first answer was abandoned unread): duplicate operations = operations
+     opened beyond the committed keys, plus keys answered with two different ids (goal 0).
 
    Each phase prints count, throughput, p50/p90/p99/max and errors (non-200, socket errors), the
    server-side durations from gunicorn's JSON access log (time in the worker, no queueing in the
@@ -187,10 +194,32 @@ def seed(ops_big: int, ops_small: int) -> dict[str, dict]:
                 last_stop_check_at=base_time + timedelta(seconds=i) if status == "ACTIVE" else None,
             ))
         Operation.objects.bulk_create(rows, batch_size=2000)
-        out[label] = {"token": token.key, "tenant_id": tenant.pk, "ops": count}
+        out[label] = {"token": token.key, "tenant_id": tenant.pk, "ops": count, "user_id": user.pk}
+    # the mixed load's tenant: its creates are counted against its idempotency keys
+    tenant = Client.objects.create(name="bench-writer")
+    user = get_user_model().objects.create_user("bench_writer")
+    tenant.users.add(user)
+    out["bench-writer"] = {"token": Token.objects.create(user=user).key, "tenant_id": tenant.pk, "ops": 0,
+                           "user_id": user.pk}
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE api_operation")
     return out
+
+
+def operation_count(tenant_id: int) -> int:
+    import psycopg
+
+    with psycopg.connect(db_url(DB), autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM api_operation WHERE client_id = %s", [tenant_id]).fetchone()[0]
+
+
+def idempotency_keys(user_id: int) -> int:
+    """Keys of ``user_id`` whose create committed (one row each, in the operation's transaction)."""
+    import psycopg
+
+    with psycopg.connect(db_url(DB), autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM api_idempotencykey WHERE user_id = %s AND state = 'done'",
+                            [user_id]).fetchone()[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -267,13 +296,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(port: int, workers: int, worker_connections: int, logdir: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start_gunicorn(port: int, workers: int, worker_connections: int, logdir: Path,
+                   db_pool_size: int = 10) -> tuple[subprocess.Popen, Path, Path]:
     env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE",)}
     env.update(service_env("127.0.0.1"))
     env.update({
         "GUNICORN_BIND": f"127.0.0.1:{port}",
         "GUNICORN_WORKERS": str(workers),
         "GUNICORN_WORKER_CONNECTIONS": str(worker_connections),
+        "GUNICORN_DB_POOL_SIZE": str(db_pool_size),
         "GUNICORN_LOG_LEVEL": "warning",
     })
     access = logdir / f"access-{workers}x{worker_connections}.log"
@@ -390,12 +421,13 @@ def run_wrk(wrk: str, url: str, token: str | None, requests: int, concurrency: i
 
 
 def run_python_loadgen(url: str, token: str | None, requests: int, concurrency: int, max_s: int,
-                       rate: float = 0.0) -> dict:
+                       rate: float = 0.0, **env: str) -> dict:
     """The gevent client in a child process (its own GIL). ``rate`` > 0: paced, ``concurrency`` clients
-    sending ``rate`` requests/s in all (each on its own schedule), else closed loop (back to back)."""
+    sending ``rate`` requests/s in all (each on its own schedule), else closed loop (back to back).
+    ``env``: ``BENCH_CLIENT_TIMEOUT``, ``BENCH_MODE`` … (see :func:`loadgen_child`)."""
     cmd = [sys.executable, __file__, "--loadgen-child", url, str(requests), str(concurrency), str(max_s), str(rate)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_s + 30, check=False,
-                          env={**os.environ, "BENCH_TOKEN": token or ""})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_s + 60, check=False,
+                          env={**os.environ, "BENCH_TOKEN": token or "", **env})
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line[len("BENCH_JSON "):])
@@ -403,29 +435,70 @@ def run_python_loadgen(url: str, token: str | None, requests: int, concurrency: 
 
 
 def loadgen_child(url: str, requests: int, concurrency: int, max_s: float, rate: float = 0.0) -> None:
-    """gevent clients, one keep-alive connection each, until ``requests`` answers (runs monkey-patched).
+    """gevent clients, one keep-alive connection each, until ``requests`` answers or ``max_s`` (runs
+    monkey-patched). ``BENCH_CLIENT_TIMEOUT`` (s, default 10) is each request's socket timeout: a request
+    that times out is counted under ``timeout`` and its client reconnects.
 
     ``rate`` > 0: client i sends at ``start + (i / concurrency + k) * concurrency / rate`` (k = 0, 1, …);
     latency counts from the scheduled time, so a late answer that delays the next send is not hidden
-    (no coordinated omission)."""
+    (no coordinated omission).
+
+    ``BENCH_MODE=mixed``: each request is a create (``POST``, share ``BENCH_WRITE_SHARE``, default 0.2)
+    with a fresh ``Idempotency-Key`` or a list; a share ``BENCH_RETRY_SHARE`` (default 0.3) of the creates
+    is sent again with the same key and body — half of them after the first answer was thrown away
+    unread by closing the connection mid-way (a client that gave up) — and the answers' operation ids
+    per key are reported, so duplicates can be counted against the database."""
     import http.client
+    import random
+    import uuid
 
     import gevent
 
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
+    create_path = parts.path
     token = os.environ.get("BENCH_TOKEN")
+    client_timeout = float(os.environ.get("BENCH_CLIENT_TIMEOUT") or 10)
+    mixed = os.environ.get("BENCH_MODE") == "mixed"
+    write_share = float(os.environ.get("BENCH_WRITE_SHARE") or 0.2)
+    retry_share = float(os.environ.get("BENCH_RETRY_SHARE") or 0.3)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = json.dumps({"symbol": "BTCUSDT", "side": "BUY", "quantity": "0.5", "entry_price": "9300",
+                       "stop_price": "9200"})
     latencies: list[float] = []
-    errors = {"status": 0, "socket": 0}
-    state = {"issued": 0, "bytes": 0}
+    errors = {"status": 0, "socket": 0, "timeout": 0}
+    state = {"issued": 0, "bytes": 0, "creates": 0, "retries": 0, "abandoned": 0, "replayed": 0}
+    ids_by_key: dict[str, set] = {}
+    statuses: dict[str, int] = {}
     deadline = time.monotonic() + max_s
+    rng = random.Random(42)
 
     interval = concurrency / rate if rate > 0 else 0.0
     origin = time.perf_counter() + 0.5
 
+    def connect():
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=client_timeout)
+
+    def send(conn, method, path, extra=None, payload=None, abandon=False):
+        """One request on ``conn`` (reconnecting once if the server closed the idle connection):
+        (conn, status, body) — body ``None`` when ``abandon``: the connection is closed unread."""
+        h = {**headers, **(extra or {})}
+        try:
+            conn.request(method, path, body=payload, headers=h)
+            if abandon:
+                conn.close()
+                return connect(), None, None
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # the server closed the idle keep-alive connection (GUNICORN_KEEPALIVE): reconnect once
+            conn.close()
+            conn = connect()
+            conn.request(method, path, body=payload, headers=h)
+            resp = conn.getresponse()
+        return conn, resp.status, resp.read()
+
     def client(i: int):
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn = connect()
         k = 0
         while state["issued"] < requests and time.monotonic() < deadline:
             state["issued"] += 1
@@ -437,25 +510,43 @@ def loadgen_child(url: str, requests: int, concurrency: int, max_s: float, rate:
             else:
                 t0 = time.perf_counter()
             try:
-                try:
-                    conn.request("GET", target, headers=headers)
-                    resp = conn.getresponse()
-                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                    # the server closed the idle keep-alive connection (GUNICORN_KEEPALIVE): reconnect
-                    # once, as any HTTP client does
-                    conn.close()
-                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-                    conn.request("GET", target, headers=headers)
-                    resp = conn.getresponse()
-                body = resp.read()
+                if mixed and rng.random() < write_share:
+                    key = str(uuid.uuid4())
+                    extra = {"Idempotency-Key": key, "Content-Type": "application/json"}
+                    state["creates"] += 1
+                    retry = rng.random() < retry_share
+                    abandon = retry and rng.random() < 0.5
+                    conn, status, answer = send(conn, "POST", create_path, extra, body, abandon=abandon)
+                    if abandon:
+                        state["abandoned"] += 1
+                    attempts = [(status, answer)]
+                    if retry:
+                        state["retries"] += 1
+                        conn, status, answer = send(conn, "POST", create_path, extra, body)
+                        attempts.append((status, answer))
+                    for st, ans in attempts:
+                        if st is None:
+                            continue
+                        statuses[str(st)] = statuses.get(str(st), 0) + 1
+                        if st == 201:
+                            ids_by_key.setdefault(key, set()).add(json.loads(ans)["id"])
+                    ok = status in (200, 201)
+                else:
+                    conn, status, answer = send(conn, "GET", target)
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+                    ok = status == 200
                 latencies.append((time.perf_counter() - t0) * 1000)
-                state["bytes"] += len(body)
-                if resp.status != 200:
+                state["bytes"] += len(answer or b"")
+                if not ok:
                     errors["status"] += 1
+            except TimeoutError:
+                errors["timeout"] += 1
+                conn.close()
+                conn = connect()
             except (OSError, http.client.HTTPException):
                 errors["socket"] += 1
                 conn.close()
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                conn = connect()
         conn.close()
 
     started = time.perf_counter()
@@ -465,7 +556,12 @@ def loadgen_child(url: str, requests: int, concurrency: int, max_s: float, rate:
     out = {"requests": len(lat), "duration_s": duration, "bytes": state["bytes"],
            "p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "max": lat[-1] if lat else float("nan"),
            "mean": sum(lat) / len(lat) if lat else float("nan"),
-           "errors": errors["status"] + errors["socket"], "error_detail": {k: v for k, v in errors.items() if v}}
+           "errors": sum(errors.values()), "error_detail": {k: v for k, v in errors.items() if v},
+           "timeouts": errors["timeout"], "statuses": statuses}
+    if mixed:
+        out["mixed"] = {**{k: state[k] for k in ("creates", "retries", "abandoned")},
+                        "keys_answered": len(ids_by_key),
+                        "keys_with_two_ids": sum(1 for ids in ids_by_key.values() if len(ids) > 1)}
     print("BENCH_JSON " + json.dumps(out), flush=True)
 
 
@@ -490,7 +586,7 @@ def access_durations(path: Path, offset: int, url_path: str) -> list[float]:
                 line = json.loads(raw)
             except ValueError:
                 continue
-            if isinstance(line, dict) and line.get("type") == "access" and line.get("path") == url_path:
+            if isinstance(line, dict) and line.get("type") == "access" and url_path in (None, line.get("path")):
                 out.append(float(line["duration_ms"]))
     return out
 
@@ -610,11 +706,12 @@ def bench_server(args, tenants: dict, workers: int, logdir: Path, wrk: str | Non
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     token = tenants["bench-10k"]["token"]
-    proc, access, errors = start_gunicorn(port, workers, args.worker_connections, logdir)
+    proc, access, errors = start_gunicorn(port, workers, args.worker_connections, logdir, args.db_pool_size)
     results = {}
     try:
         wait_health(base, proc, errors)
-        print(f"\n## gunicorn: {workers} gevent worker(s) x {args.worker_connections} connections on {base} "
+        print(f"\n## gunicorn: {workers} gevent worker(s) x {args.worker_connections} HTTP connections, database pool "
+              f"{args.db_pool_size} per worker, on {base} "
               f"(load generator: {'wrk' if wrk else 'gevent child process'}; {load()})")
         check_page(base, token, args.page_size)
         list_url = f"{base}{LIST_PATH}?limit={args.page_size}"
@@ -643,6 +740,31 @@ def bench_server(args, tenants: dict, workers: int, logdir: Path, wrk: str | Non
                 f"list, {args.concurrency} clients paced {rate:g} req/s",
                 lambda n=n, rate=rate: run_python_loadgen(list_url, token, n, args.concurrency, args.max_seconds, rate),
                 access, LIST_PATH, pids)
+        # issue 16: closed-loop keep-alive clients for a fixed time with a 30 s client timeout (before: 34 of
+        # 50 clients timed out, p99 10.3 s)
+        results["closed"] = phase(
+            f"list, {args.concurrency} keep-alive clients {args.closed_seconds:g} s",
+            lambda: run_python_loadgen(list_url, token, 10**9, args.concurrency, args.closed_seconds,
+                                       BENCH_CLIENT_TIMEOUT="30"),
+            access, LIST_PATH, pids)
+        # a mixed load: creates with idempotency keys, a share retried (half after abandoning the answer)
+        writer = tenants["bench-writer"]
+        before = operation_count(writer["tenant_id"])
+        results["mixed"] = phase(
+            f"mixed {args.write_share:.0%} creates, {args.concurrency} clients {args.mixed_seconds:g} s",
+            lambda: run_python_loadgen(f"{base}{LIST_PATH}?limit={args.page_size}", writer["token"], 10**9,
+                                       args.concurrency, args.mixed_seconds, BENCH_CLIENT_TIMEOUT="30",
+                                       BENCH_MODE="mixed", BENCH_WRITE_SHARE=str(args.write_share),
+                                       BENCH_RETRY_SHARE=str(args.retry_share)),
+            access, None, pids)
+        created = operation_count(writer["tenant_id"]) - before
+        mixed = results["mixed"]["mixed"]
+        committed_keys = idempotency_keys(writer["user_id"])
+        duplicates = max(0, created - committed_keys) + mixed["keys_with_two_ids"]
+        print(f"mixed load: {mixed['creates']} creates with a key, {mixed['retries']} retried with the same key "
+              f"({mixed['abandoned']} after abandoning the first answer); {created} operations opened, "
+              f"{committed_keys} keys committed, {mixed['keys_answered']} keys answered 201; answers "
+              f"{results['mixed']['statuses']}; duplicate operations: {duplicates} (goal 0)")
         h, s, lst = results["health"], results["single"], results["list"]
         print(f"ratios: list/health p99 {lst['p99'] / h['p99']:.1f}x, p50 {lst['p50'] / h['p50']:.1f}x; "
               f"list at {args.concurrency} clients / 1 client: p50 {lst['p50'] / s['p50']:.1f}x, "
@@ -659,6 +781,19 @@ def bench_server(args, tenants: dict, workers: int, logdir: Path, wrk: str | Non
         met = lst["p99"] < 50 and lst["errors"] == 0
         print(f"requirement p99 < 50 ms at {args.concurrency} clients: p99 = {lst['p99']:.1f} ms -> "
               f"{'met' if met else 'NOT met'} ({load()})")
+        c = results["closed"]
+        ccpu = c["cpu_ms"]
+        ctotal = ccpu["worker"] + ccpu["postgres"] + ccpu["loadgen"]
+        cceiling = os.cpu_count() * 1000 / ctotal if ctotal > 0 else float("nan")
+        print(f"issue 16 goals: {args.concurrency} keep-alive clients {args.closed_seconds:g} s: client timeouts "
+              f"{c['timeouts']} (goal 0), p50 {c['p50']:.0f} ms, p99 {c['p99']:.0f} ms (goal < 1000), "
+              f"{c['rps']:.0f} req/s = {c['rps'] / cceiling:.0%} of the CPU ceiling {cceiling:.0f} req/s "
+              f"({ctotal:.2f} ms CPU per request in that phase), answers {c['statuses']}")
+        for rate in args.paced:
+            r = results[f"paced {rate:g}"]
+            print(f"issue 16 goals: paced {rate:g} req/s p99 {r['p99']:.1f} ms (goal < 50 ms at 100 req/s)")
+        print(f"issue 16 goals: worker CPU per list request {lst['cpu_ms']['worker']:.2f} ms at {args.concurrency} "
+              f"clients, {s['cpu_ms']['worker']:.2f} ms with one (goal <= 5 ms)")
         stderr_tail = [l for l in errors.read_text(errors="replace").splitlines() if "Traceback" in l or "ERROR" in l]
         if stderr_tail:
             print(f"gunicorn stderr has {len(stderr_tail)} error line(s), e.g. {stderr_tail[0][:200]}")
@@ -677,7 +812,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50, help="concurrent clients [50]")
     parser.add_argument("--workers", type=int, nargs="+", default=[2],
                         help="GUNICORN_WORKERS; several values run one server each [2]")
-    parser.add_argument("--worker-connections", type=int, default=50, help="GUNICORN_WORKER_CONNECTIONS [50]")
+    parser.add_argument("--worker-connections", type=int, default=1000,
+                        help="GUNICORN_WORKER_CONNECTIONS: HTTP connections per worker [1000]")
+    parser.add_argument("--db-pool-size", type=int, default=10, help="GUNICORN_DB_POOL_SIZE per worker [10]")
+    parser.add_argument("--closed-seconds", type=float, default=40,
+                        help="length of the closed-loop keep-alive phase (30 s client timeout) [40]")
+    parser.add_argument("--mixed-seconds", type=float, default=30, help="length of the mixed read/write phase [30]")
+    parser.add_argument("--write-share", type=float, default=0.2, help="share of creates in the mixed phase [0.2]")
+    parser.add_argument("--retry-share", type=float, default=0.3, help="share of creates retried [0.3]")
     parser.add_argument("--paced", type=float, nargs="*", default=[5, 10, 15, 50, 100],
                         help="extra phases: --concurrency gevent clients sending this many req/s in all, "
                              "below saturation (open loop; latency from the scheduled send) [5 10 15 50 100]")

@@ -55,7 +55,8 @@ def main() -> None:
     from stopmonitor.events import stream_head
     from stopmonitor.exchange.paper import PaperExchange
     from stopmonitor.rules import evaluate_trigger
-    from stopmonitor.services import EngineSettings, run_pass
+    from stopmonitor.engine.context import EngineSettings
+    from stopmonitor.engine.monitor import run_pass
 
     call_command("migrate", verbosity=0)
     now = datetime.now(timezone.utc)

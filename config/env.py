@@ -11,9 +11,10 @@ value raises :class:`ConfigError` naming every missing variable with its accepte
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 EX_CONFIG = 78
 ENVIRONMENTS = ("development", "staging", "production")
@@ -61,6 +62,10 @@ class ServiceConfig:
     binance_api_url: str | None
     csrf_trusted_origins: list[str] = field(default_factory=list)
     secure_ssl_redirect: bool = False
+    #: Ed25519 (or RSA) private key, PEM text (from BINANCE_PRIVATE_KEY or the file named by
+    #: BINANCE_PRIVATE_KEY_FILE); with it the API secret is not needed (REST and WebSocket API)
+    binance_private_key: str | None = None
+    binance_private_key_passphrase: str | None = None
 
 
 def _first(lookup: Lookup, names: tuple[str, ...]) -> str | None:
@@ -69,6 +74,11 @@ def _first(lookup: Lookup, names: tuple[str, ...]) -> str | None:
         if value:
             return value
     return None
+
+
+def _first_name(lookup: Lookup, names: tuple[str, ...]) -> str:
+    """The spelling a value was read from (the first set), for messages."""
+    return next((name for name in names if (lookup(name) or "").strip()), names[0])
 
 
 def _bool(raw: str | None, default: bool, name: str, problems: list[str]) -> bool:
@@ -83,9 +93,43 @@ def _bool(raw: str | None, default: bool, name: str, problems: list[str]) -> boo
     return default
 
 
+DATABASE_SCHEMES = ("postgres", "postgresql", "pgsql", "sqlite")
+
+
+def _port_problem(name: str, raw: str) -> str | None:
+    """``None`` when ``raw`` is a TCP port (1-65535), else the problem naming ``name`` (value shown)."""
+    if raw.isdigit() and 0 < int(raw) < 65536:
+        return None
+    return f"{name} (got {raw!r}: not a port number 1-65535)"
+
+
+def _url_problem(name: str, url: str, schemes: tuple[str, ...]) -> str | None:
+    """``None`` when ``url`` parses with one of ``schemes`` and a numeric port; the problem otherwise.
+
+    Credentials are never repeated in the problem (only the scheme and the part that is wrong).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError on a non-numeric or out-of-range port
+    except ValueError as exc:
+        return f"{name} (malformed: {exc}; special characters in the password must be %-encoded)"
+    if parts.scheme not in schemes:
+        shown = parts.scheme or "none"
+        return f"{name} (scheme {shown!r} unknown; use {', '.join(s + '://' for s in schemes)})"
+    if parts.scheme != "sqlite" and not (parts.hostname or "%2F" in url.upper()):
+        return f"{name} (no host: {parts.scheme}://USER:PASSWORD@HOST:PORT/NAME)"
+    if parts.scheme != "sqlite" and schemes == DATABASE_SCHEMES and not parts.path.strip("/"):
+        return f"{name} (no database name after the host: {parts.scheme}://USER:PASSWORD@HOST:{port or 'PORT'}/NAME)"
+    return None
+
+
 def _database_url(lookup: Lookup, problems: list[str], required: bool, base_dir: str) -> str:
     url = _first(lookup, ("DATABASE_URL",))
     if url:
+        problem = _url_problem("DATABASE_URL", url, DATABASE_SCHEMES)
+        if problem:
+            problems.append(problem)
+            return ""
         return url
     parts = {name: _first(lookup, (name,)) for name in PG_PARTS}
     if any(parts.values()):
@@ -93,13 +137,17 @@ def _database_url(lookup: Lookup, problems: list[str], required: bool, base_dir:
         if missing:
             problems.append("DATABASE_URL (or " + ", ".join(missing) + " to complete RBS_PG_*)")
             return ""
+        port = parts["RBS_PG_PORT"] or "5432"
+        problem = _port_problem("RBS_PG_PORT", port)
+        if problem:
+            problems.append(problem)
+            return ""
         user = quote(parts["RBS_PG_USER"], safe="")
         password = quote(parts["RBS_PG_PASSWORD"], safe="")
-        port = parts["RBS_PG_PORT"] or "5432"
-        return (
-            f"postgres://{user}:{password}@{parts['RBS_PG_HOST']}:{port}/"
-            f"{quote(parts['RBS_PG_DATABASE'], safe='')}"
-        )
+        # a socket directory (/var/run/postgresql) is %-encoded: libpq takes a host starting with /
+        # as the folder of the server's Unix socket
+        host = quote(parts["RBS_PG_HOST"], safe="")
+        return f"postgres://{user}:{password}@{host}:{port}/{quote(parts['RBS_PG_DATABASE'], safe='')}"
     if required:
         problems.append("DATABASE_URL (or RBS_PG_DATABASE, RBS_PG_USER, RBS_PG_PASSWORD, RBS_PG_HOST, RBS_PG_PORT)")
         return ""
@@ -117,8 +165,9 @@ def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
     problems: list[str] = []
     environment = (_first(lookup, ("ENVIRONMENT", "RBS_ENVIRONMENT")) or "development").lower()
     if environment not in ENVIRONMENTS:
-        problems.append(f"ENVIRONMENT (got {environment!r}; one of {', '.join(ENVIRONMENTS)})")
-        environment = "production"  # the strictest reading of a typo
+        # alone: every other rule depends on the environment, and guessing one would report
+        # problems (a venue refused in production, ...) that are not there
+        raise ConfigError([f"ENVIRONMENT (got {environment!r}; one of {', '.join(ENVIRONMENTS)})"])
     strict = environment != "development"
 
     debug = _bool(_first(lookup, ("DEBUG",)), not strict, "DEBUG", problems)
@@ -145,6 +194,11 @@ def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
         # the exchange's rate-limit ban and clock offset must outlive a CronJob pod
         problems.append("REDIS_URL (or RBS_REDIS_URL)")
     rabbitmq_url = _first(lookup, SPELLINGS["RABBITMQ_URL"])
+    for names, url, schemes in ((SPELLINGS["REDIS_URL"], redis_url, ("redis", "rediss", "unix")),
+                                (SPELLINGS["RABBITMQ_URL"], rabbitmq_url, ("amqp", "amqps"))):
+        problem = url and _url_problem(_first_name(lookup, names), url, schemes)
+        if problem:
+            problems.append(problem)
 
     testnet = _bool(_first(lookup, ("BINANCE_TESTNET",)), environment != "production", "BINANCE_TESTNET", problems)
     venue_raw = _first(lookup, ("EXCHANGE_VENUE", "RBS_EXCHANGE_VENUE"))
@@ -163,11 +217,13 @@ def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
 
     api_key = _first(lookup, ("BINANCE_API_KEY", "RBS_BINANCE_API_KEY"))
     api_secret = _first(lookup, ("BINANCE_API_SECRET", "RBS_BINANCE_API_SECRET"))
+    private_key = _private_key(lookup, problems)
+    key_passphrase = _first(lookup, ("BINANCE_PRIVATE_KEY_PASSPHRASE", "RBS_BINANCE_PRIVATE_KEY_PASSPHRASE"))
     if venue.startswith("binance"):
         if not api_key:
             problems.append("BINANCE_API_KEY (or RBS_BINANCE_API_KEY)")
-        if not api_secret:
-            problems.append("BINANCE_API_SECRET (or RBS_BINANCE_API_SECRET)")
+        if not api_secret and not private_key:
+            problems.append("BINANCE_API_SECRET (or RBS_BINANCE_API_SECRET)")  # or BINANCE_PRIVATE_KEY[_FILE]
 
     origins_raw = _first(lookup, ("CSRF_TRUSTED_ORIGINS",))
     origins = [o.strip() for o in origins_raw.split(",")] if origins_raw else []
@@ -190,4 +246,43 @@ def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
         binance_api_url=_first(lookup, ("BINANCE_API_URL", "RBS_BINANCE_API_URL")),
         csrf_trusted_origins=origins,
         secure_ssl_redirect=ssl_redirect,
+        binance_private_key=private_key,
+        binance_private_key_passphrase=key_passphrase,
     )
+
+
+def _private_key(lookup: Lookup, problems: list[str]) -> str | None:
+    """PEM text of the Binance private key: ``BINANCE_PRIVATE_KEY`` (the text) or
+    ``BINANCE_PRIVATE_KEY_FILE`` (a path, e.g. a mounted Secret); RBS_ spellings too."""
+    text = _first(lookup, ("BINANCE_PRIVATE_KEY", "RBS_BINANCE_PRIVATE_KEY"))
+    path = _first(lookup, ("BINANCE_PRIVATE_KEY_FILE", "RBS_BINANCE_PRIVATE_KEY_FILE"))
+    if text and path:
+        problems.append("BINANCE_PRIVATE_KEY_FILE (set BINANCE_PRIVATE_KEY or the file, not both)")
+        return text
+    if path:
+        try:
+            with open(path, encoding="ascii") as fh:
+                text = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"BINANCE_PRIVATE_KEY_FILE (cannot read {path}: {type(exc).__name__})")
+            return None
+    if text and "PRIVATE KEY-----" not in text:
+        problems.append("BINANCE_PRIVATE_KEY (not a PEM private key)")
+    return text or None
+
+
+def check_settings_module(environ: dict[str, str]) -> str | None:
+    """The one line to print when ``DJANGO_SETTINGS_MODULE`` names a module that does not exist
+    (``None`` when it exists or is unset): checked by ``manage.py`` and ``config/wsgi.py`` before
+    Django imports it, which would end in a ModuleNotFoundError traceback."""
+    name = (environ.get("DJANGO_SETTINGS_MODULE") or "").strip()
+    if not name:
+        return None
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"stopmonitor: configuration error: DJANGO_SETTINGS_MODULE={name!r} is not a module "
+            "(unset it, or use config.settings)")

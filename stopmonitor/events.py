@@ -6,12 +6,16 @@ per event in the caller's transaction (invariant 8: events are never updated or 
 
 from __future__ import annotations
 
+import itertools
+import json
 from datetime import datetime
 from typing import Iterable, Sequence
 
 from django.db import IntegrityError, connection, transaction
 
+from stopmonitor import chain
 from stopmonitor.execution import NewEvent, StoredEvent, apply
+from stopmonitor.protection import PROTECTION_EVENT_TYPES
 
 # pg_advisory_xact_lock key serializing appends, so that global sequence order is commit
 # order and a reader of /events/?after=SEQ never skips an event committed late.
@@ -83,18 +87,24 @@ def append_events(
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-    current = (
-        StopMonitorEvent.objects.filter(operation_id=operation.pk).order_by("-version").values_list("version", flat=True).first()
-    ) or 0
+    current, prev_hash = (
+        StopMonitorEvent.objects.filter(operation_id=operation.pk).order_by("-version")
+        .values_list("version", "chain_hash").first()
+    ) or (0, None)
     if current != expected_version:
         raise ConcurrencyConflict(
             f"operation {operation.pk}: stream at version {current}, expected {expected_version}"
         )
     symbol = operation.symbol.symbol
-    rows = [
-        StopMonitorEvent(
+    last_sequence, texts = _chain_inputs([e.payload for e in events])
+    rows = []
+    for i, (e, text) in enumerate(zip(events, texts), start=1):
+        version = expected_version + i
+        prev_hash = chain.link(prev_hash, chain.header(operation.pk, version, e.event_type, operation.client_id,
+                                                       symbol, e.execution_token, source, venue, now), text)
+        rows.append(StopMonitorEvent(
             operation_id=operation.pk,
-            version=expected_version + i,
+            version=version,
             event_type=e.event_type,
             tenant_id=operation.client_id,
             symbol=symbol,
@@ -103,12 +113,15 @@ def append_events(
             venue=venue,
             payload=e.payload,
             created_at=now,
-        )
-        for i, e in enumerate(events, start=1)
-    ]
+            chain_hash=prev_hash,
+        ))
     try:
         with transaction.atomic():
-            saved = [_insert(row) for row in rows]
+            saved = []
+            for row in rows:
+                row.prev_sequence = last_sequence
+                saved.append(_insert(row))
+                last_sequence = row.sequence
     except IntegrityError as exc:
         raise ConcurrencyConflict(f"operation {operation.pk}: version taken by a concurrent writer") from exc
     _project(saved)
@@ -163,9 +176,10 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
     """Append to many streams at once: ``items`` is ``[(operation, expected_version, [NewEvent…])]``.
 
     The bulk form of :func:`append_events` for set-based writers (``backfill_stop_price``):
-    one append lock, one version check for all streams, one ``INSERT … SELECT`` of the events
-    (global sequence drawn under the append lock, so sequence order is still commit order) and
-    one of their outbox rows. With ``staged=True`` (PostgreSQL) the events are the rows the caller
+    one append lock, one version check for all streams, one ``INSERT … SELECT`` of the events and
+    their outbox rows per position in the streams (every stream's first new event, then every
+    second, …: each chains to the hash the previous statement wrote; global sequence drawn under
+    the append lock, so sequence order is still commit order, and version order within a stream). With ``staged=True`` (PostgreSQL) the events are the rows the caller
     put in :func:`append_stage` in this transaction, not ``items``: that lets a caller compute
     payloads in SQL and never bring them to Python. ``relation`` (with ``staged=True``) names
     another relation with the staging table's columns to read the events from instead — a
@@ -177,7 +191,6 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
     the staged rows are left in place so the caller can drop those streams and call again.
     Returns the number of events written.
     """
-    import json
 
     if not connection.in_atomic_block:
         raise RuntimeError("append_many must run inside transaction.atomic")
@@ -234,26 +247,23 @@ def _append_staged(stage: str, *, source: str, venue: str, now: datetime, keep: 
             conflict = ConcurrencyConflict(f"streams moved since they were read: operations {listed}")
             conflict.moved = moved
             raise conflict
-        # sequence values come from the column's default, drawn here under the append lock (in
-        # (operation, version) order); the outbox rows are made from the inserted events
+        # one INSERT per position in the streams (ord 1, then 2, …): each event chains to the hash of
+        # the one before it, which for ord > 1 a previous statement of this loop wrote. Sequence values
+        # are drawn here under the append lock (in operation order within a pass) and each event names
+        # the event committed before it (prev_sequence). The outbox rows are made from the inserted events.
+        serial = _serial_sequence(cursor, StopMonitorEvent._meta.db_table)
+        total, projected = 0, []
         try:
             with transaction.atomic():
-                cursor.execute(
-                    f"WITH ins AS ("
-                    f" INSERT INTO {events} (event_id, operation_id, version, event_type, tenant_id, symbol, "
-                    f"  execution_token, source, venue, payload, created_at)"
-                    f" SELECT {UUID7_SQL_FUNCTION}(), operation_id, expected_version + ord, event_type, tenant_id, symbol,"
-                    f"  execution_token, %(source)s, %(venue)s, payload, %(now)s"
-                    f" FROM {stage} ORDER BY operation_id, ord"
-                    f" RETURNING sequence, operation_id, event_type, tenant_id, symbol, execution_token"
-                    f"), ob AS ("
-                    f" INSERT INTO {outbox} (event_id, operation_id_ref, routing_key, created_at, attempts, last_error)"
-                    f" SELECT sequence, operation_id, {_ROUTING_KEY_SQL}, %(now)s, 0, '' FROM ins"
-                    f") SELECT count(*), array_agg(sequence ORDER BY sequence) FILTER "
-                    f"(WHERE execution_token IS NOT NULL) FROM ins",
-                    {"source": source, "venue": venue, "now": now},
-                )
-                total, projected = cursor.fetchone()
+                for ord_ in itertools.count(1):
+                    cursor.execute(_staged_insert_sql(stage, events, outbox),
+                                   {"source": source, "venue": venue, "now": now, "ord": ord_, "serial": serial,
+                                    "created_us": chain.micros(now)})
+                    n, tokens, more = cursor.fetchone()
+                    total += n
+                    projected.extend(tokens or ())
+                    if not more:
+                        break
         except IntegrityError as exc:
             raise ConcurrencyConflict("a version was taken by a concurrent writer") from exc
         if not keep:
@@ -261,6 +271,64 @@ def _append_staged(stage: str, *, source: str, venue: str, now: datetime, keep: 
     if projected:
         _project(StopMonitorEvent.objects.filter(sequence__in=projected).order_by("sequence"))
     return total
+
+
+_SERIALS: dict[str, str] = {}
+
+
+def _serial_sequence(cursor, table: str) -> str:
+    """The name of the sequence behind ``table``'s ``sequence`` column (looked up once per process)."""
+    if table not in _SERIALS:
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'sequence')", [table])
+        _SERIALS[table] = cursor.fetchone()[0]
+    return _SERIALS[table]
+
+
+def _staged_insert_sql(stage: str, events: str, outbox: str) -> str:
+    """One pass of :func:`_append_staged`: the staged events at position ``%(ord)s`` of their stream and
+    their outbox rows. The first event of the pass names the last committed one (``max(sequence)`` is
+    read before this statement's rows exist, and sees the previous passes'). Returns (rows, the
+    sequences of events with a token, whether the stage has events at a later position)."""
+    prev = (f"CASE WHEN src.version > 1 THEN (SELECT p.chain_hash FROM {events} p "
+            f"WHERE p.operation_id = src.operation_id AND p.version = src.version - 1) END")
+    link = chain.link_sql(prev, source="%(source)s::text", venue="%(venue)s::text", created_us="%(created_us)s::bigint")
+    return (
+        f"WITH src AS ("
+        f" SELECT nextval(%(serial)s::regclass) AS seq, s.operation_id, s.expected_version + s.ord AS version,"
+        f"  s.event_type, s.tenant_id, s.symbol, s.execution_token, s.payload"
+        f" FROM {stage} s WHERE s.ord = %(ord)s ORDER BY s.operation_id"
+        f"), ins AS ("
+        f" INSERT INTO {events} (sequence, prev_sequence, event_id, operation_id, version, event_type, tenant_id,"
+        f"  symbol, execution_token, source, venue, payload, created_at, chain_hash)"
+        f" SELECT seq, lag(seq, 1, (SELECT max(sequence) FROM {events})) OVER (ORDER BY seq), {UUID7_SQL_FUNCTION}(),"
+        f"  operation_id, version,"
+        f"  event_type, tenant_id, symbol, execution_token, %(source)s, %(venue)s, payload, %(now)s, {link}"
+        f" FROM src ORDER BY seq"
+        f" RETURNING sequence, operation_id, event_type, tenant_id, symbol, execution_token"
+        f"), ob AS ("
+        f" INSERT INTO {outbox} (event_id, operation_id_ref, routing_key, created_at, attempts, last_error)"
+        f" SELECT sequence, operation_id, {_ROUTING_KEY_SQL}, %(now)s, 0, '' FROM ins"
+        f") SELECT count(*), array_agg(sequence ORDER BY sequence) FILTER (WHERE execution_token IS NOT NULL), "
+        f"EXISTS (SELECT 1 FROM {stage} s WHERE s.ord > %(ord)s) FROM ins"
+    )
+
+
+def _chain_inputs(payloads: list) -> tuple[int | None, list[str]]:
+    """``(the last committed sequence, each payload as the database will print it)`` for :func:`append_events`
+    (caller holds the append lock): one query on PostgreSQL (``jsonb`` text), the stored JSON text elsewhere."""
+    from api.models import StopMonitorEvent
+
+    encoder = StopMonitorEvent._meta.get_field("payload").encoder
+    dumped = [json.dumps(p, cls=encoder) for p in payloads]
+    if connection.vendor != "postgresql":
+        last = StopMonitorEvent.objects.order_by("-sequence").values_list("sequence", flat=True).first()
+        return last, dumped
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT max(sequence) FROM {connection.ops.quote_name(StopMonitorEvent._meta.db_table)}), "
+            f"ARRAY(SELECT t::jsonb::text FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, i) ORDER BY i)", [dumped])
+        last, texts = cursor.fetchone()
+    return last, texts
 
 
 # the SQL function that makes a set-based append's event ids: UUID version 7 like the model's
@@ -281,11 +349,26 @@ def _project(saved: Iterable) -> None:
     from api.models import StopMonitorExecution
 
     for row in saved:
+        if row.event_type in PROTECTION_EVENT_TYPES:
+            _project_protection(row)
         if not row.execution_token:
             continue
         current = StopMonitorExecution.objects.filter(pk=row.execution_token).first()
         state = apply(execution_state_of(current) if current else None, to_stored(row))
         save_execution_state(state)
+
+
+def _project_protection(row) -> None:
+    """Fold one protection event into the operation's ``StopMonitorProtection`` row (same transaction)."""
+    from api.models import StopMonitorProtection
+    from stopmonitor.protection import ProtectionState, apply_protection, protection_field_names
+
+    names = protection_field_names()
+    current = StopMonitorProtection.objects.filter(pk=row.operation_id).first()
+    state = ProtectionState(**{n: getattr(current, n) for n in names}) if current else None
+    new = apply_protection(state, to_stored(row))
+    StopMonitorProtection.objects.update_or_create(
+        operation_id=new.operation_id, defaults={n: getattr(new, n) for n in names if n != "operation_id"})
 
 
 def execution_state_of(model):

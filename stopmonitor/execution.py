@@ -12,32 +12,66 @@ unknown outcome stays SUBMITTED until reconciled (invariant 3).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from stopmonitor.rules import decimal_str, slippage_pct
 
-STOP_TRIGGERED = "STOP_TRIGGERED"
-EXECUTION_SUBMITTED = "EXECUTION_SUBMITTED"
-EXECUTED = "EXECUTED"
-PARTIALLY_EXECUTED = "PARTIALLY_EXECUTED"
-FAILED = "FAILED"
-BLOCKED = "BLOCKED"
-RECONCILED = "RECONCILED"
-GUARD_WARNING = "GUARD_WARNING"
-STOP_SET = "STOP_SET"
-STOP_MOVED = "STOP_MOVED"
-TARGET_SET = "TARGET_SET"
-OPERATION_CLOSED = "OPERATION_CLOSED"
+class EventType(StrEnum):
+    """The event types of a stream (stop-execution.md, "Event types")."""
 
-EVENT_TYPES = (
-    STOP_TRIGGERED, EXECUTION_SUBMITTED, EXECUTED, PARTIALLY_EXECUTED, FAILED, BLOCKED, RECONCILED,
-    GUARD_WARNING, STOP_SET, STOP_MOVED, TARGET_SET, OPERATION_CLOSED,
-)
+    STOP_TRIGGERED = "STOP_TRIGGERED"
+    EXECUTION_SUBMITTED = "EXECUTION_SUBMITTED"
+    EXECUTED = "EXECUTED"
+    PARTIALLY_EXECUTED = "PARTIALLY_EXECUTED"
+    FAILED = "FAILED"
+    BLOCKED = "BLOCKED"
+    RECONCILED = "RECONCILED"
+    GUARD_WARNING = "GUARD_WARNING"
+    STOP_SET = "STOP_SET"
+    STOP_MOVED = "STOP_MOVED"
+    TARGET_SET = "TARGET_SET"
+    OPERATION_CLOSED = "OPERATION_CLOSED"
+    TRAILING_SET = "TRAILING_SET"
+    # exchange-held protection (protection.md; folded by stopmonitor.protection into StopMonitorProtection)
+    PROTECTION_REQUESTED = "PROTECTION_REQUESTED"
+    PROTECTION_PLACED = "PROTECTION_PLACED"
+    PROTECTION_MOVED = "PROTECTION_MOVED"
+    PROTECTION_CANCELLED = "PROTECTION_CANCELLED"
+    PROTECTION_TRIGGERED = "PROTECTION_TRIGGERED"
+    UNPROTECTED = "UNPROTECTED"
+
+
+# the same members under their short names (the event store, the projection and the backfill use these)
+(STOP_TRIGGERED, EXECUTION_SUBMITTED, EXECUTED, PARTIALLY_EXECUTED, FAILED, BLOCKED, RECONCILED, GUARD_WARNING,
+ STOP_SET, STOP_MOVED, TARGET_SET, OPERATION_CLOSED, TRAILING_SET, *_PROTECTION_EVENT_TYPES) = EventType
+
+
+class Source(StrEnum):
+    """Who appended an event (every event records it)."""
+
+    CRON = "cron"
+    LOOP = "loop"
+    STREAM = "stream"
+    API = "api"
+    MANUAL = "manual"
+    BACKFILL = "backfill"
+    TRAILING = "trailing"
+    BREAK_EVEN = "break_even"
+    EXCHANGE = "exchange"  # a fill the exchange made (an exchange-held stop)
+
+
+class Venue(StrEnum):
+    """Where an order goes, so a simulated fill is never mistaken for a real one."""
+
+    BINANCE = "binance"
+    BINANCE_TESTNET = "binance-testnet"
+    PAPER = "paper"
+
+
 COMMISSION_ASSET_MAX = 12  # the projection column; the event payload keeps every asset in full
-SOURCES = ("cron", "loop", "stream", "api", "manual", "backfill")
-VENUES = ("binance", "binance-testnet", "paper")
 
 
 @dataclass(frozen=True)
@@ -98,8 +132,19 @@ class ExecutionState:
     submitted_at: datetime | None
 
 
+_COLUMN_QUANTUM = Decimal("0.00000001")
+
+
 def _dec(value) -> Decimal | None:
-    return None if value is None or value == "" else Decimal(str(value))
+    """A payload value as the projection's ``DecimalField(20, 8)`` column stores it: more than 8
+    decimals are rounded once, half away from zero as PostgreSQL's ``numeric`` does, so the fold
+    and the stored row agree (``rebuild_projections --verify``; issue #12 item 16)."""
+    if value is None or value == "":
+        return None
+    d = Decimal(str(value))
+    if d.as_tuple().exponent < -8:
+        d = d.quantize(_COLUMN_QUANTUM, rounding=ROUND_HALF_UP)
+    return d
 
 
 # The fold builds its states without the frozen dataclass ``__init__``: that ``__init__`` sets each
@@ -259,6 +304,8 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
             "executed_qty": "0",
             "definite": True,
         }
+        if getattr(result, "expiry_reason", None):
+            payload["expiry_reason"] = result.expiry_reason
         return Outcome(NewEvent(FAILED, payload, token), Decimal("0"), True)
     avg = result.avg_price
     slip = slippage_pct(result.side, level, avg) if (level and avg) else None
@@ -284,4 +331,6 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
     kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
     if kind == PARTIALLY_EXECUTED:
         payload["unfilled_qty"] = decimal_str(requested - executed)
+    if getattr(result, "expiry_reason", None):  # price-range rule, self-trade prevention, liquidity (issue #12 item 14)
+        payload["expiry_reason"] = result.expiry_reason
     return Outcome(NewEvent(kind, payload, token), executed, False)

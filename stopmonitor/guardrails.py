@@ -10,16 +10,36 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 
 from stopmonitor.rules import slippage_pct
 
-KILL_SWITCH = "KILL_SWITCH"
-CIRCUIT_BREAKER = "CIRCUIT_BREAKER"
-STALE_PRICE = "STALE_PRICE"
-MISSING_PRICE = "MISSING_PRICE"
-INVALID_PRICE = "INVALID_PRICE"
-SLIPPAGE_BREACH = "SLIPPAGE_BREACH"
-RATE_LIMITED = "RATE_LIMITED"
+class BlockReason(StrEnum):
+    """Why a guardrail holds a trigger (the ``reason`` of a ``BLOCKED`` event, invariant 6);
+    the close-quantity reasons come from :func:`stopmonitor.rules.close_quantity`."""
+
+    KILL_SWITCH = "KILL_SWITCH"
+    CIRCUIT_BREAKER = "CIRCUIT_BREAKER"
+    STALE_PRICE = "STALE_PRICE"
+    MISSING_PRICE = "MISSING_PRICE"
+    INVALID_PRICE = "INVALID_PRICE"
+    SLIPPAGE_BREACH = "SLIPPAGE_BREACH"
+    RATE_LIMITED = "RATE_LIMITED"
+    INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
+    BELOW_MIN_QTY = "BELOW_MIN_QTY"
+    BELOW_MIN_NOTIONAL = "BELOW_MIN_NOTIONAL"
+    STUCK_SUBMITTED = "STUCK_SUBMITTED"
+    SYMBOL_STATUS = "SYMBOL_STATUS"  # HALT / BREAK / CANCEL_ONLY: Binance takes no new order
+    NEEDS_REVIEW = "NEEDS_REVIEW"  # contradictory exchange evidence: a human decides, no new order
+    SHORTFALL = "SHORTFALL"  # free balance well below the position: what is there is sold, recorded once
+    ACCOUNT_DISABLED = "ACCOUNT_DISABLED"  # the operation's exchange account is disabled (issue #20)
+    ACCOUNT_UNAVAILABLE = "ACCOUNT_UNAVAILABLE"  # its balances cannot be read (refused key, undecryptable secret)
+
+
+KILL_SWITCH, CIRCUIT_BREAKER, STALE_PRICE, MISSING_PRICE, INVALID_PRICE, SLIPPAGE_BREACH, RATE_LIMITED = (
+    BlockReason.KILL_SWITCH, BlockReason.CIRCUIT_BREAKER, BlockReason.STALE_PRICE, BlockReason.MISSING_PRICE,
+    BlockReason.INVALID_PRICE, BlockReason.SLIPPAGE_BREACH, BlockReason.RATE_LIMITED)
+PROTECTION_STAYS = " (exchange-held protection, if any, stays resting)"
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,8 @@ def kill_switch(enabled: bool, reason: str, since: datetime | None = None) -> Bl
     switched on) and the reason identify the episode."""
     if enabled:
         key = f"{since.isoformat() if since else ''}|{reason}"
-        return Block(KILL_SWITCH, f"kill switch on: {reason or 'no reason given'}", key)
+        # halt is not flatten (protection.md P7): the exchange-held stops keep resting
+        return Block(KILL_SWITCH, f"kill switch on: {reason or 'no reason given'}{PROTECTION_STAYS}", key)
     return None
 
 

@@ -40,6 +40,9 @@ BLOCKED = Counter("stopmonitor_blocked", "Triggers held by a guardrail, by reaso
 EXCHANGE_REQUESTS = Counter("stopmonitor_exchange_requests", "Exchange calls by venue and endpoint", ["venue", "endpoint"])
 EXCHANGE_ERRORS = Counter("stopmonitor_exchange_errors", "Exchange errors by venue, endpoint and code (Binance code, "
                           "else the error type)", ["venue", "endpoint", "code"])
+EXCHANGE_KEYS = Gauge("stopmonitor_exchange_keys_accepted",
+                      "1 when the venue accepted this process's last signed read, 0 when it refused the keys "
+                      "(-2014/-2015/-1022), -1 when the read said nothing about them (stopmonitor/keys.py)", ["venue"])
 QUOTE_AGE = Gauge("stopmonitor_quote_age_seconds", "Age of the last best bid/ask read, per symbol", ["symbol"])
 LAST_PASS_LOCAL = Gauge("stopmonitor_process_last_completed_pass_timestamp_seconds",
                         "Unix time of the last pass completed by this process")
@@ -96,7 +99,7 @@ PRUNE_EVERY = 60  # passes: the pruning DELETE runs when the new row's id is a m
 def record_pass(summary, *, error: str = "", finished_at: datetime | None = None) -> None:
     """Count the pass and write its ``MonitorPass`` row (one INSERT). Commits (autocommit).
 
-    ``summary`` is a :class:`~stopmonitor.services.PassSummary`; ``error`` (non-empty) records
+    ``summary`` is a :class:`~stopmonitor.engine.decisions.PassSummary`; ``error`` (non-empty) records
     a pass that could not run. Every :data:`PRUNE_EVERY` th row (by id: about once an hour at one
     pass a minute, whichever process writes it) also deletes the rows that finished more than
     :data:`PASS_RETENTION` before this one, so the table stays bounded. A database error here is
@@ -149,7 +152,10 @@ class InstrumentedExchange:
     """Wraps an exchange adapter: counts each call by endpoint, each error by code, and the
     age of each quote read. Every other attribute is the wrapped adapter's."""
 
-    _ENDPOINTS = ("book_tickers", "symbol_filters", "free_balances", "get_order", "place_market_order")
+    _ENDPOINTS = ("book_tickers", "symbol_filters", "free_balances", "account_trades", "get_order",
+                  "place_market_order",
+                  # exchange-held protection
+                  "place_stop_order", "place_oco", "cancel_replace", "amend_quantity", "open_orders", "cancel_order")
 
     def __init__(self, exchange) -> None:
         self._exchange = exchange
@@ -265,6 +271,30 @@ class DatabaseCollector:
         yield a
 
 
+class ExchangeBanCollector:
+    """``stopmonitor_exchange_calls_allowed_in_seconds{venue}``: seconds until calls to the
+    configured Binance venue are allowed again (0 when no 429/418 ban is in force), read from the
+    stored ban horizon at scrape time."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from api.health import exchange_ban
+        from django.conf import settings
+
+        fam = GaugeMetricFamily("stopmonitor_exchange_calls_allowed_in_seconds",
+                                "Seconds until calls to the exchange are allowed again (429/418 ban; 0 = allowed)",
+                                labels=["venue"])
+        try:
+            seconds = exchange_ban()[1] or 0
+        except Exception:  # noqa: BLE001 - the scrape still answers
+            logging.getLogger("stopmonitor.metrics").warning("ban horizon unavailable", exc_info=True)
+            return
+        fam.add_metric([str(getattr(settings, "EXCHANGE_VENUE", ""))], float(seconds))
+        yield fam
+
+
 _collector_lock = threading.Lock()
 _collector: DatabaseCollector | None = None
 
@@ -276,6 +306,7 @@ def register_database_collector(registry=REGISTRY) -> DatabaseCollector:
         if _collector is None:
             _collector = DatabaseCollector()
             registry.register(_collector)
+            registry.register(ExchangeBanCollector())
         return _collector
 
 

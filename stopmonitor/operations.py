@@ -12,9 +12,13 @@ from decimal import Decimal
 
 from django.db import transaction
 
+from stopmonitor.engine.store import create_operation, lock_operation
 from stopmonitor.events import append_events, stream_head
-from stopmonitor.execution import STOP_MOVED, STOP_SET, TARGET_SET, NewEvent
+from stopmonitor import trailing
+from stopmonitor.execution import STOP_MOVED, STOP_SET, TARGET_SET, TRAILING_SET, NewEvent
 from stopmonitor.rules import decimal_str
+from stopmonitor.trailing import InvalidTrailing, TrailingSettings
+from stopmonitor.vocabulary import OperationStatus
 
 
 class LevelError(ValueError):
@@ -28,23 +32,6 @@ class LevelError(ValueError):
 
 class StateConflict(Exception):
     """The operation's status does not allow the change (CLOSING, CLOSED, CANCELLED)."""
-
-
-def lock_operation(operation_id: int):
-    """The ``Operation`` (with its symbol) locked until the end of the caller's transaction: the one
-    lock every writer of an operation takes before it reads the stream and appends (invariant 1).
-
-    ``FOR NO KEY UPDATE`` of the operation row and of its symbol row: closers and level changes of
-    one symbol still queue for each other (the per-symbol order the breaker relies on), but the lock
-    does not conflict with the ``FOR KEY SHARE`` that PostgreSQL takes on the symbol (and the operation)
-    when a row referencing it is inserted — with a plain ``FOR UPDATE``, an insert holding that key
-    lock and waiting for the append lock, a closer queued on the symbol and the append lock's holder
-    needing the same key lock deadlocked (266 of 600 requests under 40 concurrent API clients).
-    Raises ``Operation.DoesNotExist``. Must run inside ``transaction.atomic``.
-    """
-    from api.models import Operation
-
-    return Operation.objects.select_for_update(no_key=True).select_related("symbol").get(pk=operation_id)
 
 
 def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target: Decimal | None,
@@ -71,46 +58,85 @@ def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target:
             raise LevelError("target_price", f"a short's target must be below the entry price {entry}")
 
 
+def check_trailing(side: str, entry: Decimal | None, stop: Decimal | None, settings: TrailingSettings,
+                   tick_size: Decimal | None) -> None:
+    """:func:`stopmonitor.trailing.validate` with its error as a :class:`LevelError` (field, reason)."""
+    try:
+        trailing.validate(side, entry, stop, settings, tick_size)
+    except InvalidTrailing as exc:
+        raise LevelError(exc.field, exc.reason) from None
+
+
+def trailing_event(columns: dict) -> NewEvent:
+    """``TRAILING_SET`` with the operation's trailing columns (:func:`_columns`) as plain decimal strings."""
+    return NewEvent(TRAILING_SET, {column: decimal_str(value) for column, value in columns.items()})
+
+
+_SETTING_NAMES = ("distance", "distance_percent", "activation_price", "step", "break_even_price",
+                  "break_even_fee_percent")
+
+
 def open_operation(client, symbol, side: str, quantity: Decimal, entry_price: Decimal | None,
                    stop_price: Decimal | None, target_price: Decimal | None = None, *, source: str = "api",
-                   venue: str = "paper", status: str = "ACTIVE", now: datetime | None = None):
-    """Create an ACTIVE operation with its levels and append ``STOP_SET``/``TARGET_SET``.
-    Raises :class:`LevelError`. Commits."""
-    from api.models import Operation
-
+                   venue: str = "paper", status: str = OperationStatus.ACTIVE, now: datetime | None = None,
+                   trailing_settings: TrailingSettings | None = None, account=None):
+    """Create an ACTIVE operation with its levels and append ``STOP_SET``/``TARGET_SET`` (and
+    ``TRAILING_SET`` when ``trailing_settings`` enable trailing or break-even). ``account``: its
+    exchange account (None: the default account). Raises :class:`LevelError`. Commits."""
     check_levels(side, entry_price, stop_price, target_price, symbol.tick_size)
+    trailing_settings = trailing_settings or TrailingSettings()
+    check_trailing(side, entry_price, stop_price, trailing_settings, symbol.tick_size)
     now = now or datetime.now(timezone.utc)
     with transaction.atomic():
-        op = Operation.objects.create(client=client, symbol=symbol, side=side, quantity=quantity,
-                                      entry_price=entry_price, stop_price=stop_price, target_price=target_price,
-                                      status=status)
+        op = create_operation(client=client, symbol=symbol, side=side, quantity=quantity,
+                              entry_price=entry_price, stop_price=stop_price, target_price=target_price,
+                              status=status, account=account, **_columns(trailing_settings))
         events = []
         if stop_price is not None:
             events.append(NewEvent(STOP_SET, {"stop_price": decimal_str(stop_price), "entry_price": decimal_str(entry_price)}))
         if target_price is not None:
             events.append(NewEvent(TARGET_SET, {"target_price": decimal_str(target_price), "entry_price": decimal_str(entry_price)}))
+        if trailing_settings.enabled:
+            events.append(trailing_event(_columns(trailing_settings)))
         append_events(op, 0, events, source=source, venue=venue, now=now)
     return op
 
 
+def _columns(settings: TrailingSettings) -> dict:
+    """The operation's trailing columns for ``settings`` (the fee allowance None when break-even is off)."""
+    values = dict(zip(trailing.COLUMNS, (getattr(settings, name) for name in _SETTING_NAMES)))
+    if settings.break_even_price is None and not settings.break_even_fee_percent:
+        values["break_even_fee_percent"] = None
+    return values
+
+
 def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_price: Decimal | None = None,
-                source: str = "api", venue: str = "paper", actor: str = "", now: datetime | None = None):
+                source: str = "api", venue: str = "paper", actor: str = "", now: datetime | None = None,
+                trailing_changes: dict | None = None):
     """Move the stop and/or target of an ACTIVE (or PLANNED) operation under its row lock.
 
     Appends ``STOP_SET`` (first stop) or ``STOP_MOVED`` (with the previous level) and
     ``TARGET_SET``. Raises :class:`StateConflict` while CLOSING or once closed,
     :class:`LevelError` for a level on the wrong side. Commits.
     """
-    from api.models import Operation
-
     now = now or datetime.now(timezone.utc)
     with transaction.atomic():
         op = lock_operation(operation_id)
-        if op.status not in ("ACTIVE", "PLANNED"):
+        if op.status not in (OperationStatus.ACTIVE, OperationStatus.PLANNED):
             raise StateConflict(f"operation {op.pk} is {op.status}: its levels cannot change")
-        check_levels(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,
-                     target_price if target_price is not None else op.target_price, op.symbol.tick_size)
+        # only the levels given are checked: a stop trailed past the entry stays where the trail put it
+        check_levels(op.side, op.entry_price, stop_price, target_price, op.symbol.tick_size)
         events = []
+        if trailing_changes:
+            current = {**{c: getattr(op, c) for c in trailing.COLUMNS}, **trailing_changes}
+            settings = TrailingSettings.from_values(*(current[c] for c in trailing.COLUMNS))
+            check_trailing(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,
+                           settings, op.symbol.tick_size)
+            columns = _columns(settings)
+            if any(getattr(op, c) != v for c, v in columns.items()):
+                for column, value in columns.items():
+                    setattr(op, column, value)
+                events.append(trailing_event(columns))
         if stop_price is not None and stop_price != op.stop_price:
             if op.stop_price is None:
                 events.append(NewEvent(STOP_SET, {"stop_price": decimal_str(stop_price), "actor": actor}))
@@ -124,6 +150,6 @@ def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_
             op.target_price = target_price
         if events:
             version, _ = stream_head(op.pk)
-            op.save(update_fields=["stop_price", "target_price", "updated_at"])
+            op.save(update_fields=["stop_price", "target_price", *trailing.COLUMNS, "updated_at"])
             append_events(op, version, events, source=source, venue=venue, now=now)
     return op

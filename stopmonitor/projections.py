@@ -208,8 +208,8 @@ def rebuild(operation_id: int | None = None) -> int:
             staged = cursor.fetchone()[0]
             if staged:
                 cursor.execute(f"CREATE TEMPORARY TABLE {_STAGE} (LIKE {executions}) ON COMMIT DROP")
-            cursor.execute(f"SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "  # for a binary COPY
-                           f"AND attnum > 0 AND NOT attisdropped", [executions])
+            cursor.execute("SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "  # for a binary COPY
+                           "AND attnum > 0 AND NOT attisdropped", [executions])
             oids = dict(cursor.fetchall())
         types = [oids[column] for column in columns]
         values = attrgetter(*state_field_names())
@@ -236,3 +236,71 @@ def rebuild(operation_id: int | None = None) -> int:
 
 
 __all__ = ["CHUNK", "FETCH", "Difference", "execution_state_of", "rebuild", "verify"]
+
+
+# --------------------------------------------------------------------------- the protection projection
+# One row per operation that ever requested protection (``StopMonitorProtection``), folded by
+# :func:`stopmonitor.protection.apply_protection`. A few events per operation: read with the ORM,
+# streamed in (operation, version) order.
+
+
+def _protection_fold(operation_id: int | None = None):
+    from api.models import StopMonitorEvent
+    from stopmonitor.protection import PROTECTION_EVENT_TYPES, apply_protection
+
+    qs = StopMonitorEvent.objects.filter(event_type__in=PROTECTION_EVENT_TYPES)
+    if operation_id is not None:
+        qs = qs.filter(operation_id=operation_id)
+    current, state = None, None
+    for row in qs.order_by("operation_id", "version").values_list(*_EVENT_COLUMNS).iterator(chunk_size=FETCH):
+        event = StoredEvent(*row)
+        if event.operation_id != current:
+            if state is not None:
+                yield state
+            current, state = event.operation_id, None
+        state = apply_protection(state, event)
+    if state is not None:
+        yield state
+
+
+def verify_protection(operation_id: int | None = None) -> list[Difference]:
+    """The protection projection against a fold of the protection events (``execution_token`` of a
+    :class:`Difference` is the operation id as text); writes nothing."""
+    from api.models import StopMonitorProtection
+    from stopmonitor.protection import protection_field_names
+
+    names = protection_field_names()
+    stored_qs = StopMonitorProtection.objects.all()
+    if operation_id is not None:
+        stored_qs = stored_qs.filter(operation_id=operation_id)
+    stored = {row[0]: row for row in stored_qs.values_list(*names)}
+    diffs: list[Difference] = []
+    for state in _protection_fold(operation_id):
+        row = stored.pop(state.operation_id, None)
+        if row is None:
+            diffs.append(Difference(str(state.operation_id), "<missing>", None, state.status))
+            continue
+        for name, value, rebuilt in zip(names, row, (getattr(state, n) for n in names)):
+            if value != rebuilt:
+                diffs.append(Difference(str(state.operation_id), name, value, rebuilt))
+    diffs.extend(Difference(str(op), "<extra>", row[names.index("status")], None) for op, row in sorted(stored.items()))
+    return diffs
+
+
+def rebuild_protection(operation_id: int | None = None) -> int:
+    """Make the protection projection equal to the fold of its events (under the append lock); returns the rows."""
+    from api.models import StopMonitorProtection
+    from stopmonitor.protection import protection_field_names
+
+    names = protection_field_names()
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+        qs = StopMonitorProtection.objects.all()
+        if operation_id is not None:
+            qs = qs.filter(operation_id=operation_id)
+        qs.delete()
+        rows = [StopMonitorProtection(**{n: getattr(s, n) for n in names}) for s in _protection_fold(operation_id)]
+        StopMonitorProtection.objects.bulk_create(rows, batch_size=CHUNK)
+    return len(rows)

@@ -154,3 +154,30 @@ def decimal_str(value: Decimal | None) -> str | None:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"
+
+
+def opening_notional_problem(quantity: Decimal, stop_price: Decimal | None, min_notional: Decimal | None,
+                             margin_pct: Decimal, market_max_qty: Decimal | None = None) -> str | None:
+    """Invariant 5, "notional is checked at the *stop* price when an operation is opened": a
+    position we accept must be closable when its stop is crossed.
+
+    The close may be sent in MARKET_LOT_SIZE chunks of ``market_max_qty``; every chunk — the last,
+    smallest one included — must reach ``min_notional`` at ``stop_price`` with ``margin_pct`` to
+    spare (freqtrade uses 5 %; the fill can be below the stop). Returns the reason (naming the
+    figures) or None. Nothing to check without a stop or a minNotional.
+    """
+    if stop_price is None or not min_notional or min_notional <= 0:
+        return None
+    required = min_notional * (1 + margin_pct / 100)
+    chunk = quantity
+    if market_max_qty and market_max_qty > 0 and quantity > market_max_qty:
+        rest = quantity % market_max_qty
+        chunk = rest if rest > 0 else market_max_qty
+    notional = chunk * stop_price
+    if notional >= required:
+        return None
+    what = (f"quantity {decimal_str(quantity)}" if chunk == quantity else
+            f"the last MARKET_LOT_SIZE chunk of quantity {decimal_str(quantity)}: {decimal_str(chunk)}")
+    return (f"{what} × stop_price "
+            f"{decimal_str(stop_price)} = {decimal_str(notional)} is below minNotional {decimal_str(min_notional)} "
+            f"+ {decimal_str(margin_pct)}% margin = {decimal_str(required)}: the stop could never close it")

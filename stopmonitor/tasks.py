@@ -1,4 +1,4 @@
-"""Celery tasks: the monitor pass and the outbox relay, calling the same services as the commands.
+"""Celery tasks: the monitor pass and the outbox relay, calling the same engine use cases as the commands.
 
 The pass runs with ``source="loop"`` (stop-execution.md's sources: a worker pass is the
 continuous loop's, not the CronJob's ``cron``).
@@ -13,17 +13,17 @@ _publisher = None
 
 @shared_task(name="stopmonitor.tasks.run_monitor_pass", acks_late=True, ignore_result=False)
 def run_monitor_pass(use_lock: bool = True, venue: str | None = None) -> dict:
-    """One :func:`~stopmonitor.services.run_pass` on the configured venue; returns the summary dict.
+    """One :func:`~stopmonitor.engine.monitor.run_pass` on the configured venue; returns the summary dict.
 
     ``use_lock=False`` skips the cross-process pass lock (correctness never depends on it: the
     row locks of invariant 1 do; tests race passes this way). Raises
-    :class:`~stopmonitor.services.PassError` when the pass cannot run (not retried: the next
+    :class:`~stopmonitor.engine.decisions.EngineUnavailable` when the pass cannot run (not retried: the next
     scheduled pass is the retry).
     """
     from django.db import close_old_connections
 
     from stopmonitor.exchange.factory import build_exchange
-    from stopmonitor.services import run_pass
+    from stopmonitor.engine.monitor import run_pass
 
     close_old_connections()
     exchange = build_exchange(venue)

@@ -23,6 +23,18 @@ def _is_loopback(address) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _forget_exchange_state_in_memory():
+    """The exchange state a test left in this process's memory (a ban horizon, a clock offset: the
+    fallback of stopmonitor/exchange/state.py) is not the next test's. A 120 s ban set by
+    tests/api/test_health_degraded.py refused tests/stopmonitor/test_accounts.py's credential checks
+    when the suite reached them within those 120 s."""
+    yield
+    from stopmonitor.exchange import state
+
+    state._fallbacks.clear()
+
+
+@pytest.fixture(autouse=True)
 def _block_outbound_network(monkeypatch, request):
     """Refuse any socket connection that is not loopback (Binance is never called by tests)."""
     if request.node.get_closest_marker("live_testnet"):

@@ -16,10 +16,13 @@ HTTP 5XX, ``-1007``, ``-1006``, ``-1000``    OrderOutcomeUnknown         Exchang
 timeout, connection error, non-JSON 2XX      OrderOutcomeUnknown         ExchangeUnavailable
 ``-1003`` / ``-1015`` on a 4XX               RateLimited (not saved)     same
 4XX without a Binance ``code`` (proxy page)  OrderOutcomeUnknown         ExchangeUnavailable
-any other 4XX ``code`` (-2010, -1013, …)     OrderRejected(code)         ExchangeUnavailable
+``-2010``                                    OrderRejectedMaybeFilled    ExchangeUnavailable
+any other 4XX ``code`` (-1013, -1121, …)     OrderRejected(code)         ExchangeUnavailable
 ===========================================  ==========================  =======================
 
-``get_order`` returns None on ``-2013``. ``book_tickers`` with one unknown symbol gets
+``-2010`` (NEW_ORDER_REJECTED) on an order is :class:`OrderRejectedMaybeFilled`, the one
+rejection that is not proof of nothing: the balance it lacked may have gone to an earlier
+order with the same client order id. ``get_order`` returns None on ``-2013``. ``book_tickers`` with one unknown symbol gets
 ``-1121`` for the whole request (Binance refuses the list): ExchangeUnavailable(code=-1121);
 the caller should drop symbols that ``symbol_filters`` does not know and ask again.
 """
@@ -33,24 +36,33 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterable, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote
 
 import requests
 from binance.client import Client
 from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from .base import (
+    CancelReplaceCancelFailed,
+    CancelReplaceNewFailed,
+    CancelReplaceResult,
+    CancelReplaceUnknown,
     ClockSkew,
     ExchangeError,
     ExchangeUnavailable,
     Fill,
     OrderOutcomeUnknown,
     OrderRejected,
+    OrderRejectedMaybeFilled,
     OrderRequest,
+    OrderListResult,
+    OcoRequest,
     OrderResult,
     Quote,
     RateLimited,
+    StopOrderRequest,
     SymbolFilters,
+    Trade,
 )
 from .filters import decimal_field as _dec, parse_symbol_filters  # noqa: F401 (re-exported)
 from .state import FILTERS_TTL_SECONDS, CacheState, ExchangeState, MemoryState
@@ -61,6 +73,16 @@ T = TypeVar("T")
 
 INVALID_TIMESTAMP = -1021
 NO_SUCH_ORDER = -2013
+#: NEW_ORDER_REJECTED (insufficient balance, …): on a close, "maybe it already filled".
+NEW_ORDER_REJECTED = -2010
+#: Binance's recommendation (rest-api.md "Timing security": 5000 or less; at most 60000).
+DEFAULT_RECV_WINDOW_MS = 5000
+MAX_RECV_WINDOW_MS = 60000
+#: myTrades: at most this many trades per request; a startTime window of at most 24 hours.
+MY_TRADES_LIMIT = 1000
+#: cancelReplace: both legs failed / one leg failed (Binance "Errors regarding placing orders via cancelReplace")
+CANCEL_REPLACE_FAILED = -2022
+CANCEL_REPLACE_PARTIALLY_FAILED = -2021
 #: Binance says the request may have been executed ("execution status unknown").
 UNKNOWN_OUTCOME_CODES = frozenset({-1000, -1006, -1007})
 #: Request-weight and order-count limits; with HTTP 429/418 the ban horizon is also stored.
@@ -108,10 +130,14 @@ def parse_order(data: dict) -> OrderResult:
         for f in data.get("fills") or ()
     )
     when = data.get("transactTime") or data.get("updateTime") or data.get("time")
+    status = str(data["status"])
+    expiry = data.get("expiryReason")
+    if status == "EXPIRED_IN_MATCH" and not expiry:
+        expiry = "SELF_TRADE_PREVENTION"
     return OrderResult(
         symbol=str(data["symbol"]),
         side=str(data["side"]),
-        status=str(data["status"]),
+        status=status,
         exchange_order_id=int(data["orderId"]),
         client_order_id=str(data["clientOrderId"]),
         requested_qty=_dec(data["origQty"], "origQty"),
@@ -119,30 +145,123 @@ def parse_order(data: dict) -> OrderResult:
         cummulative_quote_qty=_dec(data["cummulativeQuoteQty"], "cummulativeQuoteQty"),
         fills=fills,
         transact_time=_ms_to_utc(when),
+        expiry_reason=str(expiry) if expiry and expiry != "NONE" else None,
+        **_resting_fields(data),
+    )
+
+
+def _resting_fields(data: dict) -> dict:
+    """The resting-order fields of an order body (type, stopPrice, price, orderListId); a
+    ``stopPrice``/``price`` of 0 (Binance's "not set") is None."""
+    def price(name: str) -> Decimal | None:
+        value = data.get(name)
+        return None if value in (None, "") or Decimal(str(value)) == 0 else _dec(value, name)
+
+    return {"order_type": str(data.get("type") or "MARKET"), "stop_price": price("stopPrice"),
+            "price": price("price"), "order_list_id": int(data.get("orderListId", -1))}
+
+
+def parse_cancelled(data: dict) -> OrderResult:
+    """An OrderResult from a cancel answer (``DELETE /api/v3/order`` or a cancelReplace's
+    ``cancelResponse``): ``clientOrderId`` there is the cancel's own id, ``origClientOrderId`` ours."""
+    return parse_order({**data, "clientOrderId": data.get("origClientOrderId") or data["clientOrderId"]})
+
+
+def parse_amended(data: dict) -> OrderResult:
+    """An OrderResult from an amend keepPriority answer (its ``amendedOrder`` says ``qty`` and
+    ``cumulativeQuoteQty`` where other order bodies say ``origQty``/``cummulativeQuoteQty``)."""
+    order = data["amendedOrder"]
+    return parse_order({**order, "origQty": order["qty"], "cummulativeQuoteQty": order["cumulativeQuoteQty"],
+                        "transactTime": data.get("transactTime")})
+
+
+def parse_order_list(data: dict) -> OrderListResult:
+    """An OrderListResult from an order-list answer (``POST /api/v3/orderList/oco``, RESULT/FULL)."""
+    return OrderListResult(
+        symbol=str(data["symbol"]),
+        order_list_id=int(data["orderListId"]),
+        list_client_order_id=str(data["listClientOrderId"]),
+        list_status=str(data["listOrderStatus"]),
+        orders=tuple(parse_order({**r, "transactTime": r.get("transactTime") or data.get("transactionTime")})
+                     for r in data["orderReports"]),
+    )
+
+
+def parse_trade(data: dict) -> Trade:
+    """A Trade from one ``GET /api/v3/myTrades`` row. Raises ValueError/KeyError/TypeError."""
+    return Trade(
+        symbol=str(data["symbol"]),
+        trade_id=int(data["id"]),
+        order_id=int(data["orderId"]),
+        price=_dec(data["price"], "price"),
+        qty=_dec(data["qty"], "qty"),
+        quote_qty=_dec(data["quoteQty"], "quoteQty"),
+        commission=_dec(data["commission"], "commission"),
+        commission_asset=str(data["commissionAsset"]),
+        time=_ms_to_utc(data["time"]),
+        is_buyer=bool(data["isBuyer"]),
     )
 
 
 class _Client(Client):
-    """python-binance 1.0.29's Client, signing a POST/PUT/DELETE body as it goes on the wire.
+    """python-binance's Client, except that a signed request is signed exactly as it is sent.
 
-    The stock client signs ``k=v&…`` with raw values but ``requests`` form-encodes the body, so
-    a value with ``:`` or ``/`` (both legal in newClientOrderId) would be refused with -1022.
-    GET query strings are sent unencoded by python-binance, so they keep the stock signing.
+    Binance requires (since 2026-01-15, rest-api.md "SIGNED Endpoint Examples") the signature
+    over the *percent-encoded* payload. python-binance 1.0.37 still signs ``k=v&…`` with raw
+    values (only ``symbol`` quoted) while ``requests`` form-encodes a POST body, so any value with
+    ``:`` or ``/`` — both legal in newClientOrderId — is refused with -1022 (a test shows it). So
+    a signed request here is built once: parameters in order, each value percent-encoded
+    (``quote(v, safe="")``), ``timestamp`` and ``recvWindow`` appended, that very string signed
+    with the library's own primitives (HMAC-SHA256 hex, or Ed25519/RSA base64, then
+    percent-encoded), and the same string sent as the query (GET) or the form body (POST/PUT/
+    DELETE). Unsigned requests are the library's.
     """
 
-    _signing_method = "get"
-
     def _request(self, method, uri, signed, force_params=False, **kwargs):
-        self._signing_method = method.lower()
-        try:
+        if not signed:
             return super()._request(method, uri, signed, force_params, **kwargs)
-        finally:
-            self._signing_method = "get"
+        params = [(k, str(v)) for k, v in (kwargs.pop("data", None) or {}).items() if v is not None and k != "requests_params"]
+        params.append(("timestamp", str(int(time.time() * 1000 + self.timestamp_offset))))
+        if self.REQUEST_RECVWINDOW:
+            params.append(("recvWindow", str(self.REQUEST_RECVWINDOW)))
+        payload = "&".join(f"{k}={quote(v, safe='')}" for k, v in params)
+        wire = f"{payload}&signature={quote(self._sign_payload(payload), safe='')}"
+        options = {"timeout": self.REQUEST_TIMEOUT, **(self._requests_params or {})}
+        if method.lower() == "get":
+            self.response = self.session.get(f"{uri}?{wire}", **options)
+        else:
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            self.response = getattr(self.session, method.lower())(uri, headers=headers, data=wire, **options)
+        return self._handle_response(self.response)
 
-    def _generate_signature(self, data, uri_encode=True):
-        if self._signing_method == "get" or self.PRIVATE_KEY:
-            return super()._generate_signature(data, uri_encode)
-        return self._hmac_signature(urlencode(self._order_params(data)))
+    def _sign_payload(self, payload: str) -> str:
+        if self.PRIVATE_KEY is not None:
+            return self._rsa_signature(payload) if self._is_rsa else self._ed25519_signature(payload)
+        return self._hmac_signature(payload)
+
+
+def load_private_key(pem: str, passphrase: str | None = None):
+    """An Ed25519 (or RSA) private key from PEM text, for :class:`BinanceExchange`.
+
+    python-binance guesses the type from the text's length (longer than 120 characters →
+    RSA), which makes every passphrase-protected Ed25519 key an unreadable "RSA" key; the key
+    is read here with pycryptodome instead. Returns ``(key, is_rsa)``. Raises ValueError (no
+    key material in the message) when the text is not a key or the passphrase is wrong.
+    """
+    from Crypto.PublicKey import ECC, RSA
+
+    text = pem.strip()
+    try:
+        key = ECC.import_key(text, passphrase=passphrase or None)
+        if key.curve not in ("Ed25519", "ed25519"):
+            raise ValueError(f"private key curve {key.curve} is not Ed25519")
+        return key, False
+    except ValueError as first:
+        try:
+            return RSA.import_key(text, passphrase=passphrase or None), True
+        except (ValueError, IndexError, TypeError):
+            raise ValueError("BINANCE_PRIVATE_KEY is not a readable Ed25519/RSA private key "
+                             "(wrong passphrase or not PEM)") from first
 
 
 class BinanceExchange:
@@ -154,23 +273,38 @@ class BinanceExchange:
     HTTP request. ``state`` keeps the ban horizon, the server-time offset and exchangeInfo
     across processes (default: :class:`CacheState` on Django's cache, per venue).
 
+    Keys: HMAC (``api_secret``) or an Ed25519 key (``private_key`` PEM text, with
+    ``private_key_passphrase`` when it is encrypted); with a private key the secret is not
+    used. ``recv_window_ms`` is sent with every signed request (default 5000, at most 60000;
+    ValueError otherwise).
+
     Every method reaches the network: call it outside any database transaction.
     """
 
     def __init__(
         self,
         api_key: str,
-        api_secret: str,
+        api_secret: str | None,
         *,
         testnet: bool,
         api_url: str | None = None,
         timeout: float = 10,
         state: ExchangeState | None = None,
+        private_key: str | None = None,
+        private_key_passphrase: str | None = None,
+        recv_window_ms: int = DEFAULT_RECV_WINDOW_MS,
     ) -> None:
+        if not 0 < int(recv_window_ms) <= MAX_RECV_WINDOW_MS:
+            raise ValueError(f"recvWindow must be 1..{MAX_RECV_WINDOW_MS} ms, got {recv_window_ms}")
         self.venue = "binance-testnet" if testnet else "binance"
         self.state: ExchangeState = state if state is not None else CacheState(prefix=f"stopmonitor:binance:{self.venue}:")
-        self._secrets = tuple(s for s in (api_key, api_secret) if s)
-        self._client = _Client(api_key, api_secret, testnet=testnet, ping=False, requests_params={"timeout": timeout})
+        self._secrets = tuple(s for s in (api_key, api_secret, private_key, private_key_passphrase) if s)
+        self._client = _Client(api_key, None if private_key else api_secret, testnet=testnet, ping=False,
+                               requests_params={"timeout": timeout})
+        if private_key:
+            self._client.PRIVATE_KEY, self._client._is_rsa = load_private_key(private_key, private_key_passphrase)
+        self._client.REQUEST_RECVWINDOW = int(recv_window_ms)
+        self.key_type = ("RSA" if self._client._is_rsa else "Ed25519") if private_key else "HMAC"
         if api_url:
             base = api_url.rstrip("/")
             if not base.endswith("/api"):
@@ -228,9 +362,11 @@ class BinanceExchange:
             raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
         return quotes
 
-    def symbol_filters(self, symbols: Iterable[str]) -> dict[str, SymbolFilters]:
+    def symbol_filters(self, symbols: Iterable[str], *, fresh: bool = False) -> dict[str, SymbolFilters]:
         """Trading filters per symbol from ``GET /api/v3/exchangeInfo?symbols=[…]``, cached in
-        ``state`` for one hour per symbol (only the uncached ones are asked, in one request).
+        ``state`` for one hour per symbol (only the uncached ones are asked, in one request);
+        ``fresh`` asks every symbol again (a symbol's ``status`` — HALT, BREAK, CANCEL_ONLY —
+        can change within the hour) and refreshes the cache.
 
         Symbols Binance does not list are absent; an unknown symbol in the request makes
         Binance refuse it (ExchangeUnavailable code -1121). Raises RateLimited,
@@ -240,7 +376,7 @@ class BinanceExchange:
         entries: dict[str, dict] = {}
         missing = []
         for symbol in wanted:
-            info = self.state.get_symbol_info(symbol)
+            info = None if fresh else self.state.get_symbol_info(symbol)
             if info is None:
                 missing.append(symbol)
             else:
@@ -274,6 +410,26 @@ class BinanceExchange:
         except (KeyError, TypeError, ValueError) as e:
             raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
 
+    def account_trades(self, symbol: str, *, since: datetime | None = None,
+                       order_id: int | None = None) -> list[Trade]:
+        """The account's trades on ``symbol``, oldest first, from signed ``GET /api/v3/myTrades``
+        (weight 5 with ``orderId``, 20 without): those of ``order_id`` when given; else from
+        ``since`` (``startTime``; Binance serves at most 24 hours from it); else the most
+        recent. At most 1000 trades. Raises RateLimited, ClockSkew, ExchangeUnavailable.
+        """
+        params: dict[str, Any] = {"symbol": symbol, "limit": MY_TRADES_LIMIT}
+        if order_id is not None:
+            params["orderId"] = int(order_id)
+        elif since is not None:
+            params["startTime"] = int(since.timestamp() * 1000)
+        context = f"myTrades {symbol}" + (f" orderId={order_id}" if order_id is not None else "")
+        answer = self._signed_read(lambda: self._client.get_my_trades(**dict(params)), context)
+        try:
+            trades = [parse_trade(row) for row in answer]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+        return sorted(trades, key=lambda t: t.trade_id)
+
     def get_order(self, symbol: str, client_order_id: str) -> OrderResult | None:
         """The order with ``origClientOrderId`` = ``client_order_id`` (signed
         ``GET /api/v3/order``), or None when Binance has none (-2013). ``fills`` is empty; use
@@ -304,8 +460,10 @@ class BinanceExchange:
         Must be called outside any database transaction (invariant 2; AssertionError
         otherwise, before any network call). Never retried, except once after -1021 and a
         ``GET /api/v3/time`` resync (the first request was refused, so no order exists).
-        Raises OrderRejected (definite, nothing exists), OrderOutcomeUnknown (the order may
-        exist: reconcile with :meth:`get_order`), RateLimited, ClockSkew.
+        Raises OrderRejected (definite, nothing exists; :class:`OrderRejectedMaybeFilled` for
+        -2010: an earlier order with this id may have taken the balance — reconcile),
+        OrderOutcomeUnknown (the order may exist: reconcile with :meth:`get_order`),
+        RateLimited, ClockSkew.
         """
         from django.db import connections
 
@@ -344,6 +502,177 @@ class BinanceExchange:
             return parse_order(answer)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise OrderOutcomeUnknown(f"{context}: unreadable answer to an accepted request: {self._scrub(str(e))}") from e
+
+    # ------------------------------------------------------------------ resting orders (protection)
+    # ../shared/design/protection.md; Binance spot REST "New order", "New Order list - OCO",
+    # "Cancel an Existing Order and Send a New Order", "Order Amend Keep Priority",
+    # "Current open orders", "Cancel order".
+
+    def place_stop_order(self, request: StopOrderRequest) -> OrderResult:
+        """Rest one ``STOP_LOSS``: signed ``POST /api/v3/order`` (``type=STOP_LOSS``,
+        ``stopPrice``, ``newOrderRespType=RESULT``); returns it NEW. Errors as
+        :meth:`place_market_order` (see :class:`~stopmonitor.exchange.base.ProtectionPort`)."""
+        context = (f"STOP_LOSS {request.side} {request.symbol} quantity={request.quantity} "
+                   f"stopPrice={request.stop_price} client_order_id={request.client_order_id}")
+        params = self._stop_params(request, context)
+        params.update(newClientOrderId=request.client_order_id, newOrderRespType="RESULT")
+        answer = self._place(lambda: self._client._post("order", True, data=dict(params)), context)
+        return self._parsed(parse_order, answer, context)
+
+    def place_oco(self, request: OcoRequest) -> OrderListResult:
+        """Rest one OCO list: signed ``POST /api/v3/orderList/oco`` with a ``STOP_LOSS`` leg and a
+        ``LIMIT_MAKER`` leg (above for a SELL list, below for a BUY list)."""
+        context = (f"OCO {request.side} {request.symbol} quantity={request.quantity} stopPrice={request.stop_price} "
+                   f"limitPrice={request.limit_price} client_order_id={request.stop_client_order_id}")
+        side = self._check_order(context, request.side, request.quantity,
+                                 (request.stop_client_order_id, request.limit_client_order_id,
+                                  request.list_client_order_id), (request.stop_price, request.limit_price))
+        stop, limit = ("below", "above") if side == "SELL" else ("above", "below")
+        params = {
+            "symbol": request.symbol, "side": side, "quantity": format_decimal(request.quantity),
+            "listClientOrderId": request.list_client_order_id, "newOrderRespType": "RESULT",
+            f"{stop}Type": "STOP_LOSS", f"{stop}StopPrice": format_decimal(request.stop_price),
+            f"{stop}ClientOrderId": request.stop_client_order_id,
+            f"{limit}Type": "LIMIT_MAKER", f"{limit}Price": format_decimal(request.limit_price),
+            f"{limit}ClientOrderId": request.limit_client_order_id,
+        }
+        answer = self._place(lambda: self._client._post("orderList/oco", True, data=dict(params)), context)
+        return self._parsed(parse_order_list, answer, context)
+
+    def cancel_replace(self, symbol: str, cancel_client_order_id: str,
+                       new: OrderRequest | StopOrderRequest) -> CancelReplaceResult:
+        """Cancel ``cancel_client_order_id`` and place ``new`` in one signed
+        ``POST /api/v3/order/cancelReplace`` (``cancelReplaceMode=STOP_ON_FAILURE``,
+        ``cancelRestrictions=ONLY_NEW``, ``newOrderRespType=FULL``).
+
+        200 → :class:`CancelReplaceResult`; 400 -2022 (cancel FAILURE, new NOT_ATTEMPTED) →
+        :class:`CancelReplaceCancelFailed`; 409 -2021 (cancel SUCCESS, new FAILURE) →
+        :class:`CancelReplaceNewFailed`; no usable answer → :class:`CancelReplaceUnknown`; any
+        other refusal → OrderRejected (nothing happened). Classified on the HTTP status, the
+        integer codes and the ``data.cancelResult``/``newOrderResult`` fields, never on text.
+        """
+        kind = "STOP_LOSS" if isinstance(new, StopOrderRequest) else "MARKET"
+        context = (f"cancelReplace {symbol} cancel={cancel_client_order_id} new={kind} {new.side} "
+                   f"quantity={new.quantity} client_order_id={new.client_order_id}")
+        if new.symbol != symbol:
+            raise OrderRejected(f"{context}: the new order is for {new.symbol} (not sent)")
+        if kind == "STOP_LOSS":
+            params = self._stop_params(new, context, also=(cancel_client_order_id,))
+        else:
+            side = self._check_order(context, new.side, new.quantity, (new.client_order_id, cancel_client_order_id), ())
+            params = {"symbol": symbol, "side": side, "type": "MARKET", "quantity": format_decimal(new.quantity)}
+        params.update(cancelReplaceMode="STOP_ON_FAILURE", cancelRestrictions="ONLY_NEW",
+                      cancelOrigClientOrderId=cancel_client_order_id, newClientOrderId=new.client_order_id,
+                      newOrderRespType="FULL")
+        try:
+            answer = self._place(lambda: self._client._post("order/cancelReplace", True, data=dict(params)), context)
+        except OrderRejected as e:
+            raise self._cancel_replace_failure(e, context, cancel_client_order_id, new.client_order_id) from e
+        except OrderOutcomeUnknown as e:
+            raise CancelReplaceUnknown(str(e), cancel_client_order_id, new.client_order_id, e.code) from e
+        try:
+            return CancelReplaceResult(parse_cancelled(answer["cancelResponse"]), parse_order(answer["newOrderResponse"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CancelReplaceUnknown(f"{context}: unreadable 200 answer: {self._scrub(str(e))}",
+                                       cancel_client_order_id, new.client_order_id) from e
+
+    def amend_quantity(self, symbol: str, client_order_id: str, new_quantity: Decimal) -> OrderResult:
+        """Reduce a resting order to ``new_quantity`` (base asset) keeping its priority and its
+        client order id: signed ``PUT /api/v3/order/amend/keepPriority`` (weight 4, no order count)."""
+        context = f"amend keepPriority {symbol} client_order_id={client_order_id} newQty={new_quantity}"
+        self._check_order(context, "SELL", new_quantity, (client_order_id,), ())
+        params = {"symbol": symbol, "origClientOrderId": client_order_id, "newClientOrderId": client_order_id,
+                  "newQty": format_decimal(new_quantity)}
+        answer = self._place(lambda: self._client._put("order/amend/keepPriority", True, data=dict(params)), context)
+        return self._parsed(parse_amended, answer, context)
+
+    def open_orders(self, symbol: str | None = None) -> list[OrderResult]:
+        """Open orders: signed ``GET /api/v3/openOrders`` for ``symbol`` (weight 6) or, with None,
+        for every symbol in one request (weight 80). Raises RateLimited, ClockSkew, ExchangeUnavailable."""
+        context = f"openOrders symbol={symbol or '*'}"
+        params = {"symbol": symbol} if symbol else {}
+        answer = self._signed_read(lambda: self._client._get("openOrders", True, data=dict(params)), context)
+        try:
+            return [parse_order(row) for row in answer]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+
+    def cancel_order(self, symbol: str, client_order_id: str) -> OrderResult:
+        """Cancel one open order: signed ``DELETE /api/v3/order`` by ``origClientOrderId``.
+        Raises OrderRejected(-2011) when it is not open, OrderOutcomeUnknown, RateLimited, ClockSkew."""
+        context = f"cancel {symbol} client_order_id={client_order_id}"
+        self._check_order(context, "SELL", Decimal(1), (client_order_id,), ())
+        params = {"symbol": symbol, "origClientOrderId": client_order_id}
+        answer = self._place(lambda: self._client._delete("order", True, data=dict(params)), context)
+        return self._parsed(parse_cancelled, answer, context)
+
+    def _stop_params(self, request: StopOrderRequest, context: str, also: tuple[str, ...] = ()) -> dict:
+        side = self._check_order(context, request.side, request.quantity, (request.client_order_id, *also),
+                                 (request.stop_price,))
+        return {"symbol": request.symbol, "side": side, "type": "STOP_LOSS",
+                "quantity": format_decimal(request.quantity), "stopPrice": format_decimal(request.stop_price)}
+
+    @staticmethod
+    def _check_order(context: str, side: str, quantity: Decimal, client_order_ids: tuple[str, ...],
+                     prices: tuple[Decimal, ...]) -> str:
+        """Refuse, before any network call, what Binance would refuse or what would break
+        invariant 2 (a call inside a transaction: AssertionError). Returns the side upper-cased."""
+        from django.db import connections
+
+        if any(c.in_atomic_block for c in connections.all(initialized_only=True)):
+            raise AssertionError(f"{context}: called inside a database transaction (invariant 2)")
+        side = side.upper()
+        if side not in ("BUY", "SELL"):
+            raise OrderRejected(f"{context}: side must be BUY or SELL (not sent)")
+        for value in (quantity, *prices):
+            if not value.is_finite() or value <= 0:
+                raise OrderRejected(f"{context}: quantities and prices must be positive decimals (not sent)")
+        for client_order_id in client_order_ids:
+            if not CLIENT_ORDER_ID_RE.match(client_order_id):
+                raise OrderRejected(f"{context}: client order id {client_order_id!r} does not match "
+                                    f"{CLIENT_ORDER_ID_RE.pattern} (not sent)")
+        return side
+
+    def _place(self, send: Callable[[], T], context: str) -> T:
+        """One placing request; after -1021 resync the clock and send once more (refused, so nothing exists)."""
+        try:
+            return self._call(send, context, placing=True)
+        except ClockSkew as first:
+            self._resync_clock(context, cause=first)
+            return self._call(send, context + " (after clock resync)", placing=True)
+
+    def _parsed(self, parse: Callable[[Any], T], answer: Any, context: str) -> T:
+        """``parse(answer)``; an unreadable answer to an accepted request is OrderOutcomeUnknown."""
+        try:
+            return parse(answer)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise OrderOutcomeUnknown(f"{context}: unreadable answer to an accepted request: {self._scrub(str(e))}") from e
+
+    def _cancel_replace_failure(self, e: OrderRejected, context: str, cancel_id: str, new_id: str) -> ExchangeError:
+        """Map a refused cancelReplace on its codes and its ``data`` (Binance's table for
+        STOP_ON_FAILURE: 400 = cancel FAILURE / new NOT_ATTEMPTED, 409 = cancel SUCCESS / new FAILURE)."""
+        if e.code not in (CANCEL_REPLACE_FAILED, CANCEL_REPLACE_PARTIALLY_FAILED):
+            return e
+        cause = e.__cause__
+        try:
+            data = cause.response.json().get("data") or {}
+        except (AttributeError, ValueError, TypeError):
+            data = {}
+        cancel, new = data.get("cancelResult"), data.get("newOrderResult")
+        cancel_body = data.get("cancelResponse") or {}
+        new_body = data.get("newOrderResponse") or {}
+        if e.code == CANCEL_REPLACE_FAILED and cancel == "FAILURE" and new == "NOT_ATTEMPTED":
+            return CancelReplaceCancelFailed(f"{context}: cancel failed, new order not attempted: {e}",
+                                             cancel_code=cancel_body.get("code"))
+        if e.code == CANCEL_REPLACE_PARTIALLY_FAILED and cancel == "SUCCESS" and new == "FAILURE":
+            try:
+                cancelled = parse_cancelled(cancel_body)
+            except (KeyError, TypeError, ValueError):
+                cancelled = None
+            return CancelReplaceNewFailed(f"{context}: protection cancelled, new order failed: {e}", cancelled,
+                                          new_code=new_body.get("code"))
+        return CancelReplaceUnknown(f"{context}: cancelReplace answer not in Binance's STOP_ON_FAILURE table: {e}",
+                                    cancel_id, new_id, e.code)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -414,7 +743,11 @@ class BinanceExchange:
             return RateLimited(detail, retry_after=self._retry_after(e, DEFAULT_RETRY_AFTER_429), code=code)
         if code is None:  # a 4XX page from something that is not Binance's matching engine
             return OrderOutcomeUnknown(detail + " (the order may exist)") if placing else ExchangeUnavailable(detail)
-        return OrderRejected(detail, code) if placing else ExchangeUnavailable(detail, code)
+        if not placing:
+            return ExchangeUnavailable(detail, code)
+        if code == NEW_ORDER_REJECTED:
+            return OrderRejectedMaybeFilled(detail + " (an earlier order with this id may have filled)", code)
+        return OrderRejected(detail, code)
 
     @staticmethod
     def _retry_after(e: BinanceAPIException, default_seconds: int) -> datetime:

@@ -29,16 +29,34 @@ def build_exchange(venue: str | None = None):
     raise ValueError(f"unknown exchange venue {venue!r}")
 
 
+def build_account_exchange(venue: str, api_key: str, secret: str, key_type: str = "HMAC"):
+    """The adapter for one tenant's exchange account (``venue`` binance/binance-testnet).
+
+    ``secret`` is the HMAC secret, or the Ed25519 private key (PEM) when ``key_type`` is
+    ``ED25519`` (passed to the adapter as ``private_key``). The ban horizon and the clock offset
+    are the venue's (shared by every account: Binance counts request weight per IP). Built lazily
+    like the default adapter. Raises ``ValueError`` on a venue that has no accounts.
+    """
+    if venue not in ("binance", "binance-testnet"):
+        raise ValueError(f"exchange accounts trade on binance or binance-testnet, not {venue!r}")
+    return LazyBinance(venue, api_key=api_key, secret=secret, key_type=key_type)
+
+
 class LazyBinance:
     """The Binance adapter, built (and python-binance imported, ~0.5 s) on first use only.
 
     A pass with nothing to watch never pays for the import. ``venue`` and ``clock()`` answer
-    without building it.
+    without building it. Without ``api_key`` it signs with the environment's keys (the default
+    account); the key and secret never appear in its repr.
     """
 
-    def __init__(self, venue: str):
+    def __init__(self, venue: str, *, api_key: str | None = None, secret: str | None = None, key_type: str = "HMAC"):
         self.venue = venue
         self._real = None
+        self._credentials = (api_key, secret, key_type) if api_key else None
+
+    def __repr__(self) -> str:
+        return f"LazyBinance(venue={self.venue!r}, account={'own' if self._credentials else 'default'})"
 
     def clock(self):
         from datetime import datetime, timezone
@@ -49,17 +67,27 @@ class LazyBinance:
         if self._real is None:
             from stopmonitor.exchange.binance import BinanceExchange
 
+            api_key, secret, key_type = self._credentials or (settings.BINANCE_API_KEY, settings.BINANCE_API_SECRET,
+                                                              "HMAC")
+            signing = {"private_key": secret} if key_type == "ED25519" else {}
             self._real = BinanceExchange(
-                settings.BINANCE_API_KEY,
-                settings.BINANCE_API_SECRET,
+                api_key,
+                None if signing else secret,
+                **signing,
                 testnet=self.venue == "binance-testnet",
                 api_url=settings.BINANCE_API_URL,
                 timeout=settings.BINANCE_TIMEOUT_SECONDS,
+                private_key=getattr(settings, "BINANCE_PRIVATE_KEY", None),
+                private_key_passphrase=getattr(settings, "BINANCE_PRIVATE_KEY_PASSPHRASE", None),
+                recv_window_ms=getattr(settings, "BINANCE_RECV_WINDOW_MS", 5000),
             )
         return self._real
 
-    _PORT = frozenset({"book_tickers", "symbol_filters", "free_balances", "place_market_order", "get_order", "close",
-                       "state"})
+    _PORT = frozenset({"book_tickers", "symbol_filters", "free_balances", "account_trades", "place_market_order",
+                       "get_order", "close", "state", "key_type"})
+    # the protection port (stopmonitor.exchange.base.ProtectionPort)
+    _PORT |= frozenset({"place_stop_order", "place_oco", "cancel_replace", "amend_quantity", "open_orders",
+                        "cancel_order"})
 
     def __getattr__(self, name):
         if name not in self._PORT:  # e.g. the command asking for a replay's `advance`: no build for that

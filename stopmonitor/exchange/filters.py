@@ -75,4 +75,14 @@ def parse_symbol_filters(entry: dict) -> SymbolFilters:
         market_min_qty=market_min,
         market_max_qty=market_max,
         status=str(entry.get("status", "TRADING")),
+        **_resting_order_permissions(entry),
     )
+
+
+def _resting_order_permissions(entry: dict) -> dict:
+    """What the symbol allows for exchange-held protection: ``orderTypes`` has STOP_LOSS,
+    ``ocoAllowed``, ``cancelReplaceAllowed`` (exchangeInfo; absent → assumed allowed)."""
+    types = entry.get("orderTypes")
+    return {"stop_loss_allowed": types is None or "STOP_LOSS" in types,
+            "oco_allowed": bool(entry.get("ocoAllowed", True)),
+            "cancel_replace_allowed": bool(entry.get("cancelReplaceAllowed", True))}

@@ -5,7 +5,8 @@ candle (close ≥ open) and open → high → low → close for a bearish one, 1
 is the path price, the ask one price step above it (the file's own precision: 0.01 for
 BTCUSDT 2018, 0.00001 for ADAUSDT 2020). Files of different dates are aligned on one replay
 clock starting at the first file's first candle; each quote keeps its real candle time in
-:attr:`ReplayExchange.market_time`. Orders fill through :class:`PaperExchange`.
+:attr:`ReplayExchange.market_time`. Orders fill through :class:`PaperExchange`; resting stops
+trigger on the replayed price and fill at the next observation (the paper exchange's model).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class ReplayExchange(PaperExchange):
             step = self.steps[symbol]
             self.quotes[symbol] = Quote(symbol, point.price, point.price + step, Decimal("1000000"), Decimal("1000000"),
                                         now, source_time=point.candle_time + offset)
+            self.observe_last_price(symbol, point.price)  # resting stops trigger on the replayed trade
 
     def book_tickers(self, symbols):
         """The current recorded observation, stamped as observed now (a one-pass process reads it fresh)."""

@@ -181,6 +181,10 @@ def test_admin_add_opens_through_the_engine_with_events(admin_client, alice, sym
     r = admin_client.post("/admin/api/operation/add/", {**form, "stop_price": "9400"})
     assert r.status_code == 200 and not Operation.objects.exists()
     assert "a long&#x27;s stop must be below the entry price" in r.content.decode()
+    # a stop off BTCUSDT's tickSize 0.01 is a form error, not an HTTP 500 (issue #11)
+    r = admin_client.post("/admin/api/operation/add/", {**form, "stop_price": "9199.995"})
+    assert r.status_code == 200 and not Operation.objects.exists()
+    assert "stop_price 9199.995 is not a multiple of the symbol&#x27;s tickSize 0.01" in r.content.decode()
     r = admin_client.post("/admin/api/operation/add/", form)
     assert r.status_code == 302
     op = Operation.objects.get()

@@ -11,7 +11,7 @@ from django.db import connections
 from api.models import StopMonitorEvent
 from stopmonitor.exchange.paper import Scripted
 from stopmonitor.projections import verify
-from stopmonitor.services import run_pass
+from stopmonitor.engine.monitor import run_pass
 from tests.api.conftest import NOW, error
 
 URL = "/api/v1/operations/"

@@ -83,7 +83,7 @@ def test_after_huge_message_is_exact(alice):
 def closes(alice, open_op, paper):
     """Three operations of alice: one FAILED then EXECUTED, one SUBMITTED (outcome unknown), one untouched."""
     one = open_op(alice.tenant)
-    paper.push(Scripted("reject", code=-2010))
+    paper.push(Scripted("reject", code=-1013))
     assert alice.api.post(f"/api/v1/operations/{one.pk}/close/").json()["outcome"] == "failed"
     assert alice.api.post(f"/api/v1/operations/{one.pk}/close/").json()["outcome"] == "executed"
     two = open_op(alice.tenant, "ETHUSDT", "SELL", "1", entry="1900", stop="2050")

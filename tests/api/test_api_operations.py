@@ -26,7 +26,9 @@ def op_body(op, **overrides):
         "id": op.pk, "client": op.client_id, "symbol": "BTCUSDT", "side": "BUY", "status": "ACTIVE",
         "quantity": "0.50000000", "closed_quantity": "0.00000000", "remaining_quantity": "0.50000000",
         "entry_price": "9300.00000000", "stop_price": "9200.00000000", "target_price": None,
-        "stop_execution_token": None, "created_at": iso(op.created_at), "updated_at": iso(op.updated_at),
+        "trail_distance": None, "trail_distance_percent": None, "trail_activation_price": None, "trail_step": None,
+        "break_even_price": None, "break_even_fee_percent": None, "stop_execution_token": None, "created_at": iso(op.created_at), "updated_at": iso(op.updated_at),
+        "account": op.account_id,
     }
     body.update(overrides)
     return body
@@ -43,7 +45,7 @@ def test_create_opens_an_active_operation_with_stop_and_target_events(alice, sym
     assert r.status_code == 201, r.json()
     op = Operation.objects.get()
     assert r["Location"] == f"{URL}{op.pk}/"
-    assert r.json() == op_body(op, target_price="9500.50000000", latest_execution=None)
+    assert r.json() == op_body(op, target_price="9500.50000000", latest_execution=None, protection=None)
     assert op.client == alice.tenant
     assert events_of(op.pk) == [
         ("STOP_SET", "api", "paper", {"stop_price": "9200", "entry_price": "9300"}),
@@ -51,9 +53,16 @@ def test_create_opens_an_active_operation_with_stop_and_target_events(alice, sym
     ]
 
 
-def test_create_accepts_json_numbers_and_a_short(alice, symbols):
+def test_create_refuses_json_numbers_and_accepts_a_short(alice, symbols):
+    """Money is a decimal string (a JSON number is a float to most clients): numbers are 400 naming each field."""
     r = alice.api.post(URL, {"symbol": "ETHUSDT", "side": "SELL", "quantity": 0.25, "entry_price": 2000,
                              "stop_price": 2100, "target_price": 1800}, format="json")
+    assert r.status_code == 400
+    assert r.json()["error"]["fields"] == {name: ['Must be a decimal string such as "0.5" (not a JSON number).']
+                                           for name in ("quantity", "entry_price", "stop_price", "target_price")}
+    assert not Operation.objects.exists()
+    r = alice.api.post(URL, {"symbol": "ETHUSDT", "side": "SELL", "quantity": "0.25", "entry_price": "2000",
+                             "stop_price": "2100", "target_price": "1800"}, format="json")
     assert r.status_code == 201, r.json()
     body = r.json()
     assert (body["symbol"], body["side"], body["quantity"], body["stop_price"], body["target_price"]) == (
@@ -208,12 +217,12 @@ def test_list_query_count_does_not_grow_with_rows(alice, open_op, django_assert_
 def test_retrieve_without_execution(alice, open_op):
     op = open_op(alice.tenant)
     r = alice.api.get(f"{URL}{op.pk}/")
-    assert (r.status_code, r.json()) == (200, op_body(op, latest_execution=None))
+    assert (r.status_code, r.json()) == (200, op_body(op, latest_execution=None, protection=None))
 
 
 def test_retrieve_with_latest_execution(alice, open_op, paper):
     op = open_op(alice.tenant)
-    paper.push(Scripted("reject", code=-2010))
+    paper.push(Scripted("reject", code=-1013))
     rejected = alice.api.post(f"{URL}{op.pk}/close/")
     assert (rejected.status_code, rejected.json()["outcome"], rejected.json()["error"]["code"]) == (
         502, "failed", "not_closed")
@@ -224,7 +233,7 @@ def test_retrieve_with_latest_execution(alice, open_op, paper):
     assert r.status_code == 200
     latest = r.json()["latest_execution"]
     assert r.json() == op_body(op, status="CLOSED", closed_quantity="0.50000000", remaining_quantity="0.00000000",
-                               stop_execution_token=latest["execution_token"], latest_execution=latest)
+                               stop_execution_token=latest["execution_token"], latest_execution=latest, protection=None)
     assert latest == {
         "execution_token": latest["execution_token"], "operation": op.pk, "tenant": alice.tenant.pk,
         "symbol": "BTCUSDT", "attempt": 2, "trigger": "MANUAL", "status": "EXECUTED", "side": "SELL",
@@ -254,7 +263,7 @@ def test_patch_moves_stop_and_sets_target_with_events(alice, open_op):
     op = open_op(alice.tenant)
     r = alice.api.patch(f"{URL}{op.pk}/", {"stop_price": "9250", "target_price": "9600"}, format="json")
     assert r.status_code == 200, r.json()
-    assert r.json() == op_body(op, stop_price="9250.00000000", target_price="9600.00000000", latest_execution=None)
+    assert r.json() == op_body(op, stop_price="9250.00000000", target_price="9600.00000000", latest_execution=None, protection=None)
     assert events_of(op.pk)[1:] == [
         ("STOP_MOVED", "api", "paper", {"from": "9200", "to": "9250", "actor": "alice"}),
         ("TARGET_SET", "api", "paper", {"target_price": "9600", "previous": None, "actor": "alice"}),
@@ -286,7 +295,7 @@ def test_patch_refused_with_409_unless_active(alice, open_op, status):
                      id="stop-at-entry"),
         pytest.param({"target_price": "9000"}, {"target_price": ["a long's target must be above the entry price 9300.00000000"]},
                      id="target-below-entry"),
-        pytest.param({}, {"non_field_errors": ["Give stop_price or target_price."]}, id="empty"),
+        pytest.param({}, {"non_field_errors": ["Give stop_price, target_price or a trailing setting."]}, id="empty"),
         pytest.param({"stop_price": "9100", "status": "CLOSED"}, {"status": ["Unknown field."]}, id="unknown-field"),
         pytest.param({"stop_price": None}, {"stop_price": ["This field may not be null."]}, id="null"),
         pytest.param({"stop_price": "0"}, {"stop_price": ["Must be greater than 0."]}, id="zero"),
@@ -359,10 +368,10 @@ def test_close_blocked_by_kill_switch_reports_the_guard(alice, open_op, paper):
     assert r.status_code == 409
     assert r.json()["error"] == {"code": "not_closed", "fields": {},
                                  "message": f"operation {op.pk} was not closed (blocked: KILL_SWITCH: "
-                                            f"kill switch on: incident 42)"}
+                                            f"kill switch on: incident 42 (exchange-held protection, if any, stays resting))"}
     assert r.json()["outcome"] == "blocked"
     assert r.json()["decisions"] == [{"action": "blocked", "execution_token": None, "event_type": "BLOCKED",
-                                      "reason": "KILL_SWITCH", "detail": "kill switch on: incident 42"}]
+                                      "reason": "KILL_SWITCH", "detail": "kill switch on: incident 42 (exchange-held protection, if any, stays resting)"}]
     assert r.json()["operation"]["status"] == "ACTIVE"
     assert paper.order_requests == []
 

@@ -16,6 +16,8 @@ VALID = {"symbol": "BTCUSDT", "side": "BUY", "quantity": "0.5", "entry_price": "
 REQUIRED = "This field is required."
 NUMBER = "A valid number is required."
 POSITIVE = "Must be greater than 0."
+NOT_A_STRING = 'Must be a decimal string such as "0.5" (not a JSON number).'
+PATTERN = "Must be ASCII digits with an optional '.' and at most 8 decimals, e.g. \"9300.5\"."
 
 
 def body(**changes):
@@ -44,13 +46,27 @@ def body(**changes):
         pytest.param(body(quantity="0"), {"quantity": [POSITIVE]}, id="quantity-zero"),
         pytest.param(body(quantity="-0.5"), {"quantity": [POSITIVE]}, id="quantity-negative"),
         pytest.param(body(quantity="-0"), {"quantity": [POSITIVE]}, id="quantity-minus-zero"),
-        pytest.param(body(entry_price=0), {"entry_price": [POSITIVE]}, id="entry-zero-number"),
+        pytest.param(body(entry_price=0), {"entry_price": [NOT_A_STRING]}, id="entry-zero-number"),
+        pytest.param(body(entry_price=9300), {"entry_price": [NOT_A_STRING]}, id="entry-json-integer"),
+        pytest.param(body(quantity=0.5), {"quantity": [NOT_A_STRING]}, id="quantity-json-float"),
+        # what Python's Decimal takes but the published pattern does not (issue 16: "1e5" opened 100,000 units)
+        pytest.param(body(quantity="1e5"), {"quantity": [PATTERN]}, id="quantity-exponent"),
+        pytest.param(body(quantity="5E-1"), {"quantity": [PATTERN]}, id="quantity-exponent-small"),
+        pytest.param(body(quantity="1_000"), {"quantity": [PATTERN]}, id="quantity-underscore"),
+        pytest.param(body(quantity="\u0661"), {"quantity": [PATTERN]}, id="quantity-arabic-indic-digit"),
+        pytest.param(body(entry_price="\uff19\uff13\uff10\uff10"), {"entry_price": [PATTERN]},
+                     id="entry-full-width-digits"),
+        pytest.param(body(quantity="+0.5"), {"quantity": [PATTERN]}, id="quantity-plus-sign"),
+        pytest.param(body(quantity=" 0.5"), {"quantity": [PATTERN]}, id="quantity-leading-space"),
+        pytest.param(body(quantity="0.5\n"), {"quantity": [PATTERN]}, id="quantity-trailing-newline"),
+        pytest.param(body(quantity=".5"), {"quantity": [PATTERN]}, id="quantity-no-whole-digit"),
+        pytest.param(body(quantity="5."), {"quantity": [PATTERN]}, id="quantity-trailing-dot"),
         pytest.param(body(stop_price="-1"), {"stop_price": [POSITIVE]}, id="stop-negative"),
         pytest.param(body(target_price="0"), {"target_price": [POSITIVE]}, id="target-zero"),
         pytest.param(body(entry_price="abc"), {"entry_price": [NUMBER]}, id="entry-non-numeric"),
         pytest.param(body(quantity=""), {"quantity": [NUMBER]}, id="quantity-empty-string"),
-        pytest.param(body(quantity=True), {"quantity": [NUMBER]}, id="quantity-boolean"),
-        pytest.param(body(quantity=["1"]), {"quantity": [NUMBER]}, id="quantity-list"),
+        pytest.param(body(quantity=True), {"quantity": [NOT_A_STRING]}, id="quantity-boolean"),
+        pytest.param(body(quantity=["1"]), {"quantity": [NOT_A_STRING]}, id="quantity-list"),
         pytest.param(body(stop_price="NaN"), {"stop_price": [NUMBER]}, id="stop-nan"),
         pytest.param(body(stop_price="Infinity"), {"stop_price": [NUMBER]}, id="stop-infinity"),
         pytest.param(body(quantity="-Infinity"), {"quantity": [NUMBER]}, id="quantity-minus-infinity"),
@@ -126,7 +142,7 @@ def test_body_that_is_not_json_is_400(alice, symbols, raw, message):
 def test_number_overflowing_to_infinity_is_refused(alice, symbols):
     raw = json.dumps(VALID).replace('"0.5"', "1e400")
     r = alice.api.post(URL, raw, content_type="application/json")
-    assert (r.status_code, r.json()) == (400, invalid(quantity=[NUMBER]))
+    assert (r.status_code, r.json()) == (400, invalid(quantity=[NOT_A_STRING]))
     assert not Operation.objects.exists()
 
 

@@ -20,7 +20,8 @@ def config_body(cfg, **overrides):
     body = {"client": cfg.client_id, "kill_switch": cfg.kill_switch, "kill_switch_reason": cfg.kill_switch_reason,
             "kill_switch_at": iso(cfg.kill_switch_at), "kill_switch_by": cfg.kill_switch_by,
             "max_slippage_pct": "1.0000", "slippage_action": "warn", "max_executions_per_minute": 30,
-            "max_executions_per_hour": 600, "updated_at": iso(cfg.updated_at), "updated_by": cfg.updated_by}
+            "max_executions_per_hour": 600, "protection_enabled": None, "protection_buffer_bps": 50,
+            "updated_at": iso(cfg.updated_at), "updated_by": cfg.updated_by}
     body.update(overrides)
     return body
 
@@ -35,7 +36,8 @@ def test_get_defaults_without_writing(alice):
     assert (r.status_code, r.json()) == (200, {
         "client": alice.tenant.pk, "kill_switch": False, "kill_switch_reason": "", "kill_switch_at": None,
         "kill_switch_by": "", "max_slippage_pct": "1.0000", "slippage_action": "warn",
-        "max_executions_per_minute": 30, "max_executions_per_hour": 600, "updated_at": None, "updated_by": ""})
+        "max_executions_per_minute": 30, "max_executions_per_hour": 600, "protection_enabled": None,
+        "protection_buffer_bps": 50, "updated_at": None, "updated_by": ""})
     assert not TenantConfig.objects.exists()
 
 
@@ -165,15 +167,25 @@ def breakers(db):
     return btc, eth
 
 
-def test_breakers_list_exact(alice, breakers):
+def test_breakers_list_exact(alice, staff, breakers):
+    """The rows are shared by every tenant: the text of the last refused close (one tenant's order: side,
+    quantity, client order id with its operation id) is for staff only (issue 16)."""
     btc, eth = breakers
-    r = alice.api.get(BREAKERS)
-    assert (r.status_code, r.json()) == (200, [
+    CircuitBreakerState.objects.filter(symbol="BTCUSDT").update(
+        last_error="-2010: Account has insufficient balance for requested action. SELL 0.5 BTCUSDT sm17-S1-x")
+    btc.refresh_from_db()
+    rows = [
         {"symbol": "BTCUSDT", "state": "OPEN", "failure_count": 3, "opened_at": iso(OPENED), "retry_at": iso(RETRY),
-         "last_error": "-2010: insufficient balance", "updated_at": iso(btc.updated_at)},
+         "last_error": "", "updated_at": iso(btc.updated_at)},
         {"symbol": "ETHUSDT", "state": "CLOSED", "failure_count": 0, "opened_at": None, "retry_at": None,
          "last_error": "", "updated_at": iso(eth.updated_at)},
-    ])
+    ]
+    r = alice.api.get(BREAKERS)
+    assert (r.status_code, r.json()) == (200, rows)
+    assert b"sm17" not in r.content and b"SELL" not in r.content
+    rows[0]["last_error"] = "-2010: Account has insufficient balance for requested action. SELL 0.5 BTCUSDT sm17-S1-x"
+    r = staff.api.get(BREAKERS)
+    assert (r.status_code, r.json()) == (200, rows)
 
 
 def test_staff_reset_closes_the_breaker_and_is_logged(staff, breakers, caplog):
@@ -250,3 +262,31 @@ def test_throttling_is_per_user(alice, bob, monkeypatch):
     assert r.json() == error("throttled", "Request was throttled. Expected available in 60 seconds.")
     assert r["Retry-After"] == "60"
     assert bob.api.get(SYMBOLS).status_code == 200  # another user has their own budget
+
+
+# --------------------------------------------------------------------------------------
+# exchange-held protection settings
+# --------------------------------------------------------------------------------------
+
+
+def test_protection_settings_are_set_and_recorded(alice):
+    r = alice.api.patch(CONFIG, {"protection_enabled": False, "protection_buffer_bps": 120}, format="json")
+    assert r.status_code == 200, r.json()
+    cfg = TenantConfig.objects.get(client=alice.tenant)
+    assert (cfg.protection_enabled, cfg.protection_buffer_bps, cfg.updated_by) == (False, 120, "alice")
+    assert r.json() == config_body(cfg, protection_enabled=False, protection_buffer_bps=120)
+    r = alice.api.patch(CONFIG, {"protection_enabled": None}, format="json")  # back to the venue's default
+    assert (r.status_code, r.json()["protection_enabled"]) == (200, None)
+
+
+@pytest.mark.parametrize("body, field", [
+    pytest.param({"protection_buffer_bps": -1}, "protection_buffer_bps", id="negative-buffer"),
+    pytest.param({"protection_buffer_bps": 2001}, "protection_buffer_bps", id="buffer-above-20pct"),
+    pytest.param({"protection_buffer_bps": "50"}, "protection_buffer_bps", id="buffer-as-string"),
+    pytest.param({"protection_enabled": "yes"}, "protection_enabled", id="enabled-not-a-boolean"),
+])
+def test_bad_protection_settings_are_refused_and_change_nothing(alice, body, field):
+    r = alice.api.patch(CONFIG, body, format="json")
+    assert r.status_code == 400
+    assert field in r.json()["error"]["fields"]
+    assert not TenantConfig.objects.exists()

@@ -3,8 +3,10 @@
 schemathesis generates requests from ``/api/schema/`` for every operation — valid ones
 (positive) and ones the schema forbids (negative) — and checks each answer: never a 5XX, a
 documented status code and content type, and a body matching the documented schema.
-Hypothesis runs derandomized with a bounded number of examples. (The exact refusals of invalid
-input are pinned by test_api_refusals.py; unknown query parameters are ignored, as usual.)
+Hypothesis runs derandomized with a bounded number of examples. Since issue 16 the run also checks
+that schema and behaviour agree: every request the schema forbids is refused (``negative_data_rejection``)
+and, on the reads, every request it allows is accepted (``positive_data_acceptance``). (The exact
+refusals of invalid input are pinned by test_api_refusals.py; unknown query parameters are ignored, as usual.)
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def test_schema_describes_every_error_with_the_envelope(db, anon):
         ("/api/v1/operations/{id}/events/", "get"), ("/api/v1/risk/circuit-breakers/", "get"),
         ("/api/v1/risk/circuit-breakers/{symbol}/reset/", "post"), ("/api/v1/risk/config/", "get"),
         ("/api/v1/risk/config/", "patch"), ("/api/v1/symbols/", "get"), ("/api/v1/symbols/{symbol}/", "get"),
+        # issue #20
+        ("/api/v1/accounts/", "get"), ("/api/v1/accounts/", "post"), ("/api/v1/accounts/{id}/", "get"),
+        ("/api/v1/accounts/{id}/secret/", "post"), ("/api/v1/accounts/{id}/disable/", "post"),
+        ("/api/v1/accounts/{id}/enable/", "post"),
     }
     for path, method, op in operations:
         codes = set(op["responses"])
@@ -121,12 +127,18 @@ def test_schemathesis_no_5xx_and_answers_conform_to_the_schema(live_server, seed
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
+        negative_data_rejection,
+        positive_data_acceptance,
         response_schema_conformance,
         status_code_conformance,
     )
 
     schema = schemathesis.openapi.from_url(f"{live_server.url}/api/schema/")
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    # conformance both ways (issue 16): what the schema forbids is refused (4XX), and on the reads what it
+    # allows is accepted; writes may still be refused (400) by rules the schema cannot express (a stop on
+    # the wrong side of the entry, off the tickSize, an unknown symbol), as their descriptions say
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              negative_data_rejection]
     statuses: Counter = Counter()
     failures: list[str] = []
     started = time.monotonic()
@@ -139,9 +151,15 @@ def test_schemathesis_no_5xx_and_answers_conform_to_the_schema(live_server, seed
         @given(case=strategy)
         def run(case):
             # a fresh connection per request: keep-alive on the test server costs a 40 ms delayed ACK each
-            response = case.call(base_url=live_server.url, headers={**headers, "Connection": "close"})
+            # a negative case that took the Authorization header away keeps it away (it must get 401)
+            negated = case.meta is not None and any(
+                str(getattr(location, "value", location)) == "header" and info.mode.is_negative
+                for location, info in case.meta.components.items())
+            auth = {} if negated else headers
+            response = case.call(base_url=live_server.url, headers={**auth, "Connection": "close"})
             statuses[response.status_code] += 1
-            case.validate_response(response, checks=checks, headers=headers)
+            extra = [positive_data_acceptance] if operation.method.upper() == "GET" else []
+            case.validate_response(response, checks=checks + extra, headers=auth)
 
         try:
             run()

@@ -596,12 +596,14 @@ def test_append_many_writes_events_and_outbox_rows_or_nothing_on_a_moved_stream(
                          (b, 0, [NewEvent("STOP_SET", {"stop_price": "0.3"})]), (a, 0, [])],
                         source="backfill", venue="paper", now=now)
     assert n == 3
-    rows = list(StopMonitorEvent.objects.order_by("sequence").values_list(
+    # one INSERT per stream position (ord 1 of every stream, then ord 2): stream order is version order
+    rows = list(StopMonitorEvent.objects.order_by("operation_id", "version").values_list(
         "operation_id", "version", "event_type", "payload", "source", "venue", "created_at", "tenant_id", "symbol"))
     assert rows == [(a.pk, 1, "STOP_SET", {"stop_price": "9000"}, "backfill", "paper", now, a.client_id, "BTCUSDT"),
                     (a.pk, 2, "TARGET_SET", {"x": [1]}, "backfill", "paper", now, a.client_id, "BTCUSDT"),
                     (b.pk, 1, "STOP_SET", {"stop_price": "0.3"}, "backfill", "paper", now, b.client_id, "ADAUSDT")]
-    outbox = list(Outbox.objects.order_by("event_id").values_list("event__operation_id", "routing_key",
+    outbox = list(Outbox.objects.order_by("event__operation_id", "event__version").values_list(
+        "event__operation_id", "routing_key",
                                                                    "operation_id_ref", "published_at"))
     assert outbox == [(a.pk, f"stop.STOP_SET.{a.client_id}.BTCUSDT", a.pk, None),
                       (a.pk, f"stop.TARGET_SET.{a.client_id}.BTCUSDT", a.pk, None),
@@ -615,6 +617,9 @@ def test_append_many_writes_events_and_outbox_rows_or_nothing_on_a_moved_stream(
     with transaction.atomic():  # the staging table was emptied: a corrected retry writes only its own events
         assert append_many([(b, 1, [NewEvent("TARGET_SET", {})])], source="backfill", venue="paper", now=now) == 1
     assert event_count() == 4
+    from stopmonitor.integrity import verify_store
+    report = verify_store()
+    assert (report.events, report.streams, report.broken) == (4, 2, [])
 
 
 def test_event_ids_are_time_ordered_uuid7_from_the_bulk_and_the_single_append(legacy):
@@ -643,3 +648,26 @@ def test_event_ids_are_time_ordered_uuid7_from_the_bulk_and_the_single_append(le
     assert [i.variant for i in ids] == [uuid.RFC_4122, uuid.RFC_4122]
     millis = [i.int >> 80 for i in ids]
     assert before_ms - 1 <= millis[0] <= millis[1] <= after_ms + 1
+
+
+# -- notional at the stop (issue #12 item 6) -------------------------------------------------------
+
+def test_a_stop_that_could_never_close_the_position_is_skipped_with_the_figures(legacy, symbols):
+    from api.models import Operation
+
+    symbols["BTCUSDT"].min_notional = D("5")
+    symbols["BTCUSDT"].save()
+    good = legacy()  # 1 BTC × 9067.5
+    bad = legacy(entry="9600", stop_pct="6.25")  # stop 9000
+    Operation.objects.filter(pk=bad.pk).update(quantity=D("0.00053"))  # 5.09 at the entry, 4.77 at the stop
+
+    code, out, _ = backfill("--json")
+
+    assert code == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0] == {"type": "skip", "operation_id": bad.pk, "field": "stop_price",
+                        "reason": "below_min_notional_at_stop",
+                        "detail": "quantity 0.00053 × stop_price 9000 = 4.77 is below minNotional 5 + 5% margin = "
+                                  "5.25: the stop could never close it"}
+    assert levels(bad) == (None, None) and stream(bad) == []
+    assert levels(good) == (D("9067.5"), None)

@@ -129,8 +129,10 @@ def test_a_database_error_is_a_json_503_with_retry_after_and_changes_nothing(ali
     with caplog.at_level("ERROR", logger="api.errors"):
         r = alice.api.patch(f"/api/v1/operations/{op.pk}/", {"stop_price": "9100"}, format="json")
     assert r.status_code == 503
-    assert r.json() == error("database_unavailable", "The database could not complete the request; nothing of it "
-                             "was saved. Read the object again before retrying: a close may already be under way.")
+    body = error("database_unavailable", "The database could not complete the request; nothing of it was saved. "
+                                         "Retry after Retry-After.")
+    body["error"]["committed"] = "no"
+    assert r.json() == body
     assert r["Retry-After"] == "2"
     assert Operation.objects.get(pk=op.pk).stop_price == op.stop_price
     assert [rec.getMessage() for rec in caplog.records if rec.name == "api.errors"] == ["database error answered 503"]

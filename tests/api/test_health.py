@@ -30,11 +30,11 @@ def test_readiness_reports_each_check_under_production_settings():
 @override_settings(**PROD)
 @pytest.mark.django_db
 def test_readiness_503_names_the_failed_check(settings):
-    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    settings.RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens on port 1
     response = Client().get("/health/ready", HTTP_HOST="10.42.0.17:8000")
     assert response.status_code == 503
     body = response.json()
-    assert body["failed"] == ["redis"] and body["checks"]["redis"].startswith("unreachable")
+    assert body["failed"] == ["rabbitmq"] and body["checks"]["rabbitmq"].startswith("unreachable")
 
 
 @override_settings(**PROD)

@@ -268,7 +268,7 @@ def test_0020_gives_up_after_its_lock_timeout_behind_a_long_transaction_and_a_re
     import threading
     import time
 
-    from django.db.utils import OperationalError
+    from django.core.management.base import CommandError
 
     migrate_to(("api", "0019_monitor_pass"))
     reader = _reader_in_transaction()
@@ -276,7 +276,8 @@ def test_0020_gives_up_after_its_lock_timeout_behind_a_long_transaction_and_a_re
     releaser.start()
     started = time.monotonic()
     try:
-        with pytest.raises(OperationalError, match="lock timeout"):
+        # one line naming the blocking session (issue #18), not a traceback of the lock timeout
+        with pytest.raises(CommandError, match=r"waited 5s for a lock and gave up; blocked by pid \d+ \(idle in transaction"):
             migrate_to(("api", "0020_event_store_write_path"))
         assert time.monotonic() - started < 15  # 5 s lock timeout, not the reader's lifetime
     finally:
@@ -312,3 +313,41 @@ def test_sqlmigrate_0021_builds_the_relay_claim_index_concurrently():
     assert ('CREATE INDEX CONCURRENTLY "outbox_stream_unpublished_idx" ON "api_outbox" ("operation_id_ref", "event_id") '
             'WHERE "published_at" IS NULL;') in sql
     assert "BEGIN;" not in sql
+
+
+@pg_only
+@pytest.mark.django_db(transaction=True)
+def test_0023_chains_the_events_already_stored_and_backwards_drops_the_columns():
+    """Events written before migration 0023 (no chain) are chained by it, in stream and sequence
+    order, so verify_events passes on an upgraded database; the append-only trigger is back on."""
+    import json as json_
+
+    from stopmonitor.integrity import verify_store
+
+    migrate_to(("api", "0021_outbox_stream_index"))
+    assert "chain_hash" not in columns("api_stopmonitorevent")
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO api_client (name, created_at) VALUES ('old', now()) RETURNING id")
+        client = cur.fetchone()[0]
+        cur.execute("INSERT INTO api_symbol (symbol, base_asset, quote_asset, tick_size, is_active, updated_at) "
+                    "VALUES ('BTCUSDT', 'BTC', 'USDT', 0.01, true, now()) RETURNING id")
+        symbol = cur.fetchone()[0]
+        ops = []
+        for _ in range(2):
+            cur.execute("INSERT INTO api_operation (client_id, symbol_id, side, status, quantity, created_at, "
+                        "updated_at, closed_quantity, stop_check_count) VALUES (%s, %s, 'BUY', 'ACTIVE', 1, now(), "
+                        "now(), 0, 0) RETURNING id", [client, symbol])
+            ops.append(cur.fetchone()[0])
+        # interleaved streams, as the live store has them
+        for op, version in ((ops[0], 1), (ops[1], 1), (ops[0], 2), (ops[1], 2), (ops[0], 3)):
+            cur.execute("INSERT INTO api_stopmonitorevent (event_id, operation_id, version, event_type, tenant_id, "
+                        "symbol, execution_token, source, venue, payload, created_at) VALUES (%s, %s, %s, 'STOP_SET', "
+                        "%s, 'BTCUSDT', NULL, 'api', 'paper', %s, now())",
+                        [uuid.uuid4(), op, version, client, json_.dumps({"stop_price": f"9{version}00", "ü": [1]})])
+    migrate_to(("api", "0023_event_chain"))
+    report = verify_store()
+    assert (report.events, report.streams, report.broken) == (5, 2, [])
+    with pytest.raises((InternalError, ProgrammingError)), transaction.atomic(), connection.cursor() as cur:
+        cur.execute("UPDATE api_stopmonitorevent SET event_type = 'X'")
+    migrate_to(("api", "0021_outbox_stream_index"))
+    assert "chain_hash" not in columns("api_stopmonitorevent")

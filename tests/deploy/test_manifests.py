@@ -1,8 +1,8 @@
 """Offline checks of the deployment files: Kubernetes manifests, kustomization, quota, Docker, compose.
 
 Every manifest is validated with kubernetes-validate (strict, the newest schema it ships). The
-kustomization is "built" by reading its ``resources`` (no kubectl needed); when kubectl is on
-PATH, ``kubectl kustomize`` must also succeed on the base and the staging overlay.
+base's kustomization is "built" by reading its ``resources`` (no kubectl needed); when kubectl is
+on PATH, ``kubectl kustomize`` must also succeed on it. The overlays: tests/deploy/test_overlays.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from kubernetes_validate import utils as kv_utils
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
-OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "staging"
 DOCKER = ROOT / "docker"
 
 QUOTA = {"requests.cpu": "4", "requests.memory": "8Gi", "limits.cpu": "8", "limits.memory": "16Gi"}
@@ -33,6 +32,11 @@ LIMIT_RANGE = {
 }
 API_HOSTS = {"api.staging.stopmonitor.example"}
 RELAY = "stopmonitor-outbox-relay"
+# issue 17: the backup CronJobs (tier backup), the suspended role setup Job, their two policies
+BACKUP_CRONJOBS = ("stopmonitor-basebackup", "stopmonitor-pgdump", "stopmonitor-restore-drill")
+SETUP_ROLES = "stopmonitor-setup-roles"
+BACKUP_POLICIES = ("allow-backup-to-bucket",)
+STREAM = "stopmonitor-monitor-stream"
 # the relay's exec liveness probe, as the manifest must carry it (tests/deploy/test_outbox_relay.py runs it)
 RELAY_LIVENESS_SCRIPT = """\
 state=/tmp/outbox-relay-liveness
@@ -169,16 +173,10 @@ def test_every_yaml_in_the_base_is_listed_or_is_the_secret_example():
     assert on_disk - listed == {"secret.example.yaml"}
 
 
-def test_staging_overlay_points_at_the_base():
-    overlay = load_kustomization(OVERLAY)
-    assert overlay["resources"] == ["../../base"]
-    assert overlay["namespace"] == "stopmonitor-staging"
-
-
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("folder", [BASE, OVERLAY], ids=["base", "staging"])
-def test_kubectl_kustomize_builds(folder):
-    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+def test_kubectl_kustomize_builds_the_base():
+    """The overlays are rendered and checked in tests/deploy/test_overlays.py."""
+    result = subprocess.run(["kubectl", "kustomize", str(BASE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     built = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert len(built) == len(build_base())
@@ -216,40 +214,41 @@ def test_namespace_guardrails(docs):
 
 
 def test_seven_network_policies(docs):
+    """The seven of the seed, plus the backups' bucket egress (test_backup_network_access)."""
     policies = {d["metadata"]["name"]: d["spec"] for d in find(docs, "NetworkPolicy")}
-    assert len(policies) == 7
-    assert set(policies) == {
-        "default-deny-ingress",
-        "default-deny-egress",
-        "block-production-namespace",
+    assert len(policies) == 8
+    assert set(policies) - set(BACKUP_POLICIES) == {
+        "default-deny-all-ingress",
+        "default-deny-all-egress",
+        "block-production",
         "allow-dns",
-        "allow-https-egress",
-        "allow-backend-to-datastores",
-        "allow-ingress-controller-to-web",
+        "allow-internet",
+        "allow-backend-to-deps",
+        "allow-ingress-to-backend",
     }
-    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
-    assert policies["default-deny-egress"] == {"podSelector": {}, "policyTypes": ["Egress"]}
+    assert policies["default-deny-all-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    assert policies["default-deny-all-egress"] == {"podSelector": {}, "policyTypes": ["Egress"]}
 
     def ports(rules):
         return {(p["protocol"], p["port"]) for rule in rules for p in rule.get("ports", [])}
 
     assert ports(policies["allow-dns"]["egress"]) == {("UDP", 53), ("TCP", 53)}
-    assert ports(policies["allow-https-egress"]["egress"]) == {("TCP", 443)}
-    datastores = policies["allow-backend-to-datastores"]
+    assert ports(policies["allow-internet"]["egress"]) == {("TCP", 443)}
+    datastores = policies["allow-backend-to-deps"]
     assert ports(datastores["egress"]) == ports(datastores["ingress"]) == {("TCP", 5432), ("TCP", 6379), ("TCP", 5672)}
-    web = policies["allow-ingress-controller-to-web"]
+    web = policies["allow-ingress-to-backend"]
     assert ports(web["ingress"]) == {("TCP", 8000)}
     assert web["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "traefik"}
     # production excluded by name and by label from every namespace-wide peer
-    block = policies["block-production-namespace"]
+    block = policies["block-production"]
     for rule in block["ingress"] + block["egress"]:
         for peer in rule.get("from", []) + rule.get("to", []):
             expressions = peer["namespaceSelector"]["matchExpressions"]
             assert all(e["operator"] == "NotIn" for e in expressions)
-            assert any("production" in e["values"] for e in expressions)
+            assert any("robson" in e["values"] for e in expressions)  # the seed's production namespace
     # no other policy admits arbitrary namespaces
     for name, spec in policies.items():
-        if name == "block-production-namespace":
+        if name == "block-production":
             continue
         for rule in spec.get("ingress", []) + spec.get("egress", []):
             for peer in rule.get("from", []) + rule.get("to", []):
@@ -262,7 +261,7 @@ def test_outbox_relay_network_access(docs):
     stopmonitor pod, no other namespace; the only ingress rule reaching it is the datastores' one."""
     relay_labels = pod_labels(find(docs, "Deployment", RELAY))
     selecting = policies_selecting(docs, relay_labels)
-    assert set(selecting) == {"default-deny-ingress", "default-deny-egress", "allow-dns", "allow-backend-to-datastores"}
+    assert set(selecting) == {"default-deny-all-ingress", "default-deny-all-egress", "allow-dns", "allow-backend-to-deps"}
 
     def rules(direction):
         key = {"Ingress": "ingress", "Egress": "egress"}[direction]
@@ -279,29 +278,29 @@ def test_outbox_relay_network_access(docs):
     }
     dns_peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                  "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
-    datastore_peer = [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "datastore"}}}]
+    datastore_peer = [{"podSelector": {}}]  # the namespace's pods (behind postgres-staging, ...)
     assert egress == {
         ("allow-dns", yaml.safe_dump(dns_peer, sort_keys=True), frozenset({("UDP", 53), ("TCP", 53)})),
         (
-            "allow-backend-to-datastores",
+            "allow-backend-to-deps",
             yaml.safe_dump(datastore_peer, sort_keys=True),
             frozenset({("TCP", 5432), ("TCP", 6379), ("TCP", 5672)}),
         ),
     }
-    # ingress: only allow-backend-to-datastores' rule (written for the datastore pods, it selects every
-    # stopmonitor pod); the relay listens on no port, so nothing reaches it
+    # ingress: only allow-backend-to-deps' two rules (written for the datastore pods, it selects every
+    # pod); the relay listens on no port, so nothing reaches it
     ingress = rules("Ingress")
-    assert [name for name, _ in ingress] == ["allow-backend-to-datastores"]
-    ((_, rule),) = ingress
-    assert rule["from"] == [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "backend"}}}]
+    assert [name for name, _ in ingress] == ["allow-backend-to-deps", "allow-backend-to-deps"]
+    assert [rule["from"] for _, rule in ingress] == [[{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "backend"}}}],
+                                                     [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "backup"}}}]]
     container = pod_spec(find(docs, "Deployment", RELAY))["containers"][0]
     assert "ports" not in container
     # the other pods keep HTTPS (Binance) and the production guard
     for doc in workloads(docs):
-        if doc["metadata"]["name"] == RELAY:
+        if doc["metadata"]["name"] in (RELAY, *BACKUP_CRONJOBS):
             continue
         others = policies_selecting(docs, pod_labels(doc))
-        assert {"allow-https-egress", "block-production-namespace", "allow-dns", "allow-backend-to-datastores"} <= set(
+        assert {"allow-internet", "block-production", "allow-dns", "allow-backend-to-deps"} <= set(
             others
         ), doc["metadata"]["name"]
 
@@ -326,39 +325,87 @@ def _pod_totals(doc) -> dict[str, Decimal]:
     return totals
 
 
+def backup_windows(docs) -> dict[str, tuple[int, int]]:
+    """Each daily/monthly backup CronJob's window in seconds after 00:00 UTC of its day: from its
+    scheduled minute to the latest moment its Job can still run (start deadline + active deadline)."""
+    windows = {}
+    for name in BACKUP_CRONJOBS:
+        cron = find(docs, "CronJob", name)["spec"]
+        assert cron["concurrencyPolicy"] == "Forbid" and cron["timeZone"] == "Etc/UTC"
+        minute, hour, *_ = cron["schedule"].split()
+        start = int(hour) * 3600 + int(minute) * 60
+        windows[name] = (start, start + cron["startingDeadlineSeconds"] + cron["jobTemplate"]["spec"]["activeDeadlineSeconds"])
+    return windows
+
+
+def worst_case(docs) -> dict[str, Decimal]:
+    """Our pods at one instant, at worst: web replicas + the rolling-update surge pod, one monitor
+    CronJob pod (concurrencyPolicy Forbid), the migrate, backfill and setup-roles Jobs, the outbox
+    relay replicas + their surge pod, the stream monitor (one replica, Recreate: never two), and one
+    backup pod (their windows never overlap: test_backup_windows_never_overlap), the largest."""
+    total = {k: Decimal(0) for k in QUOTA}
+    for doc in workloads(docs):
+        if doc["metadata"]["name"] in BACKUP_CRONJOBS:
+            continue
+        count = 1
+        if doc["kind"] == "Deployment":
+            strategy = doc["spec"]["strategy"]
+            surge = int(strategy["rollingUpdate"]["maxSurge"]) if strategy["type"] == "RollingUpdate" else 0
+            count = doc["spec"]["replicas"] + surge
+        for key, value in _pod_totals(doc).items():
+            total[key] += value * count
+    backups = [_pod_totals(find(docs, "CronJob", n)) for n in BACKUP_CRONJOBS]
+    for key in QUOTA:
+        total[key] += max(b[key] for b in backups)
+    return total
+
+
+def test_backup_windows_never_overlap(docs):
+    """02:15 base backup, 03:45 pg_dump, 05:00 drill (on the 1st): even started at their start
+    deadline and run to their active deadline, no two run at once, and the last ends before the
+    next day's first starts; so the quota counts one backup pod."""
+    windows = sorted(backup_windows(docs).values())
+    assert windows == [(8100, 8100 + 300 + 4800), (13500, 13500 + 300 + 3600), (18000, 18000 + 3600 + 14400)]
+    for (_, end), (start, _) in zip(windows, windows[1:]):
+        assert end < start
+    assert windows[-1][1] < windows[0][0] + 86400
+
+
 def test_quota_arithmetic(docs):
-    """Worst case at one instant: web replicas + the rolling-update surge pod, one monitor
-    CronJob pod (concurrencyPolicy Forbid), the migrate and backfill Jobs, and the outbox relay
-    replicas + their surge pod, together."""
+    """Worst case at one instant (worst_case) against the namespace's quota, and the tables of
+    deploy/README.md."""
     web = find(docs, "Deployment", "stopmonitor-web")
     assert web["spec"]["replicas"] == 2
-    surge = web["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
-    web_pods = web["spec"]["replicas"] + int(surge)
+    assert web["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
     cron = find(docs, "CronJob", "stopmonitor-monitor-stops")
-    migrate = find(docs, "Job", "stopmonitor-migrate")
-    backfill = find(docs, "Job", "stopmonitor-backfill")
     relay = find(docs, "Deployment", RELAY)
     assert relay["spec"]["replicas"] == 2
     relay_pods = relay["spec"]["replicas"] + int(relay["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
     assert relay_pods == 3
-    # every Deployment, Job and CronJob of the base is counted here
+    stream = find(docs, "Deployment", STREAM)
+    assert stream["spec"]["replicas"] == 1 and stream["spec"]["strategy"] == {"type": "Recreate"}
+    # every Deployment, Job and CronJob of the base is counted by worst_case
     assert {d["metadata"]["name"] for d in workloads(docs)} == {
-        "stopmonitor-web", "stopmonitor-monitor-stops", "stopmonitor-migrate", "stopmonitor-backfill", RELAY,
+        "stopmonitor-web", "stopmonitor-monitor-stops", "stopmonitor-migrate", "stopmonitor-backfill", RELAY, STREAM,
+        SETUP_ROLES, *BACKUP_CRONJOBS,
     }
-
-    total = {k: Decimal(0) for k in QUOTA}
-    for doc, count in ((web, web_pods), (cron, 1), (migrate, 1), (backfill, 1), (relay, relay_pods)):
-        for key, value in _pod_totals(doc).items():
-            total[key] += value * count
+    total = worst_case(docs)
     hard = {k: quantity(v) for k, v in QUOTA.items()}
     for key in QUOTA:
         assert total[key] <= hard[key], f"{key}: {total[key]} > {hard[key]}"
     # the numbers written in deploy/README.md
     assert total == {
-        "requests.cpu": Decimal("1.150"),
-        "requests.memory": 2560 * 2**20,
-        "limits.cpu": Decimal("5.000"),
-        "limits.memory": 5120 * 2**20,
+        "requests.cpu": Decimal("1.700"),
+        "requests.memory": 3456 * 2**20,
+        "limits.cpu": Decimal("6.250"),
+        "limits.memory": 7424 * 2**20,
+    }
+    stream_pod = _pod_totals(stream)
+    assert stream_pod == {
+        "requests.cpu": Decimal("0.250"),
+        "requests.memory": 256 * 2**20,
+        "limits.cpu": Decimal("0.500"),
+        "limits.memory": 512 * 2**20,
     }
     relay_pod = _pod_totals(relay)
     assert relay_pod == {
@@ -367,13 +414,13 @@ def test_quota_arithmetic(docs):
         "limits.cpu": Decimal("0.250"),
         "limits.memory": 256 * 2**20,
     }
-    # the steady state (2 web + the CronJob pod + 2 relays) as well
-    steady = {k: _pod_totals(web)[k] * 2 + _pod_totals(cron)[k] + relay_pod[k] * 2 for k in QUOTA}
+    # the steady state (2 web + the CronJob pod + 2 relays + the stream) as well
+    steady = {k: _pod_totals(web)[k] * 2 + _pod_totals(cron)[k] + relay_pod[k] * 2 + stream_pod[k] for k in QUOTA}
     assert steady == {
-        "requests.cpu": Decimal("0.650"),
-        "requests.memory": 1408 * 2**20,
-        "limits.cpu": Decimal("2.750"),
-        "limits.memory": 2816 * 2**20,
+        "requests.cpu": Decimal("0.900"),
+        "requests.memory": 1664 * 2**20,
+        "limits.cpu": Decimal("3.250"),
+        "limits.memory": 3328 * 2**20,
     }
     # the table in deploy/README.md, row by row
     readme = (ROOT / "deploy" / "README.md").read_text()
@@ -386,11 +433,18 @@ def test_quota_arithmetic(docs):
         cells = [f"**{c}**" for c in cells] if bold else cells
         return "| " + " | ".join([label, *cells]) + " |"
 
+    for label, name, count in (("web × 3", "stopmonitor-web", 3), ("CronJob × 1", "stopmonitor-monitor-stops", 1),
+                               ("migrate × 1", "stopmonitor-migrate", 1), ("backfill × 1", "stopmonitor-backfill", 1),
+                               ("setup-roles × 1", SETUP_ROLES, 1)):
+        doc = [d for d in workloads(docs) if d["metadata"]["name"] == name][0]
+        assert row(label, {k: v * count for k, v in _pod_totals(doc).items()}) in readme, label
     assert row("relay × 3", {k: v * relay_pods for k, v in relay_pod.items()}) in readme
+    assert row("stream × 1", stream_pod) in readme
+    backups = [_pod_totals(find(docs, "CronJob", n)) for n in BACKUP_CRONJOBS]
+    assert row("largest backup pod × 1", {k: max(b[k] for b in backups) for k in QUOTA}) in readme
     assert row("**total**", total, bold=True) in readme
     assert row("headroom", {k: hard[k] - total[k] for k in QUOTA}) in readme
-    assert row("headroom", {k: hard[k] - total[k] for k in QUOTA}) == "| headroom | 2850m | 5632Mi | 3000m | 11264Mi |"
-    assert "requests 650m / 1408Mi, limits 2750m / 2816Mi" in readme
+    assert "requests 900m / 1664Mi, limits 3250m / 3328Mi" in readme
 
 
 # --------------------------------------------------------------------------- workloads
@@ -418,6 +472,7 @@ def test_web_deployment_probes_and_ports(docs):
         ("Job", "stopmonitor-migrate"),
         ("Job", "stopmonitor-backfill"),
         ("Deployment", RELAY),
+        ("Deployment", STREAM),
     ],
 )
 def test_pod_security_env_and_tmp(docs, kind, name):
@@ -440,7 +495,11 @@ def test_pod_security_env_and_tmp(docs, kind, name):
         assert {s["name"] for s in secrets} == {"stopmonitor-secrets", "stopmonitor-rbs-secrets"}
         assert all(s["optional"] is True for s in secrets)
         assert {"configMapRef": {"name": "stopmonitor-config"}} in container["envFrom"]
-        mapped = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        mapped = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        if name == "stopmonitor-migrate":  # issue 17: migrations run as the owner role, from its own Secret
+            assert mapped.pop("DATABASE_URL") == {"name": "postgres-staging-owner", "key": "DATABASE_URL"}
+            plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            assert plain == {"DATABASE_OWNER_ROLE": "stopmonitor_owner", "DATABASE_RUNTIME_ROLE": "stopmonitor_runtime"}
         assert set(mapped) == {"RBS_PG_HOST", "RBS_PG_PORT", "RBS_PG_DATABASE", "RBS_PG_USER", "RBS_PG_PASSWORD"}
         assert all(ref["optional"] is True for ref in mapped.values())
         assert container["image"] == "stopmonitor:latest"
@@ -532,6 +591,35 @@ def test_outbox_relay_deployment(docs):
     assert "manage.py publish_outbox" in (DOCKER / "entrypoint.sh").read_text()
 
 
+def test_monitor_stream_deployment(docs):
+    """One replica, Recreate, an exec liveness probe on progress (the file the stream writes), metrics
+    on 9100, HTTPS egress (Binance WebSockets on 443) like the CronJob, selectors apart from the others."""
+    from stopmonitor.stream.command import VENUE_URLS
+
+    stream = find(docs, "Deployment", STREAM)
+    spec = stream["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    labels = pod_labels(stream)
+    assert labels["app.kubernetes.io/component"] == "monitor-stream" and labels["stopmonitor.io/tier"] == "backend"
+    for other in ("stopmonitor-web", RELAY):
+        doc = find(docs, "Deployment", other)
+        assert not selects(doc["spec"]["selector"], labels) and not selects(spec["selector"], pod_labels(doc))
+    pod = pod_spec(stream)
+    (container,) = pod["containers"]
+    assert container["args"] == ["monitor", "--stream", "--metrics-port", "9100"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    probe = container["livenessProbe"]
+    assert probe["exec"]["command"] == ["python", "-m", "stopmonitor.stream.probe", "/tmp/stopmonitor-stream-progress", "60"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
+    # the file the probe reads is the one the process writes by default, under the writable /tmp
+    from django.conf import settings
+
+    assert settings.STREAM["PROGRESS_FILE"] == "/tmp/stopmonitor-stream-progress"
+    assert "allow-internet" in policies_selecting(docs, labels)
+    assert all(url.split("/")[2].endswith(":443") or ":" not in url.split("/")[2]
+               for pair in VENUE_URLS.values() for url in pair)
+
+
 def test_service_and_ingress(docs):
     web = find(docs, "Deployment", "stopmonitor-web")
     service = find(docs, "Service", "stopmonitor-web")
@@ -559,8 +647,10 @@ def test_config_map(docs):
     for secret_name in ("SECRET_KEY", "DATABASE_URL", "BINANCE_API_KEY", "BINANCE_API_SECRET", "RBS_PG_PASSWORD"):
         assert secret_name not in data
     # database connection bound per pod (see docker/README.md)
-    workers, per_worker = int(data["GUNICORN_WORKERS"]), int(data["GUNICORN_WORKER_CONNECTIONS"])
+    workers, per_worker = int(data["GUNICORN_WORKERS"]), int(data["GUNICORN_DB_POOL_SIZE"])
     assert workers * per_worker <= int(data["GUNICORN_DB_CONNECTION_BUDGET"])
+    # HTTP connections are not capped at the pool: idle keep-alive clients must not starve others (issue 16)
+    assert int(data["GUNICORN_WORKER_CONNECTIONS"]) >= 10 * per_worker
 
 
 # --------------------------------------------------------------------------- Docker
@@ -640,19 +730,24 @@ def test_gunicorn_config_values(monkeypatch):
     for name in list(os.environ):
         if name.startswith("GUNICORN_") or name == "PORT":
             monkeypatch.delenv(name)
+    for name in ("DB_POOL_MAX_SIZE", "DB_POOL_TIMEOUT", "DB_LOCK_TIMEOUT_MS", "API_REQUEST_DEADLINE_SECONDS"):
+        monkeypatch.setenv(name, "")  # the config exports them: undone after the test
     conf = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
     assert conf["worker_class"] == "gevent"
     assert conf["preload_app"] is False
     assert conf["worker_tmp_dir"] == "/dev/shm"
     assert conf["bind"] == ["0.0.0.0:8000"]
-    assert (conf["workers"], conf["worker_connections"]) == (2, 50)
+    assert (conf["workers"], conf["worker_connections"], conf["db_pool_size"]) == (2, 1000, 10)
+    assert (os.environ["DB_POOL_MAX_SIZE"], os.environ["DB_POOL_TIMEOUT"], os.environ["DB_LOCK_TIMEOUT_MS"],
+            os.environ["API_REQUEST_DEADLINE_SECONDS"]) == ("10", "2", "3000", "5")
     assert conf["accesslog"] == "-" and conf["errorlog"] == "-"
-    # the budget caps workers x worker_connections
+    # the budget caps workers x the database pool, not the HTTP connections
     monkeypatch.setenv("GUNICORN_WORKERS", "4")
+    monkeypatch.setenv("GUNICORN_DB_POOL_SIZE", "50")
     monkeypatch.setenv("GUNICORN_DB_CONNECTION_BUDGET", "40")
     monkeypatch.setenv("PORT", "9000")
     conf = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
-    assert (conf["workers"], conf["worker_connections"]) == (4, 10)
+    assert (conf["workers"], conf["worker_connections"], conf["db_pool_size"]) == (4, 1000, 10)
     assert conf["bind"] == ["0.0.0.0:9000"]
     # nothing from Django or psycopg in the config (it runs in the arbiter, before gevent patches);
     # config.env (plain Python: the configuration check that stops the master with 78) is allowed
@@ -693,3 +788,75 @@ def test_compose_services():
         assert depends["postgres"]["condition"] == "service_healthy"
         if name != "migrate":
             assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+# --------------------------------------------------------------------------- backups (issue 17)
+
+
+def test_only_migrate_setup_roles_and_backups_read_the_owner_secret(docs):
+    """The owner role's Secret reaches the migrate Job, the setup-roles Job, pg_dump and the drill;
+    web, monitor, relay and backfill never see it (they connect as the runtime role)."""
+    readers = set()
+    for doc in workloads(docs):
+        text = yaml.safe_dump(pod_spec(doc))
+        if "postgres-staging-owner" in text:
+            readers.add(doc["metadata"]["name"])
+    assert readers == {"stopmonitor-migrate", SETUP_ROLES, "stopmonitor-pgdump", "stopmonitor-restore-drill"}
+
+
+@pytest.mark.parametrize("name", BACKUP_CRONJOBS)
+def test_backup_cronjobs_are_non_root_read_only_and_b2_ready(docs, name):
+    cron = find(docs, "CronJob", name)
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["timeZone"] == "Etc/UTC"
+    spec = pod_spec(cron)
+    assert spec["automountServiceAccountToken"] is False and spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 999
+    (container,) = spec["containers"]
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"] and ctx["runAsUser"] == 999
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "emptyDir" in [v for v in spec["volumes"] if v["name"] == mounts["/tmp"]["name"]][0]
+    assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == env["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_required"
+    assert {"secretRef": {"name": "stopmonitor-backup"}} in container["envFrom"]  # credentials from a Secret
+    assert not [e for e in container["env"] if "value" in e and "KEY" in e["name"]]
+    assert pod_labels(cron)["stopmonitor.io/tier"] == "backup"
+    version = (DOCKER / "postgres" / "VERSION").read_text().strip()  # the tag CI builds (.github/workflows/ci.yml)
+    assert container["image"] in (f"stopmonitor-postgres:v{version}", f"stopmonitor-drill:v{version}")
+
+
+def test_backup_schedules_retention_and_archiving_settings(docs):
+    assert find(docs, "CronJob", "stopmonitor-basebackup")["spec"]["schedule"] == "15 2 * * *"
+    assert find(docs, "CronJob", "stopmonitor-pgdump")["spec"]["schedule"] == "45 3 * * *"
+    assert find(docs, "CronJob", "stopmonitor-restore-drill")["spec"]["schedule"] == "0 5 1 * *"  # monthly
+    base = pod_spec(find(docs, "CronJob", "stopmonitor-basebackup"))["containers"][0]
+    script = base["args"][0]
+    assert "barman-cloud-backup " in script and "barman-cloud-backup-delete" in script
+    assert {e["name"]: e.get("value") for e in base["env"]}["BACKUP_RETENTION_POLICY"] == "RECOVERY WINDOW OF 14 DAYS"
+    dump = pod_spec(find(docs, "CronJob", "stopmonitor-pgdump"))["containers"][0]
+    assert dump["command"] == ["pg-dump-offsite"] and (DOCKER / "postgres" / "pg-dump-offsite.sh").is_file()
+    conf = find(docs, "ConfigMap", "stopmonitor-postgres-archiving")["data"]["archiving.conf"]
+    settings = dict(line.split(" = ", 1) for line in conf.strip().splitlines())
+    assert settings["wal_level"] == "replica" and settings["archive_mode"] == "on"
+    assert int(settings["archive_timeout"]) <= 60  # the recovery point objective
+    assert settings["archive_command"].startswith("'barman-cloud-wal-archive ") and "%p" in settings["archive_command"]
+
+
+def test_backup_network_access(docs):
+    """Backup pods: the bucket (public addresses, 443), PostgreSQL and DNS; not the HTTPS-to-Binance
+    policy, not the production guard's namespace-wide peers. The datastores admit them on 5432 only,
+    through the seed's allow-backend-to-deps (the seed's datastores carry none of our labels)."""
+    for name in BACKUP_CRONJOBS:
+        selecting = policies_selecting(docs, pod_labels(find(docs, "CronJob", name)))
+        assert set(selecting) == {"default-deny-all-ingress", "default-deny-all-egress", "allow-dns",
+                                  "allow-backend-to-deps", "allow-backup-to-bucket"}, name
+    bucket = find(docs, "NetworkPolicy", "allow-backup-to-bucket")["spec"]
+    (rule,) = bucket["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+    assert "169.254.0.0/16" in rule["to"][0]["ipBlock"]["except"]  # never the cloud metadata service
+    deps = find(docs, "NetworkPolicy", "allow-backend-to-deps")["spec"]
+    assert deps["podSelector"] == {}
+    assert deps["ingress"][1] == {"from": [{"podSelector": {"matchLabels": {"stopmonitor.io/tier": "backup"}}}],
+                                  "ports": [{"protocol": "TCP", "port": 5432}]}

@@ -163,6 +163,7 @@ def armed(tenant, symbols):
 @race
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("on_binance_testnet", "without_protection")  # the workers' venue; the close path under test
 def test_two_workers_and_a_cronjob_pass_place_one_order_per_operation(armed, tmp_path):
     from api.models import MonitorPass, Outbox, StopMonitorEvent
 

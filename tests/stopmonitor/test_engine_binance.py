@@ -11,11 +11,12 @@ import time
 import pytest
 
 from stopmonitor.exchange.binance import BinanceExchange, MemoryState
-from stopmonitor.services import EngineSettings, run_pass
+from stopmonitor.engine.context import EngineSettings
+from stopmonitor.engine.monitor import run_pass
 
 from .exchange.fake_binance import API_KEY, API_SECRET, FakeBinance
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("on_binance_testnet", "without_protection")]
 ENGINE = EngineSettings(reconcile_after_seconds=30)
 ORDER = "/api/v3/order"
 
@@ -70,7 +71,9 @@ def test_timeout_with_the_order_placed_is_recorded_from_the_exchange_without_a_s
 def test_5xx_without_the_order_places_it_once_more_with_the_same_client_order_id(fake, exchange, armed):
     fake.script("POST", ORDER, status=503, body="<html>busy</html>")
     assert run_pass(exchange, engine=ENGINE).unknown == 1
-    run_pass(exchange, engine=ENGINE, now=later(31))
+    run_pass(exchange, engine=ENGINE, now=later(31))  # -2013 inside the not-visible window: nothing sent
+    assert len(fake.calls("POST", ORDER)) == 1
+    run_pass(exchange, engine=ENGINE, now=later(61))
     first, second = fake.calls("POST", ORDER)
     assert first.form["newClientOrderId"] == second.form["newClientOrderId"]
     assert (second.form["quantity"], second.form["side"], second.form["type"]) == ("0.001", "SELL", "MARKET")
@@ -79,10 +82,10 @@ def test_5xx_without_the_order_places_it_once_more_with_the_same_client_order_id
 
 
 def test_definite_rejection_is_failed_and_not_retried_in_the_same_pass(fake, exchange, armed):
-    fake.script_error("POST", ORDER, 400, -2010, "Account has insufficient balance for requested action.")
+    fake.script_error("POST", ORDER, 400, -1013, "Filter failure: NOTIONAL")
     summary = run_pass(exchange, engine=ENGINE)
     assert (summary.failed, len(fake.calls("POST", ORDER))) == (1, 1)
     failed = events(armed)[-1]
-    assert failed[0] == "FAILED" and failed[1]["code"] == -2010
+    assert failed[0] == "FAILED" and failed[1]["code"] == -1013
     armed.refresh_from_db()
     assert armed.status == "ACTIVE"

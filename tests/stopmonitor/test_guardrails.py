@@ -22,7 +22,7 @@ def test_quote_problems():
 
 
 def test_kill_switch():
-    assert g.kill_switch(True, "incident 42", NOW) == g.Block("KILL_SWITCH", "kill switch on: incident 42",
+    assert g.kill_switch(True, "incident 42", NOW) == g.Block("KILL_SWITCH", "kill switch on: incident 42" + g.PROTECTION_STAYS,
                                                               "2026-01-01T12:00:00+00:00|incident 42")
     assert g.kill_switch(False, "") is None
 

@@ -43,7 +43,7 @@ def json_handler(stream) -> logging.Handler:
 
 def test_a_decision_is_one_json_line_with_its_fields():
     from stopmonitor.metrics import decision_log, observe_decision
-    from stopmonitor.services import Decision
+    from stopmonitor.engine.decisions import Decision
 
     stream = io.StringIO()
     handler = json_handler(stream)
@@ -101,11 +101,13 @@ def child_env(fake: FakeBinance, tmp_path) -> dict:
 @pytest.mark.skipif(connection.vendor != "postgresql" or not _reachable(BROKER_URL),
                     reason="needs PostgreSQL and RabbitMQ on loopback")
 def test_no_secret_in_any_log_line_of_a_full_scripted_run(tenant, symbols, tmp_path):
+    from api.models import Operation
     from stopmonitor.operations import open_operation
 
     now = datetime.now(timezone.utc)
     for _ in range(3):
         open_operation(tenant, symbols["BTCUSDT"], "BUY", D("0.001"), D("62000"), D("61000"), now=now)
+    Operation.objects.update(venue="binance-testnet")  # opened on the venue the child processes watch (0026)
     queue = BoundQueue()
     outputs: list[str] = []
     try:
@@ -113,8 +115,8 @@ def test_no_secret_in_any_log_line_of_a_full_scripted_run(tenant, symbols, tmp_p
             fake.script("GET", "/api/v3/account",
                         body={"balances": [{"asset": "BTC", "free": "1.00000000", "locked": "0"}]}, times=None)
             # a rejection whose message echoes the key, then an unknown outcome, then a fill
-            fake.script_error("POST", "/api/v3/order", 400, -2010,
-                              f"Account has insufficient balance for requested action. key={KNOWN_KEY}")
+            fake.script_error("POST", "/api/v3/order", 400, -1013,
+                              f"Filter failure: NOTIONAL. key={KNOWN_KEY}")
             fake.script("POST", "/api/v3/order", status=503, body="<html>Service Unavailable</html>")
             env = child_env(fake, tmp_path)
             # the CronJob's command line (decisions logged), then --json (decisions printed), then the relay

@@ -47,18 +47,18 @@ def delta(before: dict, after: dict, name: str, **labels) -> float:
 
 @pytest.mark.django_db(transaction=True)
 def test_counters_after_a_scripted_pass(client, paper, open_op):
-    from stopmonitor.services import run_pass
+    from stopmonitor.engine.monitor import run_pass
 
     before = scrape(client)
     open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")  # executes
-    open_op("BTCUSDT", "BUY", "0.4", entry="9300", stop="9250")  # rejected -2010
+    open_op("BTCUSDT", "BUY", "0.4", entry="9300", stop="9250")  # rejected -1013
     open_op("BTCUSDT", "BUY", "0.0005", entry="9300", stop="9200")  # BELOW_MIN_NOTIONAL
     open_op("ETHUSDT", "SELL", "2", entry="2000", stop="2100", target="1900")  # take-profit, partial fill
     open_op("ADAUSDT", "BUY", "100", entry="1", stop="0.9")  # no quote: MISSING_PRICE
     paper.set_quote("BTCUSDT", "9150", "9150.01", at=NOW - timedelta(seconds=3))
     paper.set_quote("ETHUSDT", "1899.00", "1899.90")
     paper.push(Scripted("fill"))
-    paper.push(Scripted("reject", code=-2010))
+    paper.push(Scripted("reject", code=-1013))
     paper.push(Scripted("expire", fill_qty=D("1")))
     summary = run_pass(paper, source="cron")
     after = scrape(client)
@@ -79,7 +79,7 @@ def test_counters_after_a_scripted_pass(client, paper, open_op):
     assert delta(before, after, "stopmonitor_exchange_requests_total", venue="paper",
                  endpoint="place_market_order") == 3
     assert delta(before, after, "stopmonitor_exchange_errors_total", venue="paper", endpoint="place_market_order",
-                 code="-2010") == 1
+                 code="-1013") == 1
     assert value(after, "stopmonitor_quote_age_seconds", symbol="BTCUSDT") == 3.0
     assert value(after, "stopmonitor_quote_age_seconds", symbol="ETHUSDT") == 0.0
 
@@ -105,7 +105,8 @@ def test_counters_after_a_scripted_pass(client, paper, open_op):
 def test_a_pass_that_could_not_run_is_recorded_but_is_not_the_last_completed(client, paper, open_op):
     from api.models import MonitorPass
     from stopmonitor.exchange.base import RateLimited
-    from stopmonitor.services import PassError, run_pass
+    from stopmonitor.engine.decisions import EngineUnavailable
+    from stopmonitor.engine.monitor import run_pass
 
     run_pass(paper)  # nothing watched: completes
     completed = MonitorPass.objects.get()
@@ -116,7 +117,7 @@ def test_a_pass_that_could_not_run_is_recorded_but_is_not_the_last_completed(cli
 
     paper.book_tickers = banned
     before = scrape(client)
-    with pytest.raises(PassError):
+    with pytest.raises(EngineUnavailable):
         run_pass(paper)
     after = scrape(client)
     failed = MonitorPass.objects.get(completed=False)
@@ -195,7 +196,7 @@ def test_loop_serves_metrics_on_its_own_port():
 def test_every_sixtieth_pass_row_prunes_the_rows_older_than_thirty_days():
     from api.models import MonitorPass
     from stopmonitor.metrics import PRUNE_EVERY, record_pass
-    from stopmonitor.services import PassSummary
+    from stopmonitor.engine.decisions import PassSummary
 
     def summary(at):
         return PassSummary(source="cron", venue="paper", started_at=at, dry_run=False)

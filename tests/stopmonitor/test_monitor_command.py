@@ -39,8 +39,9 @@ def armed(tenant, symbols):
 
 
 def test_unreachable_exchange_exits_1_with_one_line_and_changes_nothing(armed, tmp_path):
-    from api.models import StopMonitorEvent
+    from api.models import Operation, StopMonitorEvent
 
+    Operation.objects.update(venue="binance-testnet")  # the venue this monitor watches (migration 0026)
     proc = run_command(tmp_path, "--json", EXCHANGE_VENUE="binance-testnet", BINANCE_API_KEY="k" * 16,
                        BINANCE_API_SECRET="s" * 16, BINANCE_API_URL="http://127.0.0.1:9", BINANCE_TIMEOUT_SECONDS="2")
     assert proc.returncode == 1
@@ -83,5 +84,29 @@ def test_an_unmigrated_database_is_one_line_that_says_to_migrate(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("CommandError: pass could not run: database error: OperationalError: no such table")
-    assert lines[0].endswith("(has `python manage.py migrate` run on this database?)")
+    assert lines[0].startswith("CommandError: the database is not migrated: ")  # stopmonitor/preflight.py
+    assert "run migrate: python manage.py migrate" in lines[0]
+
+
+def test_refused_keys_stop_the_monitor_at_start_in_one_line_and_nothing_is_sent(armed, tmp_path):
+    """Issue 18, point 7: Binance refuses the key (-2015): the monitor does not start (exit 1, one
+    line naming the code and the fix), no quote read, no event, no order; the secret never shows."""
+    from api.models import Operation, StopMonitorEvent
+    from tests.stopmonitor.exchange.fake_binance import API_KEY, FakeBinance
+
+    Operation.objects.update(venue="binance-testnet")
+    with FakeBinance() as fake:
+        fake.script_error("GET", "/api/v3/account", 401, -2015, "Invalid API-key, IP, or permissions for action.",
+                          times=None)
+        proc = run_command(tmp_path, "--json", EXCHANGE_VENUE="binance-testnet", BINANCE_API_KEY=API_KEY,
+                           BINANCE_API_SECRET="secret-value-never-logged-0123", BINANCE_API_URL=fake.url,
+                           BINANCE_TIMEOUT_SECONDS="2")
+        paths = [(r.method, r.path) for r in fake.requests]
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("CommandError: binance-testnet refused the API keys: code -2015 "
+                           "(invalid API-key, IP, or permissions for action); set BINANCE_API_KEY")
+    assert "secret-value-never-logged-0123" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert ("GET", "/api/v3/account") in paths
+    assert ("GET", "/api/v3/ticker/bookTicker") not in paths and ("POST", "/api/v3/order") not in paths
+    assert list(StopMonitorEvent.objects.values_list("event_type", flat=True)) == ["STOP_SET"]

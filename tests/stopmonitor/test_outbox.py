@@ -106,7 +106,7 @@ def bodies(messages) -> list[dict]:
 def scripted_pass(paper, open_op, n_ops: int = 3):
     """``n_ops`` operations: the first closes in one fill, the second partially, the rest block
     (below min notional). Returns (operations, summary)."""
-    from stopmonitor.services import run_pass
+    from stopmonitor.engine.monitor import run_pass
 
     ops = [open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")]
     if n_ops > 1:
@@ -302,7 +302,7 @@ def test_broker_down_backlog_grows_with_errors_then_drains(paper, open_op, bound
     assert backoff_seconds(2) > backoff_seconds(1) and backoff_seconds(30) == 300
 
     # more events while the broker is away: the backlog grows
-    from stopmonitor.services import run_pass
+    from stopmonitor.engine.monitor import run_pass
 
     open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
     paper.push(Scripted("fill"))

@@ -17,7 +17,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from stopmonitor.services import EngineSettings, run_pass
+from stopmonitor.engine.context import EngineSettings
+from stopmonitor.engine.monitor import run_pass
 
 from .conftest import NOW
 
@@ -93,7 +94,8 @@ def test_verify_lists_every_difference_and_exits_1_then_rebuild_repairs(closed_p
     assert (lines[-1]["type"], lines[-1]["differences"], lines[-1]["operation"]) == ("summary", 1, short.pk)
 
     code, out, _ = command("rebuild_projections", "--operation", str(short.pk))
-    assert (code, out.split(" in ")[0]) == (0, f"rebuilt 1 execution rows from the events (operation {short.pk})")
+    assert (code, out.split(" in ")[0]) == (0, f"rebuilt 1 execution rows and 0 protection rows from the events "
+                                             f"(operation {short.pk})")
     code, _, _ = command("rebuild_projections", "--verify", "--operation", str(short.pk))
     assert code == 0
 

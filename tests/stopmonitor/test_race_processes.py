@@ -47,7 +47,7 @@ def start(env, *extra):
 
 
 @pytest.fixture
-def armed(tenant, symbols):
+def armed(tenant, symbols, on_binance_testnet, without_protection):
     """N long BTCUSDT operations whose stop (61000) is above the fake's recorded bid (60741.67)."""
     from stopmonitor.operations import open_operation
 

@@ -62,6 +62,8 @@ from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.preflight import require_migrated
+
 OPEN_STATUSES = ("PLANNED", "ACTIVE")
 NO_ENTRY_PRICE = "no_entry_price"
 NO_TICK_SIZE = "no_tick_size"
@@ -69,7 +71,9 @@ PERCENT_OUT_OF_RANGE = "percent_out_of_range"
 WRONG_SIDE = "wrong_side"
 LOCKED = "locked"
 CONFLICT = "conflict"
-SKIP_REASONS = (NO_ENTRY_PRICE, NO_TICK_SIZE, PERCENT_OUT_OF_RANGE, WRONG_SIDE, LOCKED, CONFLICT)
+BELOW_MIN_NOTIONAL_AT_STOP = "below_min_notional_at_stop"  # the stop could never close it (issue #12 item 6)
+SKIP_REASONS = (NO_ENTRY_PRICE, NO_TICK_SIZE, PERCENT_OUT_OF_RANGE, WRONG_SIDE, LOCKED, CONFLICT,
+                BELOW_MIN_NOTIONAL_AT_STOP)
 # (kind, level field, percentage field, event type)
 LEVELS = (
     ("stop", "stop_price", "stop_loss_percent", "STOP_SET"),
@@ -196,6 +200,12 @@ def plan_operation(op) -> tuple[Change | None, list[tuple[str, Skip]]]:
             levels[price_field] = (compute_level(kind, op.side, op.entry_price, percent, op.symbol.tick_size), percent)
         except Skip as skip:
             skips.append((price_field, skip))
+    if "stop_price" in levels and getattr(op, "quantity", None) is not None:
+        from stopmonitor.admission import opening_notional_error
+
+        problem = opening_notional_error(op.symbol, op.quantity, levels["stop_price"][0])
+        if problem is not None:
+            skips.append(("stop_price", Skip(BELOW_MIN_NOTIONAL_AT_STOP, problem)))
     if skips or not levels:
         return None, skips
     return Change(op.pk, levels), []
@@ -211,7 +221,8 @@ DO $$ BEGIN
     CREATE TEMPORARY TABLE {BATCH_TABLE} (
       id bigint NOT NULL, tenant_id bigint, symbol varchar(20), side varchar(4), entry numeric, stop_pct numeric,
       target_pct numeric, stop_price numeric, target_price numeric, tick numeric, version integer,
-      new_stop numeric, new_target numeric, state text NOT NULL
+      new_stop numeric, new_target numeric, state text NOT NULL,
+      quantity numeric, min_notional numeric, max_qty numeric
     ) ON COMMIT DELETE ROWS;
   END IF;
   IF to_regclass('pg_temp.{EVENTS_VIEW}') IS NULL THEN
@@ -235,6 +246,20 @@ def _beyond_sql(level: str, below: str) -> str:
     return (f"({level} > 0 AND CASE WHEN {below} THEN {level} < p.entry_price ELSE {level} > p.entry_price END)")
 
 
+def _notional_at_stop_sql() -> str:
+    """:func:`stopmonitor.rules.opening_notional_problem` is None, in ``numeric`` for row ``p``: the
+    last MARKET_LOT_SIZE chunk × the new stop reaches minNotional with the margin (else the row
+    goes to the Python check, which names the figures in its skip)."""
+    from stopmonitor.admission import notional_margin_pct
+
+    margin = notional_margin_pct()
+    chunk = ("(CASE WHEN p.market_max_qty > 0 AND p.quantity > p.market_max_qty THEN "
+             "CASE WHEN mod(p.quantity, p.market_max_qty) > 0 THEN mod(p.quantity, p.market_max_qty) "
+             "ELSE p.market_max_qty END ELSE p.quantity END)")
+    return (f"(p.min_notional IS NULL OR p.min_notional <= 0 OR p.quantity IS NULL "
+            f"OR {chunk} * p.new_stop >= p.min_notional * (1 + {margin} / 100.0))")
+
+
 def _lock_and_plan_sql(by_tenant: bool) -> str:
     """Step 1 of :meth:`Backfill._batch_sql`. Returns one row: candidates, last candidate id, the
     ids locked by someone else, and how many locked rows are ``done``, ``check`` and ``ok``."""
@@ -251,7 +276,7 @@ WITH cand AS MATERIALIZED (
   ORDER BY id LIMIT %(size)s
 ), locked AS MATERIALIZED (
   SELECT o.id, o.client_id, s.symbol, o.side, o.status, o.entry_price, o.stop_loss_percent, o.stop_gain_percent,
-         o.stop_price, o.target_price, s.tick_size
+         o.stop_price, o.target_price, s.tick_size, o.quantity, s.min_notional, s.market_max_qty
   FROM {op} o JOIN {sym} s ON s.id = o.symbol_id
   WHERE o.id = ANY(ARRAY(SELECT id FROM cand)) ORDER BY o.id
   FOR UPDATE OF o SKIP LOCKED
@@ -265,15 +290,17 @@ WITH cand AS MATERIALIZED (
   FROM needs l
 ), staged AS (
   INSERT INTO {BATCH_TABLE} (id, tenant_id, symbol, side, entry, stop_pct, target_pct, stop_price, target_price, tick,
-                             version, new_stop, new_target, state)
+                             version, new_stop, new_target, state, quantity, min_notional, max_qty)
   SELECT p.id, p.client_id, p.symbol, p.side, p.entry_price, p.stop_loss_percent, p.stop_gain_percent, p.stop_price,
          p.target_price, p.tick_size,
          COALESCE((SELECT max(e.version) FROM {ev} e WHERE e.operation_id = p.id), 0),
          p.new_stop, p.new_target,
          CASE WHEN p.status NOT IN ({open_}) OR NOT (p.need_stop OR p.need_target) THEN 'done'
               WHEN (NOT p.need_stop OR {_beyond_sql("p.new_stop", "p.side = 'BUY'")})
-               AND (NOT p.need_target OR {_beyond_sql("p.new_target", "p.side <> 'BUY'")}) THEN 'ok'
-              ELSE 'check' END
+               AND (NOT p.need_target OR {_beyond_sql("p.new_target", "p.side <> 'BUY'")})
+               AND (NOT p.need_stop OR {_notional_at_stop_sql()}) THEN 'ok'
+              ELSE 'check' END,
+         p.quantity, p.min_notional, p.market_max_qty
   FROM planned p
   RETURNING id, state
 )
@@ -329,6 +356,8 @@ WITH u AS (
 @dataclass(frozen=True)
 class _Symbol:
     tick_size: Decimal | None
+    min_notional: Decimal | None = None
+    market_max_qty: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +372,7 @@ class _Row:
     stop_price: Decimal | None
     target_price: Decimal | None
     symbol: _Symbol
+    quantity: Decimal | None = None
 
 
 class Backfill:
@@ -476,11 +506,13 @@ class Backfill:
             skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
                          for pk in locked_ids)
             if n_check:
-                cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick "
-                               f"FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
+                cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick, "
+                               f"quantity, min_notional, max_qty FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
                 accepted = []
-                for pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick in cursor.fetchall():
-                    op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price, _Symbol(tick))
+                for (pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick, quantity, min_notional,
+                     max_qty) in cursor.fetchall():
+                    op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price,
+                              _Symbol(tick, min_notional, max_qty), quantity)
                     change, level_skips = plan_operation(op)
                     if level_skips:
                         skips.extend((pk, name, sk.reason, sk.detail) for name, sk in level_skips)
@@ -717,6 +749,7 @@ class Command(BaseCommand):
                             help="seconds between progress lines when stderr is not a terminal (0 = every batch)")
 
     def handle(self, *args, **opts):
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         from django.conf import settings
         from django.db import DatabaseError
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.preflight import require_migrated
+
 
 class Command(BaseCommand):
     help = "Create (or reuse) a tenant and a user of it, and print the user's API bearer token."
@@ -19,6 +21,7 @@ class Command(BaseCommand):
         parser.add_argument("--staff", action="store_true", help="staff users see every tenant")
 
     def handle(self, *args, username, tenant, staff, **opts):
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         from django.contrib.auth import get_user_model
         from django.db import transaction
         from rest_framework.authtoken.models import Token

@@ -16,6 +16,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from stopmonitor.preflight import require_migrated
+
 
 class Command(BaseCommand):
     help = "Refresh symbols and their filters (tickSize, stepSize, minQty, minNotional) from exchangeInfo."
@@ -26,6 +28,7 @@ class Command(BaseCommand):
                             help="override EXCHANGE_VENUE")
 
     def handle(self, *args, **opts):
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         from api.models import Symbol
         from stopmonitor.exchange.base import ExchangeError
         from stopmonitor.exchange.factory import build_exchange
@@ -67,6 +70,7 @@ class Command(BaseCommand):
                     "step_size": f.step_size,
                     "min_qty": f.min_qty,
                     "min_notional": f.min_notional,
+                    "market_max_qty": f.market_max_qty,
                     "is_active": f.status == "TRADING",
                 }
                 if row is None:

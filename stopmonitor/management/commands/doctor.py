@@ -54,6 +54,7 @@ class Check:
     detail: str = ""
     fix: str = ""
     required: bool = True
+    retryable: bool = False  # a dependency that may only be late (connection refused, starting up)
 
 
 @dataclass
@@ -88,11 +89,10 @@ def _safe_url(url: str | None) -> str:
 
 
 def _one_line(text: str, secrets: list[str], limit: int = 200) -> str:
+    from stopmonitor.logs import mask_secrets
+
     line = (str(text).strip().splitlines() or [""])[0]
-    for secret in secrets:
-        if secret:
-            line = line.replace(secret, "***")
-    return line[:limit]
+    return mask_secrets(line, secrets)[:limit]
 
 
 def _secrets() -> list[str]:
@@ -162,6 +162,39 @@ def config_summary() -> list[ConfigItem]:
 # --------------------------------------------------------------------------- checks
 
 
+def database_address() -> str:
+    """``host:port`` of the configured PostgreSQL (a socket directory as given), or the SQLite file."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return str(db["NAME"])
+    return f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}"
+
+
+# PostgreSQL answers that may only mean "not yet": cannot_connect_now (starting up, shutting down,
+# in recovery), too_many_connections; no SQLSTATE at all is a refused/timed-out/unresolved connection
+_LATE_SQLSTATES = {"57P03", "53300"}
+
+
+# the server's definite answers (psycopg reports a refused connection without a SQLSTATE, so
+# the text tells them apart): waiting would not change them
+_DEFINITE = ("authentication failed", "does not exist", "pg_hba.conf", "permission denied", "role ")
+
+
+def _late(exc: Exception) -> bool:
+    from django.db import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return False
+    cause = exc.__cause__ or exc
+    sqlstate = getattr(cause, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _LATE_SQLSTATES
+    text = str(exc)
+    return not any(marker in text for marker in _DEFINITE)
+
+
 def check_database(secrets: list[str]) -> Check:
     from django.db import connection
 
@@ -176,36 +209,83 @@ def check_database(secrets: list[str]) -> Check:
             else:
                 cursor.execute("SELECT 1")
                 version = connection.vendor
-        return Check("database", OK, version)
+        return Check("database", OK, f"{version} at {database_address()}")
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return Check(
-            "database",
-            FAIL,
-            f"{type(exc).__name__}: {_one_line(exc, secrets)}",
-            "check DATABASE_URL / RBS_PG_* (host, port, user, password) and that PostgreSQL is up and "
-            "reachable on 5432 (NetworkPolicy allow-backend-to-datastores)",
-        )
+        connection.close()
+        address = database_address()
+        if connection.vendor == "sqlite":
+            fix = f"the SQLite file {address} cannot be opened: make its folder writable, or set DATABASE_URL"
+        else:
+            fix = (
+                f"check DATABASE_URL / RBS_PG_* (host, port, user, password) and that PostgreSQL is up and "
+                f"reachable at {address} (k8s: the Service and NetworkPolicy allow-backend-to-deps)"
+            )
+        return Check("database", FAIL, f"{address}: {type(exc).__name__}: {_one_line(exc, secrets)}", fix,
+                     retryable=_late(exc))
 
 
 def check_migrations(secrets: list[str]) -> Check:
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
+    from stopmonitor.preflight import MIGRATE_FIX, pending_migrations
 
     try:
-        executor = MigrationExecutor(connection)
-        plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        plan = pending_migrations()
     except Exception as exc:  # noqa: BLE001
         return Check("migrations", FAIL, f"{type(exc).__name__}: {_one_line(exc, secrets)}", "fix the database check first")
     if plan:
-        names = ", ".join(f"{m.app_label}.{m.name}" for m, _ in plan[:3])
         more = f" (+{len(plan) - 3} more)" if len(plan) > 3 else ""
-        return Check(
-            "migrations",
-            FAIL,
-            f"{len(plan)} unapplied: {names}{more}",
-            "run: python manage.py migrate (docker: `entrypoint.sh migrate`; k8s: the migrate Job)",
-        )
+        return Check("migrations", FAIL, f"{len(plan)} unapplied: {', '.join(plan[:3])}{more}", MIGRATE_FIX)
     return Check("migrations", OK, "all applied")
+
+
+def check_protection(secrets: list[str]) -> Check:
+    """Exchange-held protection: the tenants' settings for the configured venue and how many
+    ACTIVE operations with a stop rest no protection (../shared/design/protection.md)."""
+    from django.conf import settings
+    from django.db.models import Q
+
+    from api.models import Client, Operation
+    from stopmonitor.protection import protection_enabled
+
+    venue = settings.EXCHANGE_VENUE
+    try:
+        tenants = list(Client.objects.values_list("id", "risk_config__protection_enabled",
+                                                  "risk_config__protection_buffer_bps"))
+        on = {tid for tid, enabled, _ in tenants if protection_enabled(enabled, venue)}
+        buffers = sorted({bps if bps is not None else 50 for tid, _, bps in tenants if tid in on})
+        watched = Operation.objects.filter(status="ACTIVE", stop_price__isnull=False, client_id__in=on)
+        bare = watched.filter(Q(protection__isnull=True) | ~Q(protection__status="PLACED")).count()
+        total = watched.count()
+    except Exception as exc:  # noqa: BLE001
+        return Check("protection", FAIL, f"{type(exc).__name__}: {_one_line(exc, secrets)}",
+                     "fix the database and migrations checks first", required=False)
+    detail = (f"venue {venue}: on for {len(on)} of {len(tenants)} tenants (buffer bps {buffers or '-'}); "
+              f"{total - bare} of {total} ACTIVE operations with a stop rest protection")
+    if bare:
+        return Check("protection", WARN, detail, "python manage.py protect_operations (or wait for the next "
+                                                  "pass's audit); see /risk/config/ protection_enabled", required=False)
+    return Check("protection", OK, detail, required=False)
+
+
+def check_account_secrets(secrets: list[str]) -> Check:
+    """Every exchange account's secret decrypts with ``ACCOUNT_ENCRYPTION_KEYS`` (issue #20)."""
+    try:
+        from api.models import ExchangeAccount
+        from stopmonitor.accounts import undecryptable
+
+        total = ExchangeAccount.objects.count()
+        if total == 0:
+            return Check("account_secrets", OK, "no exchange accounts (the environment's keys are the default)",
+                         required=False)
+        bad = undecryptable()
+    except Exception as exc:  # noqa: BLE001 - one line, never a stack trace
+        return Check("account_secrets", FAIL, f"{type(exc).__name__}: {_one_line(exc, secrets)}",
+                     "fix the database and migrations checks first")
+    if bad:
+        names = ", ".join(f"{pk} ({label})" for pk, label in bad[:5])
+        return Check("account_secrets", FAIL, f"{len(bad)} of {total} accounts do not decrypt: {names}",
+                     "put the key they were encrypted with in ACCOUNT_ENCRYPTION_KEYS (after the new first key), "
+                     "then run: python manage.py rotate_account_keys")
+    return Check("account_secrets", OK, f"{total} accounts decrypt")
 
 
 def check_invalid_indexes(secrets: list[str]) -> Check:
@@ -228,10 +308,17 @@ def check_invalid_indexes(secrets: list[str]) -> Check:
             "invalid_indexes",
             FAIL,
             "INVALID: " + ", ".join(invalid),
-            "an interrupted CREATE INDEX CONCURRENTLY: run REINDEX INDEX CONCURRENTLY <name> "
-            "(or DROP INDEX CONCURRENTLY <name> and re-run migrate)",
+            "an interrupted CREATE INDEX CONCURRENTLY (migration 0018 waiting behind another transaction): "
+            "run `python manage.py migrate` again, it drops and rebuilds it (k8s: delete and re-apply the "
+            "migrate Job); by hand: REINDEX INDEX CONCURRENTLY " + invalid[0],
         )
     return Check("invalid_indexes", OK, "none")
+
+
+def url_address(url: str, default_port: int) -> str:
+    """``host:port`` of a service URL (the scheme's default port when none is given)."""
+    parsed = urlparse(url)
+    return f"{parsed.hostname or 'localhost'}:{parsed.port or default_port}"
 
 
 def _tcp(url: str, default_port: int, timeout: float = 2.0) -> None:
@@ -240,14 +327,17 @@ def _tcp(url: str, default_port: int, timeout: float = 2.0) -> None:
         pass
 
 
-def check_tcp(name: str, url: str | None, default_port: int, fix: str) -> Check:
+def check_tcp(name: str, url: str | None, default_port: int, variable: str) -> Check:
+    """TCP connect to ``url``; the fix names ``variable`` and the configured host:port."""
     if not url:
         return Check(name, SKIP, "not configured", required=False)
+    address = url_address(url, default_port)
     try:
         _tcp(url, default_port)
         return Check(name, OK, _safe_url(url))
     except OSError as exc:
-        return Check(name, FAIL, f"{_safe_url(url)}: {type(exc).__name__}: {exc.strerror or exc}", fix)
+        return Check(name, FAIL, f"{address}: {type(exc).__name__}: {exc.strerror or exc}",
+                     f"check {variable} (or RBS_{variable}) and that {name} listens on {address}", retryable=True)
 
 
 def check_cache(secrets: list[str], redis_ok: bool | None) -> Check:
@@ -312,7 +402,8 @@ def check_static() -> Check:
         "static_manifest",
         FAIL,
         f"{manifest} missing",
-        "run collectstatic at build time (docker/Dockerfile does: ENVIRONMENT=development manage.py collectstatic)",
+        "run collectstatic at build time with the manifest storage (docker/Dockerfile does: "
+        "ENVIRONMENT=development DEBUG=false manage.py collectstatic --noinput)",
     )
 
 
@@ -356,7 +447,7 @@ def check_binance(secrets: list[str]) -> list[Check]:
                 "binance",
                 FAIL,
                 f"{base} ({network}): {type(exc).__name__}: {_one_line(exc, secrets)}",
-                "allow HTTPS egress (NetworkPolicy allow-https-egress) or fix BINANCE_API_URL",
+                "allow HTTPS egress (NetworkPolicy allow-internet) or fix BINANCE_API_URL",
             )
         ]
     checks.append(Check("binance", OK, f"{base} ({network}) reachable"))
@@ -399,25 +490,136 @@ def check_binance(secrets: list[str]) -> list[Check]:
     return checks
 
 
-def run_checks(quick: bool) -> list[Check]:
+def check_database_role(secrets: list[str]) -> Check:
+    """Warn when the role this process connects as may do more than the runtime policy allows
+    (owns tables, may TRUNCATE, may UPDATE/DELETE events, may CREATE in the schema, is a superuser):
+    :func:`stopmonitor.roles.runtime_findings`. Not required: development runs as the superuser."""
+    from django.db import connection
+
+    from stopmonitor.roles import runtime_findings
+
+    if connection.vendor != "postgresql":
+        return Check("database_role", SKIP, f"not applicable to {connection.vendor}", required=False)
+    try:
+        with connection.cursor() as cursor:
+            findings = runtime_findings(cursor)
+    except Exception as exc:  # noqa: BLE001
+        return Check("database_role", WARN, f"{type(exc).__name__}: {_one_line(exc, secrets)}", "", False)
+    if findings:
+        more = f" (+{len(findings) - 1} more)" if len(findings) > 1 else ""
+        return Check("database_role", WARN, findings[0] + more,
+                     "connect web, monitor, relay and jobs as the runtime role (manage.py setup_roles; the "
+                     "owner role is for the migrate Job only)", False)
+    return Check("database_role", OK, "least privilege (owns nothing, no TRUNCATE, events append-only)")
+
+
+def check_imports() -> Check:
+    """Every module a process imports only when it first needs it (stopmonitor.preflight.RUNTIME_IMPORTS)."""
+    from stopmonitor.preflight import RUNTIME_IMPORTS, missing_modules
+
+    missing = missing_modules()
+    if missing:
+        return Check("imports", FAIL, "missing: " + "; ".join(missing),
+                     "the image was built without them: pip install -r requirements.txt, then rebuild")
+    return Check("imports", OK, f"{len(RUNTIME_IMPORTS)} runtime modules")
+
+
+def dependency_checks(secrets: list[str]) -> list[Check]:
+    """PostgreSQL (a query), then Redis and RabbitMQ (TCP) when configured."""
+    from django.conf import settings
+
+    return [
+        check_database(secrets),
+        check_tcp("redis", settings.REDIS_URL, 6379, "REDIS_URL"),
+        check_tcp("rabbitmq", settings.RABBITMQ_URL, 5672, "RABBITMQ_URL"),
+    ]
+
+
+def _log_line(payload: dict, text: str) -> None:
+    from django.conf import settings
+
+    from stopmonitor.logs import redact
+
+    line = json.dumps(payload, separators=(",", ":")) if getattr(settings, "LOG_FORMAT", "text") == "json" else text
+    sys.stdout.write(redact(line) + "\n")
+    sys.stdout.flush()
+
+
+def wait_for_dependencies(secrets: list[str], wait_seconds: float, sleep=time.sleep) -> tuple[list[Check], float]:
+    """Run :func:`dependency_checks` until none fails for a reason that may only be late, or until
+    ``wait_seconds`` have passed; returns the last checks and the seconds waited.
+
+    Back-off 1, 2, 4, 8, 15, 15, ... s. Each attempt with a late dependency logs one line per such
+    dependency naming its host:port and the cause (JSON with LOG_FORMAT=json). A dependency that
+    answers with a definite refusal (wrong password, unknown database) is not waited for. The
+    sleep is taken in steps of at most 1 s, so the process keeps making progress for an exec
+    liveness probe.
+    """
+    started = time.monotonic()
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        checks = dependency_checks(secrets)
+        late = [c for c in checks if c.status == FAIL and c.retryable]
+        waited = time.monotonic() - started
+        if not late or waited + delay > wait_seconds:
+            if attempt > 1:
+                state = "reachable" if not late else "still unreachable, giving up"
+                _log_line({"type": "dependencies", "state": state, "attempts": attempt, "waited_s": round(waited, 1)},
+                          f"doctor: dependencies {state} after {attempt} attempts, {waited:.1f} s")
+            return checks, waited
+        for check in late:
+            address, _, cause = check.detail.partition(": ")
+            _log_line(
+                {"type": "waiting", "dependency": check.name, "address": address, "attempt": attempt,
+                 "cause": cause, "retry_in_s": delay},
+                f"doctor: waiting for {check.name} at {address} (attempt {attempt}, next in {delay:g} s): {cause}",
+            )
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            sleep(min(1.0, deadline - time.monotonic()))
+        delay = min(delay * 2, 15.0)
+
+
+def run_checks(quick: bool, wait_seconds: float = 0.0, dependencies: bool = True, others: bool = True,
+               index_check: bool = True) -> list[Check]:
+    """Every check, in order. ``dependencies=False`` leaves out PostgreSQL, Redis, RabbitMQ and the
+    cache (the web start: those are waited for in the background, readiness reports them);
+    ``others=False`` runs only those. ``--quick`` still refuses an INVALID index unless
+    ``index_check=False`` (the migrate Job: migrate is what repairs it)."""
     from django.conf import settings
 
     secrets = _secrets()
-    checks = [check_database(secrets)]
-    db_ok = checks[0].status == OK
-    if not quick:
-        if db_ok:
+    checks: list[Check] = []
+    if dependencies:
+        deps, _ = wait_for_dependencies(secrets, wait_seconds) if wait_seconds > 0 else (dependency_checks(secrets), 0)
+        database, redis, rabbit = deps
+        checks.append(database)
+        if database.status == OK:
+            checks.append(check_database_role(secrets))
+        if not quick and database.status == OK:
             checks.append(check_migrations(secrets))
             checks.append(check_invalid_indexes(secrets))
-        else:
+            checks.append(check_protection(secrets))
+            migrated = any(c.name == "migrations" and c.status == OK for c in checks)
+            checks.append(check_account_secrets(secrets) if migrated
+                          else Check("account_secrets", SKIP, "migrations not applied", required=False))
+        elif not quick:
             checks.append(Check("migrations", SKIP, "database unreachable", required=False))
-    redis = check_tcp("redis", settings.REDIS_URL, 6379, "check REDIS_URL (or RBS_REDIS_URL) and that Redis listens on 6379")
-    rabbit = check_tcp(
-        "rabbitmq", settings.RABBITMQ_URL, 5672, "check RABBITMQ_URL (or RBS_RABBITMQ_URL) and that RabbitMQ listens on 5672"
-    )
-    checks += [redis, rabbit]
-    redis_ok = None if redis.status == SKIP else redis.status == OK
-    checks.append(check_cache(secrets, redis_ok))
+        elif database.status == OK:
+            # a process may start on pending migrations (the web: readiness 503; commands refuse
+            # with one line), so --quick warns; it refuses to start on an INVALID index
+            pending = check_migrations(secrets)
+            pending.required = False
+            checks.append(pending)
+            if index_check:
+                checks.append(check_invalid_indexes(secrets))
+        checks += [redis, rabbit]
+        redis_ok = None if redis.status == SKIP else redis.status == OK
+        checks.append(check_cache(secrets, redis_ok))
+    if not others:
+        return checks
+    checks.append(check_imports())
     file_cache = "filebased" in settings.CACHES["default"]["BACKEND"].lower()
     checks.append(check_tmp_writable(file_cache))
     checks.append(check_working_dir())
@@ -449,9 +651,22 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--quick", action="store_true", help="skip migrations, indexes and the exchange (start-up)")
         parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                            help="wait up to SECONDS for a late PostgreSQL/Redis/RabbitMQ (back-off, one line per attempt)")
+        parser.add_argument("--skip-dependencies", action="store_true",
+                            help="leave out PostgreSQL, Redis, RabbitMQ and the cache (web start: readiness reports them)")
+        parser.add_argument("--dependencies-only", action="store_true",
+                            help="only PostgreSQL, Redis, RabbitMQ and the cache; print one summary line")
+        parser.add_argument("--no-index-check", action="store_true",
+                            help="with --quick: do not refuse an INVALID index (the migrate Job repairs it)")
+        parser.add_argument("then", nargs="*", metavar="-- COMMAND",
+                            help="after `--`: exec COMMAND when every required check passed (keeps the PID)")
 
     def handle(self, *args, **options):
         quick, as_json = options["quick"], options["json"]
+        if options["skip_dependencies"] and options["dependencies_only"]:
+            sys.stderr.write("doctor: --skip-dependencies and --dependencies-only exclude each other\n")
+            sys.exit(2)
         try:
             from django.conf import settings
 
@@ -464,10 +679,16 @@ class Command(BaseCommand):
             sys.exit(EX_CONFIG)
 
         started = time.monotonic()
-        checks = run_checks(quick)
+        checks = run_checks(quick, options["wait"], dependencies=not options["skip_dependencies"],
+                            others=not options["dependencies_only"], index_check=not options["no_index_check"])
         failed = [c.name for c in checks if c.status == FAIL and c.required]
         ok = not failed
-        if as_json:
+        if options["dependencies_only"] and not as_json:
+            if ok:
+                self.stdout.write("doctor: dependencies ok: " + "; ".join(f"{c.name} {c.detail}" for c in checks if c.status == OK))
+            else:
+                self.stdout.write("doctor: FAILED: " + "; ".join(f"{c.name} {c.detail}" for c in checks if c.name in failed))
+        elif as_json:
             document = {
                 "ok": ok,
                 "environment": environment,
@@ -498,3 +719,6 @@ class Command(BaseCommand):
         sys.stdout.flush()
         if not ok:
             sys.exit(EX_FAILED)
+        if options["then"]:
+            sys.stderr.flush()
+            os.execvp(options["then"][0], options["then"])

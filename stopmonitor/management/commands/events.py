@@ -12,6 +12,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.preflight import require_migrated
+
 CHUNK = 2000
 
 
@@ -44,6 +46,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="one JSON object per event")
 
     def handle(self, *args, **opts):
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         from django.db import DatabaseError
 
         from api.models import Operation, StopMonitorEvent

@@ -7,12 +7,12 @@ that is down is a failed batch: the rows keep their error and back-off, exit 1 w
 
 from __future__ import annotations
 
-import signal
-import time
-
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.dbhealth import fresh_connection
 from stopmonitor.logs import emit_json
+from stopmonitor.loop import Loop
+from stopmonitor.preflight import require_migrated
 
 
 class Command(BaseCommand):
@@ -25,9 +25,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-batches", type=int, default=0, help="stop --loop after N batches (0 = no limit)")
 
     def handle(self, *args, **opts):
-        from django.db import DatabaseError
-
-        from stopmonitor.outbox import Publisher, RelayNotConfigured, broker_url_from_settings, publish_batch
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
+        from stopmonitor.outbox import Publisher, RelayNotConfigured, broker_url_from_settings
 
         if opts["interval"] <= 0 or opts["batch_size"] <= 0:
             raise CommandError("--interval and --batch-size must be positive")
@@ -35,38 +34,32 @@ class Command(BaseCommand):
             publisher = Publisher(broker_url_from_settings())
         except RelayNotConfigured as exc:
             raise CommandError(str(exc)) from None
-        stop = {"now": False}
-
-        def _term(signum, frame):
-            stop["now"] = True
-
-        if opts["loop"]:
-            signal.signal(signal.SIGTERM, _term)
-            signal.signal(signal.SIGINT, _term)
-        batches = 0
+        loop = Loop(opts["loop"], opts["max_batches"])
         try:
-            while True:
-                try:
-                    result = publish_batch(publisher, batch_size=opts["batch_size"])
-                except DatabaseError as exc:
-                    if not opts["loop"]:
-                        raise CommandError(f"outbox relay: database error: {type(exc).__name__}") from None
-                    emit_json(self.stdout, {"type": "error", "error": f"database: {type(exc).__name__}"})
-                    result = None
-                batches += 1
-                if result is not None and (result.claimed or result.failed):
-                    emit_json(self.stdout, result.as_dict())
-                if not opts["loop"]:
-                    if result is not None and result.failed:
-                        raise CommandError(f"outbox relay: {result.failed} rows not published: {result.error}")
-                    break
-                if stop["now"] or (opts["max_batches"] and batches >= opts["max_batches"]):
-                    break
-                if result is None or not result.claimed or result.failed:
-                    deadline = time.monotonic() + opts["interval"]
-                    while not stop["now"] and time.monotonic() < deadline:
-                        time.sleep(min(0.1, opts["interval"]))
-                if stop["now"]:
-                    break
+            for _ in loop:
+                result = self.one_batch(publisher, opts)
+                if not loop.last and (result is None or not result.claimed or result.failed):
+                    loop.wait(opts["interval"])  # nothing due, or the broker failed: back off
         finally:
             publisher.close()
+
+    def one_batch(self, publisher, opts: dict):
+        """One batch, its line printed when it did something; None when the database failed
+        (``--loop`` goes on). Without ``--loop`` a failure is one line and exit 1."""
+        from django.db import DatabaseError
+
+        from stopmonitor.outbox import publish_batch
+
+        fresh_connection()  # a terminated session is dropped before the next batch (issue #12 item 10)
+        try:
+            result = publish_batch(publisher, batch_size=opts["batch_size"])
+        except DatabaseError as exc:
+            if not opts["loop"]:
+                raise CommandError(f"outbox relay: database error: {type(exc).__name__}") from None
+            emit_json(self.stdout, {"type": "error", "error": f"database: {type(exc).__name__}"})
+            return None
+        if result.claimed or result.failed:
+            emit_json(self.stdout, result.as_dict())
+        if not opts["loop"] and result.failed:
+            raise CommandError(f"outbox relay: {result.failed} rows not published: {result.error}")
+        return result

@@ -16,6 +16,8 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.preflight import require_migrated
+
 
 def _jsonable(value):
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -35,12 +37,13 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="JSON lines (one per difference, then a summary)")
 
     def handle(self, *args, **opts):
+        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         import sys
 
         from django.db import DatabaseError
 
         from api.models import Operation
-        from stopmonitor.projections import rebuild, verify
+        from stopmonitor.projections import rebuild, rebuild_protection, verify, verify_protection
 
         operation_id = opts["operation"]
         as_json = opts["json"]
@@ -49,9 +52,10 @@ class Command(BaseCommand):
             if operation_id is not None and not Operation.objects.filter(pk=operation_id).exists():
                 raise CommandError(f"operation {operation_id} does not exist", returncode=2)
             if opts["verify"]:
-                diffs = verify(operation_id)
+                diffs = verify(operation_id) + verify_protection(operation_id)
             else:
                 rows = rebuild(operation_id)
+                protections = rebuild_protection(operation_id)
         except DatabaseError as exc:
             raise CommandError(f"database error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                                returncode=2) from None
@@ -62,9 +66,11 @@ class Command(BaseCommand):
         if not opts["verify"]:
             if as_json:
                 self.stdout.write(json.dumps({"type": "summary", "action": "rebuild", "operation": operation_id,
-                                              "executions": rows, "duration_s": duration}))
+                                              "executions": rows, "protections": protections,
+                                              "duration_s": duration}))
             else:
-                self.stdout.write(f"rebuilt {rows} execution rows from the events ({scope}) in {duration:.3f}s")
+                self.stdout.write(f"rebuilt {rows} execution rows and {protections} protection rows from the events "
+                                  f"({scope}) in {duration:.3f}s")
             return
         for d in diffs:
             if as_json:

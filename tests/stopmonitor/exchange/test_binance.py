@@ -18,6 +18,7 @@ from stopmonitor.exchange.base import (
     ExchangeUnavailable,
     OrderOutcomeUnknown,
     OrderRejected,
+    OrderRejectedMaybeFilled,
     OrderRequest,
     RateLimited,
 )
@@ -349,7 +350,7 @@ def test_invalid_requests_are_rejected_without_a_request(exchange, fake_binance,
 # ----------------------------------------------------------------------------- error mapping (placing)
 
 EXPECTED_FOR_ORDER = {
-    -1121: OrderRejected, -2010: OrderRejected, -2011: OrderRejected, -2013: OrderRejected, -1013: OrderRejected,
+    -1121: OrderRejected, -2010: OrderRejectedMaybeFilled, -2011: OrderRejected, -2013: OrderRejected, -1013: OrderRejected,
     -1111: OrderRejected, -1100: OrderRejected, -1102: OrderRejected, -1022: OrderRejected, -2015: OrderRejected,
     -2014: OrderRejected,
     -1021: ClockSkew,
@@ -682,9 +683,199 @@ def test_cache_state_round_trips_offset_and_filters(locmem_cache):
 # ----------------------------------------------------------------------------- the contract
 
 
-class TestBinanceContract(ExchangeContract):
+class BinanceHooks:
+    def script_partial_expiry(self, exchange, fill_qty, reason):
+        self.fake.account.next_order(fill_qty=fill_qty, expiry_reason=reason)
+
+    def script_free_balance(self, exchange, asset, amount):
+        self.fake.account.set_balance(asset, amount)
+
+
+class TestBinanceContract(BinanceHooks, ExchangeContract):
+    """The contract through the real adapter, HTTP and signing, against the fake's account."""
+
     known_symbols = ("BTCUSDT", "NKNUSDT")
 
     @pytest.fixture
     def exchange(self, fake_binance):
+        self.fake = fake_binance
         return BinanceExchange(API_KEY, API_SECRET, testnet=True, api_url=fake_binance.url, state=MemoryState())
+
+
+# ----------------------------------------------------------------------------- evidence (issue #12)
+
+TRADES = "/api/v3/myTrades"
+
+
+def test_my_trades_of_an_order_is_one_signed_read_parsed_from_the_recorded_answer(exchange, fake_binance):
+    fake_binance.script("GET", TRADES, body=load("my_trades_LTCUSDT.json"))
+
+    (trade,) = exchange.account_trades("LTCUSDT", order_id=3784695242)
+
+    (req,) = fake_binance.requests
+    assert (req.method, req.path, req.signature_valid) == ("GET", TRADES, True)
+    assert {k: req.query[k] for k in ("symbol", "orderId", "limit", "recvWindow")} == {
+        "symbol": "LTCUSDT", "orderId": "3784695242", "limit": "1000", "recvWindow": "5000"}
+    assert "startTime" not in req.query
+    assert (trade.trade_id, trade.order_id, trade.price, trade.qty, trade.quote_qty) == (
+        309520010, 3784695242, Decimal("69.63"), Decimal("0.2"), Decimal("13.926"))
+    assert (trade.commission, trade.commission_asset, trade.is_buyer) == (Decimal("0.013926"), "USDT", False)
+    assert trade.time == datetime(2023, 10, 24, 9, 16, 32, 358000, tzinfo=timezone.utc)
+
+
+def test_my_trades_since_sends_start_time_in_milliseconds(exchange, fake_binance):
+    since = datetime(2026, 3, 2, 12, 0, 1, 250000, tzinfo=timezone.utc)
+
+    assert exchange.account_trades("BTCUSDT", since=since) == []
+
+    assert fake_binance.requests[0].query["startTime"] == str(int(since.timestamp() * 1000))
+
+
+def test_my_trades_malformed_is_unavailable_and_1021_is_retried_once(exchange, fake_binance):
+    fake_binance.script("GET", TRADES, body=[{"symbol": "BTCUSDT", "id": 1}])
+    with pytest.raises(ExchangeUnavailable):
+        exchange.account_trades("BTCUSDT", order_id=1)
+    fake_binance.requests.clear()
+    fake_binance.script_error("GET", TRADES, 400, -1021, "Timestamp for this request is outside of the recvWindow.")
+
+    assert exchange.account_trades("BTCUSDT", order_id=1) == []
+    assert [r.path for r in fake_binance.requests] == [TRADES, TIME, TRADES]
+
+
+def test_a_get_answer_without_fills_has_unknown_commission_not_zero(exchange, fake_binance):
+    fake_binance.script("GET", ORDER, body=load("get_order_market_sell_filled_LTCUSDT.json"))
+
+    result = exchange.get_order("LTCUSDT", "x-R4BD3S825806ed40c861260428a48c")
+
+    assert (result.commission, result.commission_asset) == (None, None)
+
+
+@pytest.mark.parametrize("status, reason, expected", [
+    pytest.param("EXPIRED", "EXECUTION_RULE_PRICE_RANGE_EXCEEDED", "EXECUTION_RULE_PRICE_RANGE_EXCEEDED", id="price-range"),
+    pytest.param("EXPIRED", "INSUFFICIENT_LIQUIDITY", "INSUFFICIENT_LIQUIDITY", id="liquidity"),
+    pytest.param("EXPIRED_IN_MATCH", None, "SELF_TRADE_PREVENTION", id="stp-without-reason"),
+    pytest.param("FILLED", "NONE", None, id="filled-none"),
+])
+def test_the_expiry_reason_is_recorded(exchange, fake_binance, status, reason, expected):
+    body = load("order_market_sell_expired_partial_fill_DERIVED.json")
+    body["status"] = status
+    if reason:
+        body["expiryReason"] = reason
+    fake_binance.script("POST", ORDER, body=body)
+
+    result = exchange.place_market_order(sell("10", client_order_id="6gCrw2kRUAF9CvJDGP16IP"))
+
+    assert (result.status, result.expiry_reason, result.executed_qty) == (status, expected, Decimal("6"))
+
+
+def test_a_refused_close_after_a_filled_one_is_maybe_filled(exchange, fake_binance):
+    fake_binance.account.set_balance("BTC", "0.00123")
+    exchange.place_market_order(sell("0.00123"))
+
+    with pytest.raises(OrderRejectedMaybeFilled) as info:
+        exchange.place_market_order(sell("0.00123"))  # the same client order id, the balance is gone
+
+    assert info.value.code == -2010 and "may have filled" in str(info.value)
+
+
+def test_symbol_status_is_surfaced_and_fresh_filters_bypass_the_cache(exchange, fake_binance):
+    assert exchange.symbol_filters(["BTCUSDT"])["BTCUSDT"].not_trading is False
+    info = json.loads(json.dumps(fake_binance.exchange_info))
+    info["symbols"][0]["status"] = "HALT"
+    fake_binance.exchange_info = info
+
+    cached = exchange.symbol_filters(["BTCUSDT"])["BTCUSDT"]
+    fresh = exchange.symbol_filters(["BTCUSDT"], fresh=True)["BTCUSDT"]
+
+    assert (cached.status, fresh.status, fresh.not_trading) == ("TRADING", "HALT", True)
+    assert exchange.symbol_filters(["BTCUSDT"])["BTCUSDT"].status == "HALT"  # the cache was refreshed
+    assert len(fake_binance.calls("GET", INFO)) == 2
+
+
+@pytest.mark.parametrize("window, sent", [pytest.param(5000, "5000", id="default"), pytest.param(2500, "2500", id="set")])
+def test_recv_window_is_sent_on_every_signed_request(fake_binance, window, sent):
+    ex = BinanceExchange(API_KEY, API_SECRET, testnet=True, api_url=fake_binance.url, state=MemoryState(),
+                         recv_window_ms=window)
+    ex.place_market_order(sell())
+    ex.free_balances()
+
+    assert [r.params["recvWindow"] for r in fake_binance.requests] == [sent, sent]
+
+
+@pytest.mark.parametrize("window", [0, -1, 60001])
+def test_a_recv_window_binance_refuses_is_refused_at_construction(window):
+    with pytest.raises(ValueError, match="recvWindow"):
+        BinanceExchange(API_KEY, API_SECRET, testnet=True, state=MemoryState(), recv_window_ms=window)
+
+
+def test_the_stock_library_signs_what_it_does_not_send(fake_binance):
+    """Why ``_Client`` exists: python-binance signs raw values but sends them form-encoded."""
+    from binance.client import Client
+
+    stock = Client(API_KEY, API_SECRET, testnet=True, ping=False)
+    stock.API_TESTNET_URL = fake_binance.url
+    stock.create_order(symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.001", newClientOrderId="sm:42/S1")
+
+    assert fake_binance.requests[0].signature_valid is False
+
+
+def test_the_signature_covers_the_percent_encoded_payload(exchange, fake_binance):
+    exchange.place_market_order(sell(client_order_id="sm:42/S1.x_y-z"))
+
+    (req,) = fake_binance.requests
+    assert "newClientOrderId=sm%3A42%2FS1.x_y-z&" in req.raw_body and req.signature_valid is True
+
+
+def _ed25519(passphrase: str | None = None):
+    from Crypto.PublicKey import ECC
+
+    key = ECC.generate(curve="Ed25519")
+    if passphrase:
+        pem = key.export_key(format="PEM", passphrase=passphrase, protection="PBKDF2WithHMAC-SHA512AndAES256-CBC",
+                             prot_params={"iteration_count": 1000})
+    else:
+        pem = key.export_key(format="PEM")
+    return pem, key.public_key()
+
+
+@pytest.mark.parametrize("passphrase", [pytest.param(None, id="plain"), pytest.param("s3cret-pass", id="encrypted")])
+def test_ed25519_keys_sign_every_signed_request(fake_binance, passphrase):
+    pem, public = _ed25519(passphrase)
+    fake_binance.public_key = public
+    ex = BinanceExchange(API_KEY, None, testnet=True, api_url=fake_binance.url, state=MemoryState(),
+                         private_key=pem, private_key_passphrase=passphrase)
+
+    ex.place_market_order(sell(client_order_id="sm:42/S1"))
+    ex.get_order("BTCUSDT", "sm:42/S1")
+    ex.free_balances()
+    ex.account_trades("BTCUSDT", since=datetime.now(timezone.utc) - timedelta(minutes=1))
+
+    assert ex.key_type == "Ed25519"
+    assert [r.signature_valid for r in fake_binance.requests] == [True, True, True, True]
+    assert all(r.headers["X-MBX-APIKEY"] == API_KEY for r in fake_binance.requests)
+    assert pem not in repr(ex)
+
+
+def test_a_wrong_ed25519_signature_is_seen_by_the_fake(fake_binance):
+    pem, _ = _ed25519()
+    _, other_public = _ed25519()
+    fake_binance.public_key = other_public
+    ex = BinanceExchange(API_KEY, None, testnet=True, api_url=fake_binance.url, state=MemoryState(), private_key=pem)
+
+    with pytest.raises(ExchangeUnavailable, match="-1022"):  # refused as Binance refuses it
+        ex.free_balances()
+
+    assert fake_binance.requests[0].signature_valid is False
+
+
+@pytest.mark.parametrize("pem, passphrase", [
+    pytest.param("not a key", None, id="not-pem"),
+    pytest.param(None, "wrong", id="wrong-passphrase"),
+])
+def test_an_unreadable_private_key_is_a_clear_error_without_the_key(pem, passphrase):
+    if pem is None:
+        pem, _ = _ed25519("right")
+    with pytest.raises(ValueError, match="not a readable Ed25519/RSA private key") as info:
+        BinanceExchange(API_KEY, None, testnet=True, state=MemoryState(), private_key=pem, private_key_passphrase=passphrase)
+
+    assert pem not in str(info.value)

@@ -7,16 +7,32 @@ from decimal import Decimal as D
 
 import pytest
 
-from stopmonitor.exchange.base import OrderOutcomeUnknown, OrderRejected, OrderRequest
+from stopmonitor.exchange.base import (
+    CancelReplaceCancelFailed,
+    CancelReplaceUnknown,
+    OrderOutcomeUnknown,
+    OrderRejected,
+    OrderRequest,
+    StopOrderRequest,
+)
 from stopmonitor.exchange.paper import PaperExchange, Scripted
 from stopmonitor.exchange.replay import ReplayExchange
 
-from .contract import ExchangeContract
+from .contract import ExchangeContract, ProtectionContract
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 
 
-class TestPaperContract(ExchangeContract):
+class PaperHooks:
+    def script_partial_expiry(self, exchange, fill_qty, reason):
+        exchange.push(Scripted("expire", fill_qty=fill_qty, expiry_reason=reason))
+
+    def script_free_balance(self, exchange, asset, amount):
+        exchange.track_balances = True
+        exchange.balances[asset] = amount
+
+
+class TestPaperContract(PaperHooks, ExchangeContract):
     @pytest.fixture
     def exchange(self):
         paper = PaperExchange(now=NOW)
@@ -24,7 +40,7 @@ class TestPaperContract(ExchangeContract):
         return paper
 
 
-class TestReplayContract(ExchangeContract):
+class TestReplayContract(PaperHooks, ExchangeContract):
     known_symbols = ("BTCUSDT", "ADAUSDT")
 
     @pytest.fixture
@@ -69,3 +85,55 @@ def test_replay_plays_the_recorded_candles_in_path_order():
     assert seen == [(D("9094.18"), D("9094.19")), (D("9090"), D("9090.01")), (D("9098"), D("9098.01")),
                     (D("9097.12"), D("9097.13"))]
     assert replay.filters["ADAUSDT"].tick_size == D("0.00001")
+
+
+class _PaperProtection(ProtectionContract):
+    def cross(self, exchange, price):
+        exchange.set_last_price(self.symbol, price)  # triggers
+        exchange.set_last_price(self.symbol, price)  # fills at the next observation
+
+
+class TestPaperProtectionContract(_PaperProtection):
+    @pytest.fixture
+    def exchange(self):
+        paper = PaperExchange(now=NOW, balances={"BTC": D("1"), "USDT": D("0")})
+        paper.set_quote("BTCUSDT", "60000", "60000.01")
+        return paper
+
+
+class TestReplayProtectionContract(_PaperProtection):
+    @pytest.fixture
+    def exchange(self):
+        replay = ReplayExchange(balances={"BTC": D("1"), "USDT": D("0")})
+        replay.set_quote("BTCUSDT", "60000", "60000.01")
+        return replay
+
+
+def test_paper_stop_triggers_on_one_price_and_fills_at_the_next():
+    paper = PaperExchange(now=NOW, balances={"BTC": D("1"), "USDT": D("0")})
+    paper.set_quote("BTCUSDT", "100", "100.01")
+    paper.place_stop_order(StopOrderRequest("BTCUSDT", "SELL", D("1"), D("95"), "sp1-1"))
+
+    paper.set_quote("BTCUSDT", "94", "94.01")
+    assert paper.get_order("BTCUSDT", "sp1-1").status == "NEW"  # triggered, filling: not cancellable
+    with pytest.raises(CancelReplaceCancelFailed):
+        paper.cancel_replace("BTCUSDT", "sp1-1", OrderRequest("BTCUSDT", "SELL", D("1"), "sm1-S1-x"))
+    paper.set_quote("BTCUSDT", "93", "93.01")
+
+    fired = paper.get_order("BTCUSDT", "sp1-1")
+    assert (fired.status, fired.executed_qty, fired.avg_price) == ("FILLED", D("1"), D("93"))
+    assert paper.balances == {"BTC": D("0"), "USDT": D("93")} and paper.locked == {"BTC": D("0")}
+
+
+def test_paper_scripted_unknown_cancel_replace():
+    paper = PaperExchange(now=NOW, balances={"BTC": D("1"), "USDT": D("0")})
+    paper.set_quote("BTCUSDT", "100", "100.01")
+    paper.place_stop_order(StopOrderRequest("BTCUSDT", "SELL", D("1"), D("95"), "sp1-1"))
+    paper.push(Scripted("timeout_after"), call="cancel_replace")
+
+    with pytest.raises(CancelReplaceUnknown) as info:
+        paper.cancel_replace("BTCUSDT", "sp1-1", OrderRequest("BTCUSDT", "SELL", D("1"), "sm1-S1-x"))
+
+    assert (info.value.cancel_client_order_id, info.value.new_client_order_id) == ("sp1-1", "sm1-S1-x")
+    assert paper.get_order("BTCUSDT", "sp1-1").status == "CANCELED"
+    assert paper.get_order("BTCUSDT", "sm1-S1-x").status == "FILLED"

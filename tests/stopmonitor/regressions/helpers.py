@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from datetime import timedelta
 
-from stopmonitor.services import EngineSettings, run_pass
+from stopmonitor.engine.context import EngineSettings
+from stopmonitor.engine.monitor import run_pass
 
 from .conftest import NOW
 

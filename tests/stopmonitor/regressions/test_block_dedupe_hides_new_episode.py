@@ -9,6 +9,8 @@ from datetime import timedelta
 
 import pytest
 
+from stopmonitor import guardrails as g
+
 from .conftest import NOW
 from .helpers import run, stream, types
 
@@ -31,5 +33,5 @@ def test_a_second_kill_switch_incident_is_recorded(paper, open_op, tenant):
     paper.set_quote("BTCUSDT", "9100", "9100.01")        # two days later the stop is crossed again
     summary, decisions = run(paper, at=NOW + timedelta(days=2))
     details = [p.get("detail") for t, p in stream(op) if t == "BLOCKED"]
-    assert "kill switch on: incident 8" in details, (
+    assert "kill switch on: incident 8" + g.PROTECTION_STAYS in details, (
         f"events {types(op)}, blocked details {details}, decisions {[(d.action, d.detail) for d in decisions]}")

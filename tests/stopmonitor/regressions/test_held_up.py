@@ -9,8 +9,8 @@ from decimal import Decimal as D
 
 import pytest
 
-from stopmonitor import services
-from stopmonitor.exchange.base import RateLimited
+from stopmonitor.engine.close import close_operation
+from stopmonitor.engine.monitor import run_pass
 
 from .conftest import NOW
 from .helpers import ENGINE, in_thread, refresh, run, stream, types
@@ -27,15 +27,15 @@ def test_manual_close_racing_the_pass_places_one_order_per_operation(paper, open
 
     def manual():
         start.wait()
-        return [services.close_operation(op.pk, paper, now=NOW, engine=ENGINE) for op in reversed(ops)]
+        return [close_operation(op.pk, paper, now=NOW, engine=ENGINE) for op in reversed(ops)]
 
     def cron():
         start.wait()
-        return services.run_pass(paper, now=NOW, engine=ENGINE)
+        return run_pass(paper, now=NOW, engine=ENGINE)
 
     def cron_nolock():
         start.wait()
-        return services.run_pass(paper, now=NOW, engine=ENGINE, use_lock=False)
+        return run_pass(paper, now=NOW, engine=ENGINE, use_lock=False)
 
     ts = [in_thread("m", manual, errors, results), in_thread("c", cron, errors, results),
           in_thread("c2", cron_nolock, errors, results)]

@@ -18,7 +18,9 @@ from datetime import timedelta
 
 import pytest
 
-from stopmonitor import services
+from stopmonitor.engine import close, store
+from stopmonitor.engine.context import EngineContext
+from stopmonitor.engine.reconcile import reconcile_submitted
 from stopmonitor.exchange.paper import Scripted
 
 from .conftest import NOW
@@ -35,7 +37,7 @@ def test_manual_close_and_reconcile_on_same_symbol_do_not_deadlock(paper, open_o
     op_b = open_op(stop="9000")            # left SUBMITTED, reconciled by the pass (thread B)
     paper.set_quote("BTCUSDT", "9150", "9150.01")
     paper.push(Scripted("timeout_after"))  # op_b's order exists, answer lost
-    services.close_operation(op_b.pk, paper, now=NOW, engine=ENGINE)
+    close.close_operation(op_b.pk, paper, now=NOW, engine=ENGINE)
     assert refresh(op_b).status == "CLOSING"
 
     later = NOW + timedelta(seconds=31)
@@ -44,7 +46,7 @@ def test_manual_close_and_reconcile_on_same_symbol_do_not_deadlock(paper, open_o
 
     a_holds_breaker = threading.Event()
     b_holds_append_lock = threading.Event()
-    real_breaker, real_append = services._breaker, services.append_events
+    real_breaker, real_append = store.breaker, close.append_events
 
     def breaker(symbol, lock):
         row = real_breaker(symbol, lock)
@@ -60,12 +62,12 @@ def test_manual_close_and_reconcile_on_same_symbol_do_not_deadlock(paper, open_o
             a_holds_breaker.wait(2)
         return saved
 
-    monkeypatch.setattr(services, "_breaker", breaker)
-    monkeypatch.setattr(services, "append_events", append)
+    monkeypatch.setattr(store, "breaker", breaker)
+    monkeypatch.setattr(close, "append_events", append)
 
     errors, results = {}, {}
-    ta = in_thread("A", lambda: services.close_operation(op_a.pk, paper, now=later, engine=ENGINE), errors, results)
-    tb = in_thread("B", lambda: services.reconcile_submitted(paper, now=later, source="cron", engine=ENGINE),
+    ta = in_thread("A", lambda: close.close_operation(op_a.pk, paper, now=later, engine=ENGINE), errors, results)
+    tb = in_thread("B", lambda: reconcile_submitted(paper, EngineContext(later, "cron", paper.venue, ENGINE)),
                    errors, results)
     ta.join(30)
     tb.join(30)

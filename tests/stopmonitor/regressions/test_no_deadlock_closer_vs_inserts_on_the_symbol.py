@@ -35,7 +35,7 @@ def _dsn() -> str:
 def test_an_opener_committing_under_the_append_lock_and_a_closer_of_the_same_symbol_both_finish(
         open_op, tenant, symbols):
     from api.models import Operation
-    from stopmonitor.operations import lock_operation
+    from stopmonitor.engine.store import lock_operation
 
     btc = symbols["BTCUSDT"]
     existing = open_op()

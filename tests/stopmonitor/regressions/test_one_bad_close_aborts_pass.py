@@ -1,6 +1,6 @@
 """One operation's close raising an unexpected exception aborts the whole pass: the operations
 after it in the pass are not evaluated/closed, and run_pass raises something that is not
-PassError (no MonitorPass row). Concrete trigger: the exchange's FULL answer has fills whose
+EngineUnavailable (no MonitorPass row). Concrete trigger: the exchange's FULL answer has fills whose
 commission assets join to more than 12 characters ("1MBABYDOGE,BNB": BNB ran out mid-order),
 and StopMonitorExecution.commission_asset is varchar(12) -> DataError in record_outcome, AFTER
 the order filled. reconcile_submitted only catches ConcurrencyConflict, so the same execution

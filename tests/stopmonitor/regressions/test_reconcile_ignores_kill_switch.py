@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from stopmonitor import services
+from stopmonitor.engine import close
 from stopmonitor.exchange.paper import Scripted
 
 from .conftest import NOW
@@ -27,7 +27,7 @@ def test_no_order_is_placed_while_the_kill_switch_is_on(paper, open_op, tenant, 
     if left_as == "TRIGGERED":
         def die(*a, **k):
             raise Crash()
-        monkeypatch.setattr(services, "submit_and_place", die)
+        monkeypatch.setattr(close, "submit_and_place", die)
         with pytest.raises(Crash):
             run(paper)
         monkeypatch.undo()

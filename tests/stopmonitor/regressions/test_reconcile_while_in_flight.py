@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import pytest
 
-from stopmonitor import services
+from stopmonitor.engine.close import close_operation
 
 from .conftest import NOW
 from .helpers import ENGINE, in_thread, refresh, run, types
@@ -37,7 +37,7 @@ def test_pass_does_not_replace_an_order_still_in_flight(paper, open_op):
 
     paper.place_market_order = slow_place
     errors, results = {}, {}
-    t = in_thread("api", lambda: services.close_operation(op.pk, paper, now=NOW, engine=ENGINE), errors, results)
+    t = in_thread("api", lambda: close_operation(op.pk, paper, now=NOW, engine=ENGINE), errors, results)
     assert in_flight.wait(10)
     try:
         run(paper, at=NOW + timedelta(seconds=31))  # the cron pass (takes the pass lock; the API does not)

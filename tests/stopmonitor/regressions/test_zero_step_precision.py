@@ -13,7 +13,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from stopmonitor import services
+from stopmonitor.engine import close
 from stopmonitor.exchange.paper import PaperExchange, bundled_filters
 
 from .conftest import NOW
@@ -43,7 +43,7 @@ def test_projection_matches_events_after_trigger(open_op, monkeypatch):
     def die(*a, **k):
         raise Crash()
 
-    monkeypatch.setattr(services, "submit_and_place", die)
+    monkeypatch.setattr(close, "submit_and_place", die)
     with pytest.raises(Crash):
         run(paper)
     monkeypatch.undo()

@@ -1,0 +1,555 @@
+"""Exchange-held protection, the use cases: arm, audit, move, resolve, and the close through cancelReplace.
+
+The I/O around :mod:`stopmonitor.protection`'s decisions (../shared/design/protection.md, P1–P7).
+Every function here that reaches the exchange does it outside any transaction and commits its
+intent first (invariant 2: ``PROTECTION_REQUESTED`` before the order). Called by the pass
+(:func:`protection_pass`, once per pass, batched: one ``openOrders`` request for the account, or
+one per symbol when that weighs less), by the close (:func:`place_close`) and by the
+``protect_operations`` command. (It reads and writes its projection rows itself, like the store
+does: ``.importlinter`` lists it beside ``engine.store``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+
+from stopmonitor import protection as p
+from stopmonitor.events import append_events, stream_head
+from stopmonitor.exchange.base import (
+    CancelReplaceResult,
+    ClockSkew,
+    ExchangeError,
+    ExchangeUnavailable,
+    OrderOutcomeUnknown,
+    OrderRejected,
+    OrderRequest,
+    OrderResult,
+    ProtectionPort,
+    RateLimited,
+)
+from stopmonitor.execution import (
+    EXECUTED,
+    FAILED,
+    OPERATION_CLOSED,
+    STOP_TRIGGERED,
+    NewEvent,
+    decide_outcome,
+)
+from stopmonitor.engine.store import lock_operation
+from stopmonitor.rules import STOP_LOSS, close_side, decimal_str
+
+#: openOrders weights (Binance "Current open orders"): one symbol, or every symbol in one request
+OPEN_ORDERS_WEIGHT_SYMBOL = 6
+OPEN_ORDERS_WEIGHT_ALL = 80
+
+
+@dataclass
+class ProtectionReport:
+    """What one protection step did: counts, and one line per action (for the pass's decisions)."""
+
+    requests: int = 0
+    weight: int = 0
+    armed: int = 0
+    moved: int = 0
+    cancelled: int = 0
+    resolved: int = 0
+    exchange_fills: int = 0
+    unprotected: int = 0
+    waiting: int = 0
+    lines: list[dict] = field(default_factory=list)
+
+    def note(self, action: str, operation_id: int, **detail) -> None:
+        self.lines.append({"action": action, "operation_id": operation_id, **detail})
+
+
+def _interval() -> timedelta:
+    return timedelta(seconds=settings.STOPMONITOR.get("PROTECTION_MOVE_INTERVAL_SECONDS", 60))
+
+
+def _visibility() -> timedelta:
+    return timedelta(seconds=settings.STOPMONITOR.get("PROTECTION_VISIBILITY_SECONDS", 60))
+
+
+def _state_of(row) -> p.ProtectionState | None:
+    return None if row is None else p.ProtectionState(**{n: getattr(row, n) for n in p.protection_field_names()})
+
+
+def _append(op, events: list[NewEvent], *, source: str, venue: str, now: datetime) -> None:
+    """Append under the operation's row lock (the caller's transaction)."""
+    version, _ = stream_head(op.pk)
+    append_events(op, version, events, source=source, venue=venue, now=now)
+
+
+def protected_operations(venue: str, operation_ids=None) -> list:
+    """ACTIVE operations with a stop whose tenant has protection on for ``venue``, oldest first,
+    with their symbol, tenant settings and protection row (one query)."""
+    from api.models import Operation
+
+    qs = (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
+          .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
+    if operation_ids is not None:
+        qs = qs.filter(pk__in=list(operation_ids))
+    out = []
+    for op in qs:
+        cfg = getattr(op.client, "risk_config", None)
+        if p.protection_enabled(cfg.protection_enabled if cfg else None, venue):
+            out.append(op)
+    return out
+
+
+def _buffer(op) -> int:
+    cfg = getattr(op.client, "risk_config", None)
+    return cfg.protection_buffer_bps if cfg is not None else p.DEFAULT_BUFFER_BPS
+
+
+def _protection_row(op):
+    from api.models import StopMonitorProtection
+
+    try:
+        return op.protection
+    except StopMonitorProtection.DoesNotExist:
+        return None
+
+
+# ---------------------------------------------------------------------------------------- arm (P1)
+
+def arm(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *, now: datetime,
+        source: str, report: ProtectionReport) -> None:
+    """Rest protection for one ACTIVE operation: commit ``PROTECTION_REQUESTED`` (or ``UNPROTECTED``
+    with the reason, once per reason), then place it, then record ``PROTECTION_PLACED`` — or
+    ``UNPROTECTED`` on a definite refusal. An unknown answer leaves it REQUESTED for the audit to ask
+    by client order id. Must be called outside any transaction."""
+    with transaction.atomic():
+        op = lock_operation(operation_id)
+        state = _state_of(_protection_row(op))
+        if op.status != "ACTIVE" or (state and state.status in (p.REQUESTED, p.PLACED)):
+            return
+        plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price,
+                                 op.target_price, filters, _buffer(op), (state.generation if state else 0) + 1,
+                                 last_price)
+        if isinstance(plan, p.Unprotectable):
+            # PRICE_THROUGH_STOP is transient and the monitor's own trigger closes at market: no event
+            # (alternating reasons would also defeat the monitor's once-only BLOCKED dedupe)
+            if plan.reason != "PRICE_THROUGH_STOP" and not (
+                    state and state.status == p.UNPROTECTED_STATUS and state.reason == plan.reason):
+                _append(op, [plan.event()], source=source, venue=exchange.venue, now=now)
+                report.unprotected += 1
+                report.note("unprotected", op.pk, reason=plan.reason, detail=plan.detail)
+            return
+        _append(op, [NewEvent(p.PROTECTION_REQUESTED, plan.payload())], source=source, venue=exchange.venue, now=now)
+    try:
+        report.requests += 1
+        report.weight += 1
+        placed = exchange.place_oco(plan.request()) if plan.kind == p.OCO else exchange.place_stop_order(plan.request())
+    except OrderOutcomeUnknown as exc:
+        report.note("protection_unknown", operation_id, client_order_id=plan.client_order_id, detail=str(exc)[:200])
+        return
+    except (OrderRejected, RateLimited, ClockSkew) as exc:
+        _record(operation_id, [p.Unprotectable("REJECTED", f"code {exc.code}: {exc}"[:300]).event(
+            code=exc.code, client_order_id=plan.client_order_id)], exchange, now, source)
+        report.unprotected += 1
+        report.note("unprotected", operation_id, reason="REJECTED", code=exc.code)
+        return
+    stop = placed.leg("STOP_LOSS") if plan.kind == p.OCO else placed
+    _record(operation_id, [NewEvent(p.PROTECTION_PLACED, p.order_payload(stop, kind=plan.kind))], exchange, now, source)
+    report.armed += 1
+    report.note("protected", operation_id, client_order_id=plan.client_order_id, stop_price=decimal_str(plan.stop_price),
+                quantity=decimal_str(plan.quantity), kind=plan.kind)
+
+
+def _record(operation_id: int, events: list[NewEvent], exchange, now: datetime, source: str) -> None:
+    with transaction.atomic():
+        op = lock_operation(operation_id)
+        _append(op, events, source=source, venue=exchange.venue, now=now)
+
+
+# ---------------------------------------------------------------------------------------- fills the exchange made (P4)
+
+def record_exchange_fill(op, order: OrderResult, *, venue: str, now: datetime, superseded_token: str | None = None) -> None:
+    """Record a protection order that executed (caller holds the operation's row lock, in a
+    transaction): ``PROTECTION_TRIGGERED``, then the fill as an execution of its own (token = the
+    protection's client order id: ``STOP_TRIGGERED`` + ``EXECUTED``/``PARTIALLY_EXECUTED``, source
+    ``exchange``), the closed quantity, and ``OPERATION_CLOSED`` when nothing remains. A close of
+    ours in flight (``superseded_token``) is ``FAILED`` first: not placed, the exchange sold."""
+    events = []
+    if superseded_token:
+        events.append(NewEvent(FAILED, {"code": None, "reason": "PROTECTION_TRIGGERED", "definite": True,
+                                        "placed": False, "message": f"the exchange-held stop {order.client_order_id} "
+                                                                    f"fired first: no market order sent"},
+                               superseded_token))
+        _append(op, events, source="exchange", venue=venue, now=now)
+        events = []
+    token = order.client_order_id
+    take_profit = order.order_type == "LIMIT_MAKER"  # the OCO's take-profit leg filled, not its stop
+    level = op.target_price if take_profit else op.stop_price
+    attempt = 1 + _attempts(op.pk)
+    events.append(NewEvent(p.PROTECTION_TRIGGERED, p.order_payload(order)))
+    events.append(NewEvent(STOP_TRIGGERED, {
+        "trigger": "TAKE_PROFIT" if take_profit else STOP_LOSS, "level": decimal_str(level),
+        "observed_price": decimal_str(order.price if take_profit else order.stop_price),
+        "close_side": order.side, "quantity": decimal_str(order.requested_qty),
+        "remaining_before": decimal_str(op.remaining_quantity), "attempt": attempt, "exchange_held": True,
+    }, token))
+    outcome = decide_outcome(token, order.requested_qty, level, order, "filled by the exchange-held stop")
+    if outcome.event is not None:
+        events.append(outcome.event)
+    op.closed_quantity = (op.closed_quantity or Decimal(0)) + outcome.closed_qty
+    if op.status not in ("ACTIVE", "CLOSING"):  # sold after the operation ended: the truth, for review
+        events.append(NewEvent("BLOCKED", {"reason": "NEEDS_REVIEW", "detail": f"the exchange-held stop {token} "
+                                           f"executed after the operation was {op.status}"}))
+    elif op.remaining_quantity <= 0:
+        events.append(NewEvent(OPERATION_CLOSED, {"closed_quantity": decimal_str(op.closed_quantity),
+                                                  "execution_token": token}))
+        op.status = "CLOSED"
+    else:
+        op.status = "ACTIVE"
+    op.stop_execution_token = None
+    op.save(update_fields=["closed_quantity", "status", "stop_execution_token", "updated_at"])
+    _append(op, events, source="exchange", venue=venue, now=now)
+
+
+def _attempts(operation_id: int) -> int:
+    from api.models import StopMonitorEvent
+
+    return StopMonitorEvent.objects.filter(operation_id=operation_id, event_type=STOP_TRIGGERED).count()
+
+
+def protection_order(exchange, symbol: str, client_order_id: str, report: ProtectionReport | None = None):
+    """``(order, finding)`` of a protection: its stop, or — when the stop is a leg of an OCO that
+    ended with nothing executed — the take-profit leg if that one executed (the stop leg expires
+    when the other leg fills: its fill is the exchange's). Raises the port's read errors."""
+    order = exchange.get_order(symbol, client_order_id)
+    finding = p.interpret_protection_order(order)
+    if finding.kind == "GONE" and order is not None and order.order_list_id != -1:
+        if report is not None:
+            report.requests += 1
+            report.weight += 4
+        leg = exchange.get_order(symbol, client_order_id + "t")
+        leg_finding = p.interpret_protection_order(leg)
+        if leg_finding.kind in ("FILLED", "PARTIAL") and leg_finding.final:
+            return leg, leg_finding
+    return order, finding
+
+
+def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime, source: str,
+            report: ProtectionReport) -> None:
+    """Ask the exchange about one protection (P4/P5) and record what it says: resting → PLACED or
+    MOVED (a lost answer); executed → the exchange's fill; gone (cancelled outside us, expired) →
+    ``PROTECTION_CANCELLED`` (the next audit re-arms); not visible → nothing before the window,
+    then ``UNPROTECTED(NOT_FOUND)``."""
+    from api.models import Operation
+
+    symbol = Operation.objects.select_related("symbol").get(pk=operation_id).symbol.symbol
+    report.requests += 1
+    report.weight += 4
+    order, finding = protection_order(exchange, symbol, client_order_id, report)
+    report.resolved += 1
+    with transaction.atomic():
+        op = lock_operation(operation_id)
+        state = _state_of(_protection_row(op))
+        if state is None or state.client_order_id != client_order_id:
+            return
+        if order is not None and order.client_order_id != client_order_id:  # the take-profit leg filled
+            record_exchange_fill(op, order, venue=exchange.venue, now=now)
+            report.exchange_fills += 1
+            report.note("exchange_fill", op.pk, client_order_id=order.client_order_id,
+                        executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+            return
+        if finding.kind == "RESTING" and state.status == p.REQUESTED:
+            kind = p.PROTECTION_MOVED if state.replaces else p.PROTECTION_PLACED
+            _append(op, [NewEvent(kind, p.order_payload(order, generation=state.generation, kind=state.kind,
+                                                         reason="FOUND"))], source=source, venue=exchange.venue, now=now)
+        elif finding.kind in ("FILLED", "PARTIAL") and finding.final:
+            record_exchange_fill(op, order, venue=exchange.venue, now=now)
+            report.exchange_fills += 1
+            report.note("exchange_fill", op.pk, client_order_id=client_order_id,
+                        executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+        elif finding.kind == "GONE":
+            _append(op, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
+                    source=source, venue=exchange.venue, now=now)
+        elif finding.kind == "NOT_VISIBLE" and state.updated_at <= now - _visibility():
+            _append(op, [p.Unprotectable("NOT_FOUND", f"{client_order_id} not on the exchange after "
+                                                      f"{_visibility().seconds}s").event()],
+                    source=source, venue=exchange.venue, now=now)
+            report.unprotected += 1
+
+
+# ---------------------------------------------------------------------------------------- the pass (P3, P5)
+
+def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionReport | None = None,
+                    operation_ids=None, dry_run: bool = False, quotes: dict | None = None) -> ProtectionReport:
+    """One protection step: one ``openOrders`` read for the account (or one per symbol when fewer
+    than 14 symbols: 6 each against 80), the audit diff, then cancel leftovers, resolve, arm and
+    move. Nothing at all (no request) when no tenant has protection on and nothing of ours rests.
+    ``dry_run`` reads and reports the actions without appending or placing. ``quotes`` (symbol ->
+    Quote) are the pass's own best bid/ask (invariant 9: one quote request per pass): arming reads
+    only the symbols missing from them. Must be called outside any transaction. Raises RateLimited/ExchangeUnavailable/ClockSkew when the open
+    orders cannot be read (nothing was changed)."""
+    from api.models import StopMonitorProtection
+
+    report = report or ProtectionReport()
+    if not isinstance(exchange, ProtectionPort) and not hasattr(exchange, "open_orders"):
+        return report
+    ops = protected_operations(exchange.venue, operation_ids)
+    expected = {op.pk: _state_of(_protection_row(op)) for op in ops}
+    expected_ids = set(expected)
+    leftovers = [row for row in StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
+                 .exclude(operation_id__in=expected_ids).select_related("operation__symbol")
+                 if operation_ids is None or row.operation_id in set(operation_ids)]
+    if not ops and not leftovers:
+        return report
+    finished = {row.operation_id: _state_of(row) for row in leftovers}
+    symbol_of = {op.pk: op.symbol.symbol for op in ops} | {r.operation_id: r.operation.symbol.symbol for r in leftovers}
+    symbols = sorted(set(symbol_of.values()))
+    if len(symbols) * OPEN_ORDERS_WEIGHT_SYMBOL < OPEN_ORDERS_WEIGHT_ALL:
+        open_orders = [o for s in symbols for o in exchange.open_orders(s)]
+        report.requests += len(symbols)
+        report.weight += OPEN_ORDERS_WEIGHT_SYMBOL * len(symbols)
+    else:
+        open_orders = exchange.open_orders()
+        report.requests += 1
+        report.weight += OPEN_ORDERS_WEIGHT_ALL
+    if operation_ids is not None:  # a scoped run (the command's batches) judges only its own operations' orders
+        scope = set(operation_ids)
+        open_orders = [o for o in open_orders if (p.parse_client_id(o.client_order_id) or (0,))[0] in scope]
+    by_op = {op.pk: op for op in ops}
+    actions = p.audit(expected, open_orders, now, _visibility(), symbol_of, finished)
+    if dry_run:
+        for a in actions:
+            report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
+        return report
+    for a in (a for a in actions if a.action == p.CANCEL):
+        _cancel_leftover(a, exchange, now=now, source=source, report=report)
+    # WAIT (placed moments ago, absent) is asked too: a query that finds nothing records nothing
+    # inside the visibility window, and one that finds it filled saves the close a cancelReplace
+    for a in (a for a in actions if a.action in (p.RESOLVE, p.WAIT)):
+        try:
+            resolve(a.operation_id, a.client_order_id, exchange, now=now, source=source, report=report)
+        except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
+            report.note("protection_unresolved", a.operation_id, detail=str(exc)[:200])
+    report.waiting += sum(1 for a in actions if a.action == p.WAIT)
+    arming = [by_op[a.operation_id] for a in actions if a.action == p.ARM]
+    resting_ids = set(by_op) - {a.operation_id for a in actions}  # not touched by the audit: resting as expected
+    if arming or resting_ids:
+        _arm_and_move(arming, [by_op[i] for i in sorted(resting_ids)], exchange, now=now, source=source, report=report,
+                      quotes=quotes)
+    return report
+
+
+def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
+    """Cancel one order of ours the audit found left over (P5; freqtrade #12528) and say so."""
+    from api.models import Operation
+
+    report.requests += 1
+    report.weight += 1
+    try:
+        cancelled = exchange.cancel_order(action.symbol, action.client_order_id)
+    except OrderRejected:  # not open any more: the next audit asks about it
+        return
+    except (OrderOutcomeUnknown, RateLimited, ClockSkew) as exc:
+        report.note("protection_cancel_unknown", action.operation_id, detail=str(exc)[:200])
+        return
+    if not Operation.objects.filter(pk=action.operation_id).exists():
+        return
+    report.cancelled += 1
+    report.note("protection_cancelled", action.operation_id, client_order_id=action.client_order_id,
+                reason=action.reason)
+    with transaction.atomic():
+        op = lock_operation(action.operation_id)
+        state = _state_of(_protection_row(op))
+        events = []
+        if cancelled.executed_qty > 0:
+            report.note("protection_partly_executed", op.pk, executed_qty=decimal_str(cancelled.executed_qty))
+        if state is not None and state.client_order_id == action.client_order_id:
+            events.append(NewEvent(p.PROTECTION_CANCELLED, p.order_payload(cancelled, reason=action.reason)))
+        else:  # a stale generation: said in the stream, the projection keeps the current one
+            events.append(NewEvent("GUARD_WARNING", {"reason": "PROTECTION_LEFTOVER_CANCELLED",
+                                                     "detail": f"cancelled {action.client_order_id} ({action.reason})",
+                                                     **p.order_payload(cancelled)}))
+        _append(op, events, source=source, venue=exchange.venue, now=now)
+
+
+def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
+                  source: str, report: ProtectionReport, quotes: dict | None = None) -> None:
+    """Arm what is missing and move what rests off its level: one filters read, and for arming one
+    balances read (P6: each operation's share of the free balance) and the last price from the
+    pass's ``quotes`` (a bulk quote read only for arming symbols they lack)."""
+    symbols = sorted({op.symbol.symbol for op in arming + resting})
+    filters = exchange.symbol_filters(symbols)
+    report.requests += 1
+    report.weight += 2
+    quotes = dict(quotes or {})
+    missing = sorted({op.symbol.symbol for op in arming} - set(quotes))
+    if missing:
+        report.requests += 1
+        report.weight += 2 if len(missing) < 20 else 4
+        try:
+            quotes.update(exchange.book_tickers(missing))
+        except ExchangeUnavailable as exc:  # arm without the last price: Binance refuses a stop that would trigger (-2010)
+            report.note("protection_quotes_unavailable", 0, detail=str(exc)[:200])
+    balances = exchange.free_balances() if arming else None
+    if arming:
+        report.requests += 1
+        report.weight += 20
+    # arming shares the free balance read now (after this pass's cancels); what other operations'
+    # resting protection locks stays theirs (a move or resize replaces in place, by cancelReplace/amend)
+    by_asset: dict[str, list] = {}
+    for op in arming:
+        f = filters.get(op.symbol.symbol)
+        if f is not None:
+            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
+    for asset, ops in by_asset.items():
+        free = None if balances is None else balances.get(asset, Decimal(0))
+        shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops],
+                            None if close_side(ops[0].side) == "BUY" else free, Decimal(0))
+        for op in ops:
+            quote = quotes.get(op.symbol.symbol)
+            last = None if quote is None else (quote.bid if close_side(op.side) == "SELL" else quote.ask)
+            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], last, now=now, source=source, report=report)
+    for op in resting:
+        f = filters.get(op.symbol.symbol)
+        state = _state_of(_protection_row(op))
+        if f is None or state is None or op.stop_price is None:
+            continue
+        wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
+        move = p.decide_move(state, wanted, f.tick_size, now, _interval())
+        if move.action == "replace" and state.kind == p.STOP_LOSS:
+            _move(op.pk, state, move, exchange, now=now, source=source, report=report)
+        elif move.action == "defer":
+            report.note("protection_move_deferred", op.pk, not_before=move.not_before.isoformat())
+
+
+def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *, now: datetime, source: str,
+          report: ProtectionReport) -> None:
+    """Replace the resting stop by one at ``move.stop_price`` (generation + 1) in one cancelReplace
+    (P3): REQUESTED (with the id it replaces) committed first, then MOVED — or, when the stop fired
+    meanwhile (400), resolved as the exchange's fill; 409: cancelled, nothing rests → UNPROTECTED."""
+    from stopmonitor.exchange.base import CancelReplaceCancelFailed, CancelReplaceNewFailed
+
+    with transaction.atomic():
+        op = lock_operation(operation_id)
+        current = _state_of(_protection_row(op))
+        if op.status != "ACTIVE" or current != state:
+            return
+        plan = p.ProtectionPlan(operation_id, move.generation, op.symbol.symbol, p.STOP_LOSS, state.side,
+                                state.quantity, move.stop_price, None,
+                                p.protection_client_id(operation_id, move.generation))
+        _append(op, [NewEvent(p.PROTECTION_REQUESTED, plan.payload(move=True, replaces=state.client_order_id))],
+                source=source, venue=exchange.venue, now=now)
+    report.requests += 1
+    report.weight += 1
+    try:
+        result = exchange.cancel_replace(plan.symbol, state.client_order_id, plan.stop_request())
+    except CancelReplaceCancelFailed:
+        resolve(operation_id, state.client_order_id, exchange, now=now, source=source, report=report)
+        return
+    except CancelReplaceNewFailed as exc:
+        events = [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(exc.cancelled, reason="MOVE"))] if exc.cancelled else []
+        events.append(p.Unprotectable("MOVE_REFUSED", str(exc)[:300]).event(code=exc.new_code))
+        _record(operation_id, events, exchange, now, source)
+        report.unprotected += 1
+        return
+    except (OrderOutcomeUnknown, OrderRejected, RateLimited, ClockSkew) as exc:
+        report.note("protection_move_unknown", operation_id, detail=str(exc)[:200])
+        return  # REQUESTED stays: the audit asks by both ids
+    _record(operation_id, [NewEvent(p.PROTECTION_MOVED, p.order_payload(
+        result.new, generation=move.generation, client_order_id=plan.client_order_id, reason=move.reason))],
+        exchange, now, source)
+    report.moved += 1
+    report.note("protection_moved", operation_id, client_order_id=plan.client_order_id,
+                stop_price=decimal_str(move.stop_price))
+
+
+# ---------------------------------------------------------------------------------------- the monitor's close (P2)
+
+def plus_own_protection(operation_id: int, closing: str, available: Decimal | None) -> Decimal | None:
+    """What a close may sell with its protection resting (P6): the free balance plus what the
+    operation's own protection locks (its cancelReplace releases exactly that). None stays None."""
+    from api.models import StopMonitorProtection
+
+    if available is None:
+        return None
+    row = StopMonitorProtection.objects.filter(pk=operation_id, status__in=(p.PLACED, p.REQUESTED), side=closing,
+                                               ).values_list("quantity", flat=True).first()
+    return available + (row or Decimal(0))
+
+
+class ProtectionFired(OrderRejected):
+    """The close was not sent: the exchange-held stop fired first and its fill is recorded
+    (the execution is already FAILED with reason PROTECTION_TRIGGERED)."""
+
+
+def place_close(operation_id: int, request: OrderRequest, exchange, *, now: datetime, source: str) -> OrderResult:
+    """Send the monitor's (or the API's) close: a plain MARKET order when nothing rests, else ONE
+    cancelReplace of the protection by that MARKET order (STOP_ON_FAILURE, ONLY_NEW), P2:
+
+    - 200 → ``PROTECTION_CANCELLED`` recorded; the new order's result returned (recorded by the caller).
+    - 400 → the stop fired first: the protection is asked; executed → its fill recorded with source
+      ``exchange`` and :class:`ProtectionFired` raised (never a market order); gone with nothing
+      executed (our own earlier cancel, a lost answer) → the MARKET order alone; else OrderRejected
+      (FAILED, the next pass looks again).
+    - 409 → ``PROTECTION_CANCELLED`` + ``UNPROTECTED`` recorded, the refusal raised (FAILED; the next
+      pass closes with a plain order, nothing resting any more).
+    - unknown → OrderOutcomeUnknown (the execution stays SUBMITTED; reconcile asks both ids).
+
+    Must be called outside any transaction.
+    """
+    from api.models import StopMonitorProtection
+
+    row = StopMonitorProtection.objects.filter(pk=operation_id).first()
+    if row is None or row.status not in (p.PLACED, p.REQUESTED) or not hasattr(exchange, "cancel_replace"):
+        return exchange.place_market_order(request)
+    try:
+        outcome: CancelReplaceResult | ExchangeError = exchange.cancel_replace(request.symbol, row.client_order_id, request)
+    except ExchangeError as exc:
+        outcome = exc
+    verdict = p.interpret_close(outcome)
+    if verdict.kind == "CLOSED":
+        _record(operation_id, list(verdict.events), exchange, now, source)
+        return verdict.new
+    if verdict.kind == "UNPROTECTED":
+        _record(operation_id, list(verdict.events), exchange, now, source)
+        raise OrderRejected(f"{request.symbol} {request.client_order_id}: protection cancelled, close refused "
+                            f"(code {verdict.code}); unprotected until the next pass closes it", verdict.code) from outcome
+    if verdict.kind == "EXCHANGE_FIRED":
+        order, finding = protection_order(exchange, request.symbol, row.client_order_id)
+        if finding.kind in ("FILLED", "PARTIAL") and finding.final:
+            with transaction.atomic():
+                op = lock_operation(operation_id)
+                record_exchange_fill(op, order, venue=exchange.venue, now=now, superseded_token=request.client_order_id)
+            raise ProtectionFired(f"{request.symbol} {request.client_order_id}: the exchange-held stop "
+                                  f"{row.client_order_id} fired first ({order.status} {order.executed_qty})")
+        if finding.kind == "GONE":
+            _record(operation_id, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
+                    exchange, now, source)
+            return exchange.place_market_order(request)
+        raise OrderRejected(f"{request.symbol} {request.client_order_id}: cancel of {row.client_order_id} failed "
+                            f"and it is {finding.kind}: not sent, looked at again next pass", outcome.code)
+    raise outcome  # UNKNOWN (OrderOutcomeUnknown) or REJECTED (OrderRejected)/RateLimited/ClockSkew
+
+
+__all__ = ["ProtectionFired", "ProtectionReport", "arm", "place_close", "protection_pass", "protected_operations",
+           "record_exchange_fill", "resolve"]
+_ = EXECUTED  # the event the close records (via decide_outcome)
+
+
+def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict | None = None) -> int:
+    """The pass's protection step (after the reconcile, before the triggers): :func:`protection_pass`,
+    each action emitted as a decision; an exchange that cannot be read skips the step for this
+    pass with one decision (the closes still run). Returns the requests it sent."""
+    from stopmonitor.engine.decisions import Decision
+
+    try:
+        report = protection_pass(exchange, now=now, source=source, quotes=quotes)
+    except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+        emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE", detail=f"open orders unreadable: {exc}"[:300]))
+        return 1
+    for line in report.lines:
+        detail = ", ".join(f"{k} {v}" for k, v in line.items() if k not in ("action", "operation_id"))
+        emit(Decision(line["action"], line["operation_id"], detail=detail[:300]))
+    return report.requests

@@ -1,0 +1,352 @@
+"""The engine's reads and writes of ``api.models`` — the only engine module that imports them.
+
+Every function that locks (``select_for_update``) must run inside ``transaction.atomic``; the
+advisory locks (:func:`pass_lock`, :func:`execution_claim`) are session-level and hold across
+transactions. Every lock wait is bounded by the database's ``lock_timeout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection
+from django.db.models import Q
+
+from api.models import (
+    CircuitBreakerState,
+    ExchangeAccount,
+    Operation,
+    StopMonitorEvent,
+    StopMonitorExecution,
+    TenantConfig,
+    current_venue,
+)
+from stopmonitor import guardrails as g
+from stopmonitor.execution import STOP_TRIGGERED
+from stopmonitor import trailing
+from stopmonitor.trailing import TrailingSettings
+from stopmonitor.vocabulary import ExecutionStatus, OperationStatus
+
+PASS_LOCK_KEY = 0x4D4F4E49  # "MONI": one pass at a time across pods (pg_try_advisory_lock)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """An ACTIVE operation with a stop or target, as loaded by the pass (no ORM objects)."""
+
+    operation_id: int
+    symbol: str
+    side: str
+    stop_price: Decimal | None
+    target_price: Decimal | None
+    entry_price: Decimal | None = None
+    tick_size: Decimal | None = None
+    trailing: TrailingSettings = TrailingSettings()
+    account_id: int | None = None  # None: the default account (the environment's keys)
+
+
+# ----------------------------------------------------------------------------- advisory locks
+
+
+@contextmanager
+def session_lock(key: int):
+    """Try a PostgreSQL session-level advisory lock (``pg_try_advisory_lock``) without waiting;
+    yields whether it is held, and releases it on exit. Elsewhere (SQLite: one process) yields True."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+@contextmanager
+def pass_lock():
+    """Session-level advisory lock so overlapping CronJob pods don't both work (PostgreSQL).
+
+    Yields True when this process holds it, False when another pass does. Row locks keep
+    correctness either way; this only avoids duplicate work. Elsewhere always yields True.
+    """
+    with session_lock(PASS_LOCK_KEY) as acquired:
+        yield acquired
+
+
+@contextmanager
+def execution_claim(token: str):
+    """Claim one execution for this process while its order is in flight (PostgreSQL
+    session-level advisory lock keyed by the client order id; not a row lock).
+
+    Yields False when another process holds it: the order may be on its way, so nobody else
+    may ask "does it exist?" and re-send it. A crash releases it with the session. Re-entrant
+    within one process. Elsewhere (SQLite: one process) always yields True.
+    """
+    key = int.from_bytes(hashlib.sha256(token.encode()).digest()[:8], "big", signed=True)
+    with session_lock(key) as acquired:
+        yield acquired
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+def lock_operation(operation_id: int) -> Operation:
+    """The ``Operation`` (with its symbol) locked until the end of the caller's transaction: the one
+    lock every writer of an operation takes before it reads the stream and appends (invariant 1).
+
+    ``FOR NO KEY UPDATE`` of the operation row and of its symbol row: closers and level changes of
+    one symbol still queue for each other (the per-symbol order the breaker relies on), but the lock
+    does not conflict with the ``FOR KEY SHARE`` that PostgreSQL takes on the symbol (and the operation)
+    when a row referencing it is inserted — with a plain ``FOR UPDATE``, an insert holding that key
+    lock and waiting for the append lock, a closer queued on the symbol and the append lock's holder
+    needing the same key lock deadlocked (266 of 600 requests under 40 concurrent API clients).
+    Raises ``Operation.DoesNotExist``. Must run inside ``transaction.atomic``.
+
+    The wait for the lock (and for every later lock of the transaction) is bounded by
+    ``ENGINE_LOCK_TIMEOUT_MS`` (``SET LOCAL lock_timeout``, PostgreSQL): one row held elsewhere
+    raises ``OperationalError`` (55P03), which the pass reports as a skipped decision and takes
+    next pass (issue #12 item 12), instead of stalling every other close behind it.
+    """
+    if connection.vendor == "postgresql":
+        from django.conf import settings
+
+        ms = int(getattr(settings, "STOPMONITOR", {}).get("ENGINE_LOCK_TIMEOUT_MS", 2000))
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{ms}ms"])
+    return Operation.objects.select_for_update(no_key=True).select_related("symbol").get(pk=operation_id)
+
+
+def get_operation(operation_id: int) -> Operation:
+    """The ``Operation`` with its symbol, not locked. Raises ``Operation.DoesNotExist``."""
+    return Operation.objects.select_related("symbol").get(pk=operation_id)
+
+
+def create_operation(**fields) -> Operation:
+    """Insert one ``Operation`` row (the caller appends its first events in the same transaction)."""
+    return Operation.objects.create(**fields)
+
+
+def load_watched(venue: str | None = None) -> list[Watched]:
+    """Every ACTIVE operation of ``venue`` (default EXCHANGE_VENUE) with a stop or target, in one
+    query (partial index from 0018); another venue's operations are left alone (migration 0026)."""
+    rows = (
+        Operation.objects.filter(Q(venue=venue or current_venue()) | Q(venue__isnull=True),
+                                 status=OperationStatus.ACTIVE)
+        .filter(Q(stop_price__isnull=False) | Q(target_price__isnull=False))
+        .values_list("id", "symbol__symbol", "side", "stop_price", "target_price", "entry_price",
+                     "symbol__tick_size", *trailing.COLUMNS, "account_id")
+    )
+    return [Watched(*row[:7], trailing=_trailing(row[7:13]), account_id=row[13]) for row in rows]
+
+
+_NO_TRAILING = TrailingSettings()
+
+
+def _trailing(values: tuple) -> TrailingSettings:
+    """The trailing settings of one watched row (one shared empty value when none is set)."""
+    return TrailingSettings.from_values(*values) if any(v is not None for v in values[:5]) else _NO_TRAILING
+
+
+def start_closing(op: Operation, token: str, now: datetime) -> None:
+    """ACTIVE → CLOSING with ``token`` as the one close in flight (invariant 1). Caller holds the row lock."""
+    op.status = OperationStatus.CLOSING
+    op.stop_execution_token = token
+    op.last_stop_check_at = now
+    op.stop_check_count = (op.stop_check_count or 0) + 1
+    op.save(update_fields=["status", "stop_execution_token", "last_stop_check_at", "stop_check_count", "updated_at"])
+
+
+def release(op: Operation) -> None:
+    """The close is over without closing everything: back to ACTIVE (the rest stays protected)."""
+    op.status = OperationStatus.ACTIVE
+    op.stop_execution_token = None
+    op.save(update_fields=["status", "stop_execution_token", "updated_at"])
+
+
+def record_closed_quantity(op: Operation, closed_qty: Decimal) -> bool:
+    """Add a fill to the operation's closed quantity; CLOSED when nothing remains, else back to
+    ACTIVE. Returns whether it is closed. Caller holds the row lock."""
+    op.closed_quantity = (op.closed_quantity or Decimal("0")) + closed_qty
+    closed = op.remaining_quantity <= 0
+    if closed:
+        op.status = OperationStatus.CLOSED
+    else:
+        op.status = OperationStatus.ACTIVE
+        op.stop_execution_token = None
+    op.save(update_fields=["closed_quantity", "status", "stop_execution_token", "updated_at"])
+    return closed
+
+
+# ----------------------------------------------------------------------------- tenant and breaker
+
+
+def tenant_config(client_id: int, lock: bool) -> TenantConfig:
+    """The tenant's risk configuration (defaults when it has none). ``lock``: the row is the
+    tenant's mutex for the rate limit, created so there is one to lock."""
+    if lock:
+        cfg, _ = TenantConfig.objects.select_for_update().get_or_create(client_id=client_id)
+        return cfg
+    return TenantConfig.objects.filter(client_id=client_id).first() or TenantConfig(client_id=client_id)
+
+
+def breaker(symbol: str, lock: bool) -> CircuitBreakerState:
+    """The symbol's circuit-breaker row (``lock``: created and locked)."""
+    if lock:
+        row, _ = CircuitBreakerState.objects.select_for_update().get_or_create(symbol=symbol)
+        return row
+    return CircuitBreakerState.objects.filter(symbol=symbol).first() or CircuitBreakerState(symbol=symbol)
+
+
+def breaker_domain(row: CircuitBreakerState) -> g.BreakerState:
+    """The row as the pure :class:`stopmonitor.guardrails.BreakerState`."""
+    return g.BreakerState(row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error)
+
+
+def save_breaker(row: CircuitBreakerState, state: g.BreakerState) -> None:
+    """Write ``state`` into the breaker row."""
+    row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error = (
+        state.state, state.failure_count, state.opened_at, state.retry_at, state.last_error
+    )
+    row.save()
+
+
+# ----------------------------------------------------------------------------- executions
+
+
+IN_FLIGHT = (ExecutionStatus.TRIGGERED, ExecutionStatus.SUBMITTED)
+
+
+def get_execution(token: str) -> StopMonitorExecution:
+    """The execution projection row of ``token``."""
+    return StopMonitorExecution.objects.get(pk=token)
+
+
+def close_in_flight(symbol: str) -> bool:
+    """Whether any execution on ``symbol`` is TRIGGERED or SUBMITTED (the half-open breaker's trial)."""
+    return StopMonitorExecution.objects.filter(symbol=symbol, status__in=IN_FLIGHT).exists()
+
+
+def attempts_so_far(operation_id: int) -> int:
+    """How many ``STOP_TRIGGERED`` the operation's stream holds (the next attempt is one more)."""
+    return StopMonitorEvent.objects.filter(operation_id=operation_id, event_type=STOP_TRIGGERED).count()
+
+
+def recent_triggers(tenant_id: int, now: datetime) -> tuple[int, int]:
+    """The tenant's ``STOP_TRIGGERED`` in the last minute and the last hour before ``now``."""
+    recent = list(StopMonitorEvent.objects.filter(
+        tenant_id=tenant_id, event_type=STOP_TRIGGERED, created_at__gt=now - timedelta(hours=1)
+    ).values_list("created_at", flat=True))
+    return sum(1 for t in recent if t > now - timedelta(minutes=1)), len(recent)
+
+
+def pending_executions(cutoff: datetime) -> list[tuple[str, int, str, str, int | None]]:
+    """Executions TRIGGERED or SUBMITTED not updated since ``cutoff``, oldest first:
+    (token, operation id, symbol, status, the operation's account id or None)."""
+    return list(
+        StopMonitorExecution.objects.filter(status__in=IN_FLIGHT, updated_at__lte=cutoff)
+        .order_by("created_at")
+        .values_list("execution_token", "operation_id", "symbol", "status", "operation__account_id")
+    )
+
+
+# ----------------------------------------------------------------------------- evidence (issue #12)
+
+
+def reserved_for_others(op: Operation) -> Decimal:
+    """Base quantity the tenant's other ACTIVE long operations on ``op``'s base asset still need
+    (invariant 5: a close never sells what another operation needs). 0 for a short."""
+    if op.side != "BUY":
+        return Decimal("0")
+    rows = (Operation.objects.filter(client_id=op.client_id, status=OperationStatus.ACTIVE, side="BUY",
+                                     symbol__base_asset=op.symbol.base_asset)
+            .exclude(pk=op.pk).values_list("quantity", "closed_quantity"))
+    return sum((q - (c or Decimal("0")) for q, c in rows), Decimal("0"))
+
+
+def trigger_payload(token: str) -> dict:
+    """The ``STOP_TRIGGERED`` payload of execution ``token`` (its planned dust, quantity, …)."""
+    row = (StopMonitorEvent.objects.filter(execution_token=token, event_type=STOP_TRIGGERED)
+           .values_list("payload", flat=True).first())
+    return row or {}
+
+
+def has_resubmission(token: str) -> bool:
+    """Whether ``token`` was already sent once more by a reconcile (an earlier send may exist)."""
+    return StopMonitorEvent.objects.filter(execution_token=token, event_type="RECONCILED",
+                                           payload__resubmitted=True).exists()
+
+
+def recorded_order_ids(symbol: str) -> list[int]:
+    """Exchange order ids already recorded on ``symbol`` (EXECUTED / PARTIALLY_EXECUTED / FAILED):
+    trades of these orders belong to other executions."""
+    return [int(v) for v in StopMonitorExecution.objects.filter(symbol=symbol, exchange_order_id__isnull=False)
+            .values_list("exchange_order_id", flat=True)]
+
+
+def last_recorded_order(symbol: str, venue: str) -> tuple[str, int] | None:
+    """(client order id, order id) of the newest order recorded as filled on ``symbol`` at ``venue``:
+    if the exchange no longer knows it, its orders are gone (a testnet reset)."""
+    row = (StopMonitorExecution.objects.filter(symbol=symbol, venue=venue, exchange_order_id__isnull=False,
+                                               status__in=(ExecutionStatus.EXECUTED, ExecutionStatus.PARTIALLY_EXECUTED))
+           .order_by("-updated_at").values_list("execution_token", "exchange_order_id").first())
+    return (row[0], int(row[1])) if row else None
+
+
+def review_already_recorded(op_id: int, token: str) -> bool:
+    """Whether the stream's last event is already the NEEDS_REVIEW block of ``token`` (recorded once)."""
+    last = StopMonitorEvent.objects.filter(operation_id=op_id).order_by("-version").values_list(
+        "event_type", "payload").first()
+    return bool(last and last[0] == "BLOCKED" and last[1].get("reason") == g.BlockReason.NEEDS_REVIEW
+                and last[1].get("client_order_id") == token)
+
+
+# ----------------------------------------------------------------------------- exchange accounts
+
+
+@dataclass(frozen=True)
+class AccountCredentials:
+    """One exchange account as the engine needs it; ``api_key``/``secret`` never in its repr.
+
+    ``secret`` is the decrypted HMAC secret or Ed25519 private key (PEM) per ``key_type``."""
+
+    account_id: int
+    label: str
+    venue: str
+    key_type: str
+    enabled: bool
+    disabled_reason: str
+    api_key: str = field(repr=False)
+    secret: str = field(repr=False)
+
+
+def account_credentials(account_id: int) -> AccountCredentials:
+    """The account's credentials, its secret decrypted (:mod:`stopmonitor.account_crypto`).
+
+    Raises ``ExchangeAccount.DoesNotExist`` and :class:`~stopmonitor.account_crypto.AccountCryptoError`."""
+    from stopmonitor import account_crypto
+
+    from config.secrets import register_secret
+
+    row = ExchangeAccount.objects.get(pk=account_id)
+    register_secret(row.api_key)  # the key id is a credential too (config/secrets.py)
+    return AccountCredentials(row.pk, row.label, row.venue, row.key_type, row.enabled, row.disabled_reason,
+                              row.api_key, account_crypto.decrypt(row.secret_encrypted))
+
+
+def account_enabled(account_id: int | None) -> tuple[bool, str]:
+    """Whether the account may place orders (the default account always may) and, if not, why."""
+    if account_id is None:
+        return True, ""
+    row = ExchangeAccount.objects.filter(pk=account_id).values_list("enabled", "disabled_reason", "label").first()
+    if row is None:
+        return False, f"account {account_id} does not exist"
+    enabled, reason, label = row
+    return enabled, "" if enabled else f"account {label!r} is disabled" + (f": {reason}" if reason else "")
