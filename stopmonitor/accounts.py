@@ -50,8 +50,6 @@ def check_credentials(venue: str, api_key: str, secret: str, key_type: str) -> N
         raise CredentialsRefused(str(exc), exc.code) from None
     except ExchangeError as exc:
         raise CredentialsUncheckable(str(exc)) from None
-    except TypeError as exc:  # an Ed25519 key on an adapter that cannot sign with one yet
-        raise CredentialsUncheckable(f"this adapter cannot sign with {key_type} keys: {exc}") from None
     finally:
         try:
             client.close()

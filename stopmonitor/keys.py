@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from stopmonitor.exchange.base import ExchangeError
+from stopmonitor.exchange.base import ExchangeError, KeysMissing
 
 #: Binance's answers that mean "these keys are refused" (not "the read failed")
 REFUSED_CODES = {
@@ -71,6 +71,8 @@ def read_keys(exchange, *, clock=time.time) -> KeysVerdict:
     an exchange error (each becomes ``refused`` or ``unknown``)."""
     try:
         exchange.free_balances()
+    except KeysMissing:
+        return KeysVerdict("refused", None, "no API key/secret is configured for this venue", clock())
     except ExchangeError as exc:
         code = getattr(exc, "code", None)
         if code in REFUSED_CODES:
@@ -84,7 +86,10 @@ def _read(exchange_factory, clock) -> KeysVerdict:
         exchange = exchange_factory()
     except Exception as exc:  # noqa: BLE001 - an adapter that cannot be built says nothing about the keys
         return KeysVerdict("unknown", None, f"{type(exc).__name__}: the adapter could not be built", clock())
-    return read_keys(exchange, clock=clock)
+    try:
+        return read_keys(exchange, clock=clock)
+    except Exception as exc:  # noqa: BLE001 - a defect below the port must not kill a start gate or the probe's thread
+        return KeysVerdict("unknown", None, f"{type(exc).__name__}: the signed read failed", clock())
 
 
 def remember(venue: str, verdict: KeysVerdict) -> None:

@@ -96,6 +96,8 @@ def require_keys(venue: str) -> None:
     if not is_exchange_venue(venue):
         return
     verdict = keys_verdict(venue, lambda: build_exchange(venue))
+    if verdict.status == "refused" and verdict.code is None:
+        raise CommandError(f"{venue}: {verdict.detail}; {FIX}")
     if verdict.status == "refused":
         raise CommandError(f"{venue} refused the API keys: {verdict.detail}; {FIX}")
 

@@ -432,7 +432,8 @@ def record_failure(operation_id: int, token: str, exc: ExchangeError, ctx: Engin
         append_events(op, version, [NewEvent(FAILED, payload, token)], source=ctx.source, venue=ctx.venue,
                       now=ctx.at())
         store.release(op)
-        if not isinstance(exc, RateLimited) and reason != FailureReason.SYMBOL_STATUS and exc.code not in ACCOUNT_REFUSAL_CODES:
+        if not isinstance(exc, RateLimited) and reason != FailureReason.SYMBOL_STATUS and exc.code not in ACCOUNT_REFUSAL_CODES \
+                and not getattr(exc, "account_refusal", False):
             row = store.breaker(symbol, lock=True)
             store.save_breaker(row, g.breaker_on_failure(store.breaker_domain(row), ctx.now, cfg.breaker_threshold,
                                                          cfg.breaker_cooldown_seconds, f"{exc.code}: {exc}"))

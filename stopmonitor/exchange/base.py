@@ -226,6 +226,18 @@ class OrderRejectedMaybeFilled(OrderRejected):
     maybe_filled = True
 
 
+class KeysMissing(OrderRejected):
+    """A signed request was not sent: the venue's adapter holds no API secret and no private key.
+
+    Definite (nothing reached the exchange, so no order exists) and the account's, not the
+    symbol's: it never counts against a symbol's circuit breaker (``account_refusal``)."""
+
+    account_refusal = True
+
+    def __init__(self, context: str):
+        super().__init__(f"{context}: not sent, no API secret or private key is configured for this venue")
+
+
 class OrderOutcomeUnknown(ExchangeError):
     """The order may or may not exist (timeout, reset, HTTP 5XX, -1007): reconcile by client order id."""
 

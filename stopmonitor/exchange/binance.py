@@ -47,6 +47,7 @@ from .base import (
     CancelReplaceNewFailed,
     CancelReplaceResult,
     CancelReplaceUnknown,
+    KeysMissing,
     ClockSkew,
     ExchangeError,
     ExchangeUnavailable,
@@ -235,8 +236,12 @@ class _Client(Client):
         return self._handle_response(self.response)
 
     def _sign_payload(self, payload: str) -> str:
+        """The signature of ``payload``; raises :class:`KeysMissing` (before any network call)
+        when neither a private key nor an API secret is set (python-binance would assert)."""
         if self.PRIVATE_KEY is not None:
             return self._rsa_signature(payload) if self._is_rsa else self._ed25519_signature(payload)
+        if not self.API_SECRET:
+            raise KeysMissing("signed request")
         return self._hmac_signature(payload)
 
 

@@ -67,18 +67,21 @@ class LazyBinance:
         if self._real is None:
             from stopmonitor.exchange.binance import BinanceExchange
 
-            api_key, secret, key_type = self._credentials or (settings.BINANCE_API_KEY, settings.BINANCE_API_SECRET,
-                                                              "HMAC")
-            signing = {"private_key": secret} if key_type == "ED25519" else {}
+            if self._credentials:  # a tenant's account signs with its own key only, never the deployment's
+                api_key, secret, key_type = self._credentials
+                hmac_secret, private_key, passphrase = (None, secret, None) if key_type == "ED25519" else (secret, None, None)
+            else:
+                api_key, hmac_secret = settings.BINANCE_API_KEY, settings.BINANCE_API_SECRET
+                private_key = getattr(settings, "BINANCE_PRIVATE_KEY", None)
+                passphrase = getattr(settings, "BINANCE_PRIVATE_KEY_PASSPHRASE", None)
             self._real = BinanceExchange(
                 api_key,
-                None if signing else secret,
-                **signing,
+                hmac_secret,
                 testnet=self.venue == "binance-testnet",
                 api_url=settings.BINANCE_API_URL,
                 timeout=settings.BINANCE_TIMEOUT_SECONDS,
-                private_key=getattr(settings, "BINANCE_PRIVATE_KEY", None),
-                private_key_passphrase=getattr(settings, "BINANCE_PRIVATE_KEY_PASSPHRASE", None),
+                private_key=private_key,
+                private_key_passphrase=passphrase,
                 recv_window_ms=getattr(settings, "BINANCE_RECV_WINDOW_MS", 5000),
             )
         return self._real

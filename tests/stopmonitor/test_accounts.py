@@ -94,6 +94,29 @@ def test_each_close_is_signed_with_its_own_accounts_key_and_spends_only_its_bala
     assert (world["op_b"].status, world["op_b"].closed_quantity) == ("ACTIVE", D("0.001"))
 
 
+def test_an_ed25519_account_signs_its_close_with_its_own_private_key(fake, default, world, symbols, settings):
+    """Before, the factory passed the tenant's PEM and the deployment's BINANCE_PRIVATE_KEY both as
+    ``private_key`` (a TypeError), and ``check_credentials`` called it "cannot sign with ED25519 keys"."""
+    from Crypto.PublicKey import ECC
+
+    from api.models import Client
+    from stopmonitor.accounts import create_account
+    from stopmonitor.operations import open_operation
+
+    key_c = "initech-key-CCCCCCCCCCCCCCCC3333"
+    private = ECC.generate(curve="Ed25519")
+    fake.add_account(key_c, private.public_key(), {"BTC": "0.002", "USDT": "0"})
+    settings.BINANCE_PRIVATE_KEY = None  # the deployment's own key plays no part in a tenant's signature
+    initech = Client.objects.create(name="initech")
+    account = create_account(initech, label="main", venue="binance-testnet", key_type="ED25519", api_key=key_c,
+                             secret=private.export_key(format="PEM"))
+    op_c = open_operation(initech, symbols["BTCUSDT"], "BUY", D("0.002"), D("62000"), D("61000"), account=account)
+    fake.requests.clear()
+    run_pass(default, engine=ENGINE)
+    assert orders_by_key(fake)[key_c] == (submitted_id(op_c), "0.002", True)
+    assert fake.balances[key_c]["BTC"] == D("0")
+
+
 def test_operations_sharing_an_account_share_its_balance_whatever_their_tenant(fake, default, world, symbols):
     from api.models import Client
     from stopmonitor.operations import open_operation

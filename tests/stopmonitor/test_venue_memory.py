@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from decimal import Decimal
 
 import pytest
@@ -11,6 +12,7 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 
 from api.models import Client, Operation, Symbol
+from stopmonitor.keys import KeysVerdict, remember
 from stopmonitor.preflight import before_monitor
 from stopmonitor.engine.store import load_watched
 
@@ -45,8 +47,20 @@ def test_a_monitor_on_another_venue_leaves_them_alone_and_says_so():
         "run a monitor with EXCHANGE_VENUE set to theirs to watch them"
     )
     quiet = io.StringIO()
+    remember("binance-testnet", KeysVerdict("accepted", None, "signed read accepted", time.time()))
     before_monitor("binance-testnet", quiet)
     assert quiet.getvalue() == ""
+
+
+@override_settings(EXCHANGE_VENUE="binance-testnet", BINANCE_API_KEY="", BINANCE_API_SECRET="", BINANCE_PRIVATE_KEY="")
+def test_a_binance_monitor_without_keys_stops_at_its_start_with_one_line():
+    """CI's fresh machine has no keys: python-binance asserted inside the signed read (an
+    AssertionError, not an ExchangeError) and the start gate died with a traceback."""
+    _operation()
+    with pytest.raises(CommandError) as caught:
+        before_monitor("binance-testnet", io.StringIO())
+    assert str(caught.value).startswith(
+        "binance-testnet: no API key/secret is configured for this venue; set BINANCE_API_KEY and BINANCE_API_SECRET")
 
 
 @override_settings(ENVIRONMENT="production")

@@ -181,8 +181,9 @@ class FakeBinance:
         """Queue a Binance ``{code, msg}`` error answer."""
         self.script(method, path, status=status, body={"code": code, "msg": msg}, **kw)
 
-    def add_account(self, api_key: str, secret: str, balances: dict[str, str] | None = None) -> None:
-        """Register an account: its key, its secret and (optionally) its free balances per asset."""
+    def add_account(self, api_key: str, secret, balances: dict[str, str] | None = None) -> None:
+        """Register an account: its key, its secret (or its Ed25519/RSA public key object, for an
+        account that signs asymmetrically) and (optionally) its free balances per asset."""
         with self._lock:
             self.keys[api_key] = secret
             self.only_known_keys = True
@@ -590,6 +591,8 @@ class FakeBinance:
         if self.public_key is not None:
             return verify_asymmetric(self.public_key, head, unquote(sig))
         secret = self.keys.get(api_key or "", self.secret)
+        if not isinstance(secret, str):  # an account registered with its Ed25519/RSA public key
+            return verify_asymmetric(secret, head, unquote(sig))
         expected = hmac.new(secret.encode(), head.encode(), hashlib.sha256).hexdigest()
         return hmac.compare_digest(expected, sig)
 

@@ -879,3 +879,20 @@ def test_an_unreadable_private_key_is_a_clear_error_without_the_key(pem, passphr
         BinanceExchange(API_KEY, None, testnet=True, state=MemoryState(), private_key=pem, private_key_passphrase=passphrase)
 
     assert pem not in str(info.value)
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_a_signed_request_without_a_secret_is_refused_before_it_is_sent(fake_binance, state, secret):
+    """python-binance asserted ("API Secret required for private endpoints"): an AssertionError that
+    no caller maps, which killed the monitor's start and the readiness probe's thread on CI."""
+    from stopmonitor.exchange.base import KeysMissing, OrderRequest
+
+    ex = BinanceExchange(API_KEY, secret, testnet=True, api_url=fake_binance.url, timeout=2, state=state)
+    with pytest.raises(KeysMissing, match="not sent, no API secret or private key is configured"):
+        ex.free_balances()
+    with pytest.raises(KeysMissing) as placing:
+        ex.place_market_order(OrderRequest("BTCUSDT", "SELL", Decimal("0.001"), "sm-nokeys-1"))
+    assert placing.value.maybe_filled is False and placing.value.account_refusal is True
+    assert [r.path for r in fake_binance.calls("POST")] == []
+    assert [r for r in fake_binance.calls() if "signature=" in (r.raw_query or "") + (r.raw_body or "")] == []
+    assert ex.book_tickers(["BTCUSDT"])["BTCUSDT"].bid == Decimal("60741.67")  # public reads need no key
