@@ -61,6 +61,8 @@ class CloseSnapshot:
     symbol_status: str = "TRADING"
     #: base quantity the tenant's other ACTIVE operations on this asset still need (never sold here)
     reserved_for_others: Decimal = Decimal("0")
+    #: base quantity this operation's own resting protection locks (included in ``free_base``, P6)
+    own_protection: Decimal = Decimal("0")
 
 
 @dataclass(frozen=True)

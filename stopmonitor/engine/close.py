@@ -134,7 +134,8 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, account: Account
         if isinstance(plan, CloseAsDust):
             return close_as_dust(op, version, plan, ctx), None
         persist_trigger(op, version, plan, quote, breaker_row, cfg, ctx)
-    account.spend(op.symbol.symbol, plan.side, plan.quantity, plan.observed)
+    # what the own protection locked was never in the free balance: only the rest is spent from it
+    account.spend(op.symbol.symbol, plan.side, max(plan.quantity - snapshot.own_protection, Decimal("0")), plan.observed)
     return Decision(Action.TRIGGERED, op.pk, op.client_id, op.symbol.symbol, plan.token, STOP_TRIGGERED,
                     plan.trigger.kind, f"level {decimal_str(plan.trigger.level)} observed "
                     f"{decimal_str(plan.observed)} qty {decimal_str(plan.quantity)}"), plan.token
@@ -152,6 +153,7 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
     f = account.filters.get(symbol)
     base, quote_asset = account.assets(symbol, (op.symbol.base_asset, op.symbol.quote_asset))
     known = account.balances is not None and base is not None
+    own_protection = plus_own_protection(op.pk, "SELL", Decimal("0")) if known else Decimal("0")
     snapshot = CloseSnapshot(
         operation_id=op.pk, status=op.status, side=op.side, stop_price=op.stop_price,
         target_price=op.target_price, remaining=op.remaining_quantity,
@@ -165,13 +167,14 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
         min_notional=f.min_notional if f else op.symbol.min_notional,
         max_qty=(f.market_max_qty or f.max_qty) if f else None,
         # P6 of protection.md: what the operation's own resting protection locks is sellable by its close
-        free_base=plus_own_protection(op.pk, "SELL", account.balances.get(base, Decimal("0"))) if known else None,
+        free_base=account.balances.get(base, Decimal("0")) + own_protection if known else None,
         free_quote=account.balances.get(quote_asset, Decimal("0")) if known else None,
         attempt=store.attempts_so_far(op.pk) + 1,
         position=op.quantity,
         dust_tolerance_pct=ctx.settings.fee_dust_tolerance_pct,
         symbol_status=f.status if f else "TRADING",
         reserved_for_others=store.reserved_for_others(op) if known else Decimal("0"),
+        own_protection=own_protection,
     )
     return snapshot, breaker_row, cfg
 

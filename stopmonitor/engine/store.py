@@ -261,14 +261,23 @@ def pending_executions(cutoff: datetime) -> list[tuple[str, int, str, str, int |
 
 
 def reserved_for_others(op: Operation) -> Decimal:
-    """Base quantity the tenant's other ACTIVE long operations on ``op``'s base asset still need
-    (invariant 5: a close never sells what another operation needs). 0 for a short."""
+    """Base quantity the tenant's other ACTIVE long operations on ``op``'s base asset still need from
+    the FREE balance (invariant 5: a close never sells what another operation needs). What another
+    operation's PLACED protection locks is not in the free balance (protection.md P6) and is not
+    reserved again here: counted twice, it made a protected neighbour's position block an
+    unprotected close with INSUFFICIENT_BALANCE (issue 13 note). 0 for a short."""
+    from api.models import StopMonitorProtection
+    from stopmonitor import protection as p
+
     if op.side != "BUY":
         return Decimal("0")
-    rows = (Operation.objects.filter(client_id=op.client_id, status=OperationStatus.ACTIVE, side="BUY",
-                                     symbol__base_asset=op.symbol.base_asset)
-            .exclude(pk=op.pk).values_list("quantity", "closed_quantity"))
-    return sum((q - (c or Decimal("0")) for q, c in rows), Decimal("0"))
+    rows = list(Operation.objects.filter(client_id=op.client_id, status=OperationStatus.ACTIVE, side="BUY",
+                                         symbol__base_asset=op.symbol.base_asset)
+                .exclude(pk=op.pk).values_list("pk", "quantity", "closed_quantity"))
+    locked = dict(StopMonitorProtection.objects.filter(pk__in=[pk for pk, _, _ in rows], status=p.PLACED, side="SELL")
+                  .values_list("pk", "quantity"))
+    return sum((max(q - (c or Decimal("0")) - (locked.get(pk) or Decimal("0")), Decimal("0")) for pk, q, c in rows),
+               Decimal("0"))
 
 
 def trigger_payload(token: str) -> dict:
