@@ -236,6 +236,23 @@ def protection_order(exchange, symbol: str, client_order_id: str, report: Protec
     return order, finding
 
 
+def ask_moving(exchange, symbol: str, protection, order, finding, report: ProtectionReport | None = None):
+    """``(order, finding)`` of ``protection`` (a projection row or a :class:`~stopmonitor.protection.ProtectionState`)
+    once its current order was asked: when that is a move still REQUESTED (``replaces`` set) and the
+    exchange does not show its new order, the order it replaces is asked too — it may have fired
+    (its fill is the exchange's) or still rest (the move never reached the exchange). That one's
+    answer is returned when it executed or rests; else the new order's. Raises the port's read errors."""
+    if finding.kind != "NOT_VISIBLE" or protection.status != p.REQUESTED or not protection.replaces:
+        return order, finding
+    if report is not None:
+        report.requests += 1
+        report.weight += 4
+    old, old_finding = protection_order(exchange, symbol, protection.replaces, report)
+    if old_finding.kind == "RESTING" or (old_finding.kind in ("FILLED", "PARTIAL") and old_finding.final):
+        return old, old_finding
+    return order, finding
+
+
 def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime, source: str,
             report: ProtectionReport) -> None:
     """Ask the exchange about one protection (P4/P5) and record what it says: resting → PLACED or
@@ -248,17 +265,28 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
     report.requests += 1
     report.weight += 4
     order, finding = protection_order(exchange, symbol, client_order_id, report)
+    from api.models import StopMonitorProtection
+
+    seen = _state_of(StopMonitorProtection.objects.filter(pk=operation_id).first())
+    if seen is not None and seen.client_order_id == client_order_id:
+        order, finding = ask_moving(exchange, symbol, seen, order, finding, report)
     report.resolved += 1
     with transaction.atomic():
         op = lock_operation(operation_id)
         state = _state_of(_protection_row(op))
         if state is None or state.client_order_id != client_order_id:
             return
-        if order is not None and order.client_order_id != client_order_id:  # the take-profit leg filled
-            record_exchange_fill(op, order, venue=exchange.venue, now=now)
-            report.exchange_fills += 1
-            report.note("exchange_fill", op.pk, client_order_id=order.client_order_id,
-                        executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+        if order is not None and order.client_order_id != client_order_id:  # the OCO's take-profit leg, or the
+            if finding.kind in ("FILLED", "PARTIAL") and finding.final:     # stop a move meant to replace
+                record_exchange_fill(op, order, venue=exchange.venue, now=now)
+                report.exchange_fills += 1
+                report.note("exchange_fill", op.pk, client_order_id=order.client_order_id,
+                            executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+            elif finding.kind == "RESTING" and state.updated_at <= now - _visibility():
+                # the move never reached the exchange: the stop it was to replace still protects
+                _append(op, [NewEvent(p.PROTECTION_MOVED, p.order_payload(
+                    order, generation=state.generation, kind=state.kind, reason="MOVE_NOT_MADE"))],
+                    source=source, venue=exchange.venue, now=now)
             return
         if finding.kind == "RESTING" and state.status == p.REQUESTED:
             kind = p.PROTECTION_MOVED if state.replaces else p.PROTECTION_PLACED
@@ -445,8 +473,8 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
     report.weight += 1
     try:
         result = exchange.cancel_replace(plan.symbol, state.client_order_id, plan.stop_request())
-    except CancelReplaceCancelFailed:
-        resolve(operation_id, state.client_order_id, exchange, now=now, source=source, report=report)
+    except CancelReplaceCancelFailed:  # the stop it replaces fired, or is gone: ask (both ids, ask_moving)
+        resolve(operation_id, plan.client_order_id, exchange, now=now, source=source, report=report)
         return
     except CancelReplaceNewFailed as exc:
         events = [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(exc.cancelled, reason="MOVE"))] if exc.cancelled else []
@@ -504,8 +532,17 @@ def place_close(operation_id: int, request: OrderRequest, exchange, *, now: date
     row = StopMonitorProtection.objects.filter(pk=operation_id).first()
     if row is None or row.status not in (p.PLACED, p.REQUESTED) or not hasattr(exchange, "cancel_replace"):
         return exchange.place_market_order(request)
+    return _close_through(operation_id, request, exchange, row, row.client_order_id, now=now, source=source)
+
+
+def _close_through(operation_id: int, request: OrderRequest, exchange, row, client_order_id: str, *,
+                   now: datetime, source: str) -> OrderResult:
+    """One cancelReplace of the resting ``client_order_id`` by the close (see :func:`place_close`).
+    A move still REQUESTED whose new order the exchange does not show is looked at by both ids
+    (:func:`ask_moving`): the old stop fired → its fill; the old stop rests → the close goes
+    through that one (once)."""
     try:
-        outcome: CancelReplaceResult | ExchangeError = exchange.cancel_replace(request.symbol, row.client_order_id, request)
+        outcome: CancelReplaceResult | ExchangeError = exchange.cancel_replace(request.symbol, client_order_id, request)
     except ExchangeError as exc:
         outcome = exc
     verdict = p.interpret_close(outcome)
@@ -517,18 +554,22 @@ def place_close(operation_id: int, request: OrderRequest, exchange, *, now: date
         raise OrderRejected(f"{request.symbol} {request.client_order_id}: protection cancelled, close refused "
                             f"(code {verdict.code}); unprotected until the next pass closes it", verdict.code) from outcome
     if verdict.kind == "EXCHANGE_FIRED":
-        order, finding = protection_order(exchange, request.symbol, row.client_order_id)
+        order, finding = protection_order(exchange, request.symbol, client_order_id)
+        if client_order_id == row.client_order_id:
+            order, finding = ask_moving(exchange, request.symbol, row, order, finding)
+            if finding.kind == "RESTING" and order.client_order_id == row.replaces:  # the move never happened
+                return _close_through(operation_id, request, exchange, row, row.replaces, now=now, source=source)
         if finding.kind in ("FILLED", "PARTIAL") and finding.final:
             with transaction.atomic():
                 op = lock_operation(operation_id)
                 record_exchange_fill(op, order, venue=exchange.venue, now=now, superseded_token=request.client_order_id)
             raise ProtectionFired(f"{request.symbol} {request.client_order_id}: the exchange-held stop "
-                                  f"{row.client_order_id} fired first ({order.status} {order.executed_qty})")
+                                  f"{order.client_order_id} fired first ({order.status} {order.executed_qty})")
         if finding.kind == "GONE":
             _record(operation_id, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
                     exchange, now, source)
             return exchange.place_market_order(request)
-        raise OrderRejected(f"{request.symbol} {request.client_order_id}: cancel of {row.client_order_id} failed "
+        raise OrderRejected(f"{request.symbol} {request.client_order_id}: cancel of {client_order_id} failed "
                             f"and it is {finding.kind}: not sent, looked at again next pass", outcome.code)
     raise outcome  # UNKNOWN (OrderOutcomeUnknown) or REJECTED (OrderRejected)/RateLimited/ClockSkew
 

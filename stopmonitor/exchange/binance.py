@@ -216,7 +216,19 @@ class _Client(Client):
     with the library's own primitives (HMAC-SHA256 hex, or Ed25519/RSA base64, then
     percent-encoded), and the same string sent as the query (GET) or the form body (POST/PUT/
     DELETE). Unsigned requests are the library's.
+
+    Its ``__del__`` never raises: the library's closes ``self.session``, which a client whose
+    ``__init__`` did not finish (a worker stopped while the readiness thread was building one)
+    does not have — a traceback in gunicorn's log at every such shutdown.
     """
+
+    def __del__(self):
+        session = self.__dict__.get("session")
+        if session is not None:
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+                pass
 
     def _request(self, method, uri, signed, force_params=False, **kwargs):
         if not signed:

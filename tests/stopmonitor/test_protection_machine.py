@@ -222,3 +222,34 @@ def test_found_by_the_machine_a_crossed_unprotected_stop_beside_a_protected_one_
     one_pass(machine.paper)
     assert list(Operation.objects.order_by("pk").values_list("status", flat=True)) == ["CLOSED", "CLOSED"]
     assert machine._sold() == {op_id: D("0.01") for op_id in machine.ops}
+
+
+def test_found_by_the_machine_a_stop_moved_up_then_crossed_before_the_move_reached_the_exchange():
+    """Found by a 300-example run: one long (stop 9200, its protection sp1-1 resting at 9154); the
+    stop moved to 9250 through the API; the price falls to 9140, which triggers sp1-1 on the
+    exchange (it fills at the next price; until then it cannot be cancelled). The pass's move
+    (cancelReplace sp1-1 → sp1-2) failed to cancel and resolved by the OLD id, which no longer
+    matched the REQUESTED sp1-2; the close cancelReplaced sp1-2 (never placed). Then sp1-1 filled,
+    and every later audit asked only sp1-2 ("not visible"): the operation stayed ACTIVE with 0.01
+    the exchange had sold, until an UNPROTECTED said nothing rests. Now a REQUESTED move is asked by
+    both ids: the close goes through the resting sp1-1 (refused while triggered: FAILED, looked at
+    again), and the next audit records sp1-1's fill as the exchange's: CLOSED, one sale, no market order."""
+    from api.models import Operation, StopMonitorEvent
+
+    machine = ProtectionMachine()
+    machine.open_positions(n=1, with_target=False)
+    machine.quiet_pass()
+    machine.move_stop(i=0, stop="9250")
+    machine.monitor_pass(bid="9140.00", crash=None)
+    op_id = machine.ops[0]
+    failed = StopMonitorEvent.objects.filter(operation_id=op_id).order_by("-version").first()
+    assert (failed.event_type, failed.payload["message"]) == (
+        "FAILED", "BTCUSDT sm1-S1-2252edec: cancel of sp1-1 failed and it is RESTING: not sent, looked at again next pass")
+    machine.quiet_pass()
+    assert list(Operation.objects.values_list("status", flat=True)) == ["CLOSED"]
+    assert machine._sold() == {op_id: D("0.01")}
+    assert [cid for cid, o in machine.paper.orders.items() if o.order_type == "MARKET"] == []
+    tail = [(e.event_type, e.execution_token) for e in StopMonitorEvent.objects.filter(operation_id=op_id)
+            .order_by("version")][9:]
+    assert tail == [("PROTECTION_TRIGGERED", None), ("STOP_TRIGGERED", "sp1-1"), ("EXECUTED", "sp1-1"),
+                    ("OPERATION_CLOSED", None)]
