@@ -185,6 +185,8 @@ class ProtectionMachine(RuleBasedStateMachine):
                 resting_by_op.setdefault(int(m.group(1)), []).append(order.client_order_id)
         for op in Operation.objects.filter(pk__in=self.ops):
             resting = resting_by_op.get(op.pk, [])
+            if op.status == "CLOSING":
+                continue  # a close in flight (its outcome not known yet): the protection keeps protecting
             if op.status != "ACTIVE":
                 assert not resting, f"operation {op.pk} is {op.status} and {resting} still rest after a whole pass"
                 continue
@@ -253,3 +255,24 @@ def test_found_by_the_machine_a_stop_moved_up_then_crossed_before_the_move_reach
             .order_by("version")][9:]
     assert tail == [("PROTECTION_TRIGGERED", None), ("STOP_TRIGGERED", "sp1-1"), ("EXECUTED", "sp1-1"),
                     ("OPERATION_CLOSED", None)]
+
+
+def test_a_close_lost_before_its_cancel_replace_keeps_the_protection_until_it_is_resolved_and_sells_once():
+    """A 300-example run stopped on its own invariant here (CLOSING with sp1-1 resting): the monitor
+    died before the close's cancelReplace, so the execution is SUBMITTED and unknown until the
+    reconcile window (30 s) passes; meanwhile the exchange-held stop must keep protecting, and it
+    fires at 9140. The passes after the window find the close never placed and the stop filled:
+    CLOSED on the exchange's fill, one sale of 0.01, no market order."""
+    from api.models import Operation
+
+    machine = ProtectionMachine()
+    machine.open_positions(n=1, with_target=False)
+    machine.monitor_pass(bid="9199.99", crash=("cancel_replace", "before"))
+    machine.monitor_pass(bid="9140.00", crash=None)
+    assert [o.client_order_id for o in machine.paper.open_orders()] == ["sp1-1"]
+    assert list(Operation.objects.values_list("status", flat=True)) == ["CLOSING"]
+    machine.quiet_pass()
+    machine.quiet_pass()
+    assert list(Operation.objects.values_list("status", flat=True)) == ["CLOSED"]
+    assert machine._sold() == {machine.ops[0]: D("0.01")}
+    assert [cid for cid, o in machine.paper.orders.items() if o.order_type == "MARKET"] == []
