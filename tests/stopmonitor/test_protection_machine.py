@@ -40,6 +40,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 EXAMPLES = int(os.environ.get("PROTECTION_MACHINE_EXAMPLES", "40"))
 STEPS = int(os.environ.get("PROTECTION_MACHINE_STEPS", "20"))
 PASS_SECONDS = 20
+VISIBILITY = timedelta(seconds=60)  # PROTECTION_VISIBILITY_SECONDS' default: Binance shows a new order late
 POSITION = D("0.01")
 START = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 OWN_RE = re.compile(r"^s[mp](\d+)-")  # sm<op>-... our market closes, sp<op>-<n> our protection
@@ -197,6 +198,9 @@ class ProtectionMachine(RuleBasedStateMachine):
             last = StopMonitorEvent.objects.filter(operation=op).order_by("-version").first()
             if last.event_type == "BLOCKED":
                 continue  # the close says why
+            if latest is not None and latest.event_type == "PROTECTION_REQUESTED" and \
+                    latest.created_at > self.now - VISIBILITY:
+                continue  # asked moments ago (a crash before or after the send): not judged inside the window
             assert latest is not None and latest.event_type == "UNPROTECTED", (
                 f"operation {op.pk} ACTIVE with {op.remaining_quantity} left, nothing resting, and no UNPROTECTED "
                 f"(latest protection event: {latest.event_type if latest else None}, "
@@ -276,3 +280,23 @@ def test_a_close_lost_before_its_cancel_replace_keeps_the_protection_until_it_is
     assert list(Operation.objects.values_list("status", flat=True)) == ["CLOSED"]
     assert machine._sold() == {machine.ops[0]: D("0.01")}
     assert [cid for cid, o in machine.paper.orders.items() if o.order_type == "MARKET"] == []
+
+
+def test_an_oco_lost_before_it_was_sent_is_unprotected_after_the_window_and_armed_again():
+    """A crash before ``place_oco`` leaves PROTECTION_REQUESTED and nothing on the exchange. Inside
+    the visibility window (60 s) the audit waits (Binance shows new orders late); after it, the
+    REQUESTED order is UNPROTECTED(NOT_FOUND) and the next audit arms a new generation."""
+    from api.models import StopMonitorEvent
+
+    machine = ProtectionMachine()
+    machine.open_positions(n=1, with_target=True)
+    machine.monitor_pass(bid="9300.00", crash=("place_oco", "before"))
+    assert machine.paper.open_orders() == []
+    for _ in range(4):
+        machine.quiet_pass()
+    op_id = machine.ops[0]
+    kinds = [(e.event_type, e.payload.get("client_order_id") or e.payload.get("reason"))
+             for e in StopMonitorEvent.objects.filter(operation_id=op_id).order_by("version")][2:]
+    assert kinds[:3] == [("PROTECTION_REQUESTED", "sp1-1"), ("UNPROTECTED", "NOT_FOUND"),
+                         ("PROTECTION_REQUESTED", "sp1-2")]
+    assert sorted(o.client_order_id for o in machine.paper.open_orders()) == ["sp1-2", "sp1-2t"]
