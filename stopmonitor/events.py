@@ -355,7 +355,7 @@ def _project(saved: Iterable) -> None:
             continue
         current = StopMonitorExecution.objects.filter(pk=row.execution_token).first()
         state = apply(execution_state_of(current) if current else None, to_stored(row))
-        save_execution_state(state)
+        save_execution_state(state, exists=current is not None)
 
 
 def _project_protection(row) -> None:
@@ -367,8 +367,11 @@ def _project_protection(row) -> None:
     current = StopMonitorProtection.objects.filter(pk=row.operation_id).first()
     state = ProtectionState(**{n: getattr(current, n) for n in names}) if current else None
     new = apply_protection(state, to_stored(row))
-    StopMonitorProtection.objects.update_or_create(
-        operation_id=new.operation_id, defaults={n: getattr(new, n) for n in names if n != "operation_id"})
+    values = {n: getattr(new, n) for n in names if n != "operation_id"}
+    if current is not None:  # read in this transaction, under the append lock: one UPDATE, no savepoint
+        StopMonitorProtection.objects.filter(pk=new.operation_id).update(**values)
+    else:
+        StopMonitorProtection.objects.create(operation_id=new.operation_id, **values)
 
 
 def execution_state_of(model):
@@ -378,10 +381,19 @@ def execution_state_of(model):
     return ExecutionState(**{name: getattr(model, name) for name in state_field_names()})
 
 
-def save_execution_state(state) -> None:
-    """Write an :class:`~stopmonitor.execution.ExecutionState` as its ``StopMonitorExecution`` row."""
+def save_execution_state(state, exists: bool | None = None) -> None:
+    """Write an :class:`~stopmonitor.execution.ExecutionState` as its ``StopMonitorExecution`` row.
+    ``exists``: whether the row is known to exist (read in this transaction under the append
+    lock): one UPDATE or one INSERT instead of ``update_or_create``'s savepoint, locking read and
+    write (the close's three transactions each write it: 9 statements fewer before and after
+    the order). None: not known, ``update_or_create``."""
     from api.models import StopMonitorExecution
     from stopmonitor.execution import state_field_names
 
     values = {name: getattr(state, name) for name in state_field_names() if name != "execution_token"}
-    StopMonitorExecution.objects.update_or_create(execution_token=state.execution_token, defaults=values)
+    if exists is None:
+        StopMonitorExecution.objects.update_or_create(execution_token=state.execution_token, defaults=values)
+    elif exists:
+        StopMonitorExecution.objects.filter(pk=state.execution_token).update(**values)
+    else:
+        StopMonitorExecution.objects.create(execution_token=state.execution_token, **values)

@@ -275,7 +275,7 @@ def reserved_for_others(op: Operation) -> Decimal:
                                          symbol__base_asset=op.symbol.base_asset)
                 .exclude(pk=op.pk).values_list("pk", "quantity", "closed_quantity"))
     locked = dict(StopMonitorProtection.objects.filter(pk__in=[pk for pk, _, _ in rows], status=p.PLACED, side="SELL")
-                  .values_list("pk", "quantity"))
+                  .values_list("pk", "quantity")) if rows else {}
     return sum((max(q - (c or Decimal("0")) - (locked.get(pk) or Decimal("0")), Decimal("0")) for pk, q, c in rows),
                Decimal("0"))
 

@@ -52,14 +52,16 @@ def test_manual_close_and_reconcile_on_same_symbol_do_not_deadlock(paper, open_o
         row = real_breaker(symbol, lock)
         if threading.current_thread().name == "A" and lock and not a_holds_breaker.is_set():
             a_holds_breaker.set()
-            b_holds_append_lock.wait(2)
+            # less than the engine's lock_timeout (2 s): B, blocked on the Symbol row A holds, never
+            # sets the event, and a wait of 2 s raced B's lock timeout (a flake on a loaded machine)
+            b_holds_append_lock.wait(0.5)
         return row
 
     def append(*a, **k):
         saved = real_append(*a, **k)
         if threading.current_thread().name == "B" and not b_holds_append_lock.is_set():
             b_holds_append_lock.set()
-            a_holds_breaker.wait(2)
+            a_holds_breaker.wait(0.5)
         return saved
 
     monkeypatch.setattr(store, "breaker", breaker)
