@@ -27,18 +27,18 @@ def _forget_exchange_state_in_memory():
     """The exchange state a test left in this process's memory (a ban horizon, a clock offset: the
     fallback of stopmonitor/exchange/state.py) is not the next test's. A 120 s ban set by
     tests/api/test_health_degraded.py refused tests/stopmonitor/test_accounts.py's credential checks
-    when the suite reached them within those 120 s. Nor is a keys verdict (stopmonitor/keys.py)
-    stored in the cache: the file cache outlives the run, and an "accepted" left by one test let
-    another pass locally that failed on a fresh CI machine without keys."""
+    when the suite reached them within those 120 s. Nor is anything a test left in Django's cache
+    (a file cache in tests, which outlives the run): a keys verdict "accepted" let a test pass
+    locally that failed on a fresh CI machine without keys, and symbol filters cached by another
+    test (or run) without STOP_LOSS in orderTypes made an account client refuse to arm."""
     yield
     from django.core.cache import cache
 
     from stopmonitor.exchange import state
-    from stopmonitor.keys import CACHE_KEY
 
     state._fallbacks.clear()
     try:
-        cache.delete_many([CACHE_KEY.format(venue=v) for v in ("binance", "binance-testnet")])
+        cache.clear()
     except Exception:  # noqa: BLE001 - a test that broke the cache has its own failure
         pass
 

@@ -114,7 +114,7 @@ class PassRun:
                 self.record(decision)
 
             self.summary.exchange_requests += protection_step(self.exchange, now=self.ctx.now, source=self.ctx.source,
-                                                              emit=record, quotes=quotes)
+                                                              emit=record, quotes=quotes, clients=self.clients)
             if filled:  # the exchange sold for some: read them again (closed, or less remaining)
                 watched = store.load_watched(self.exchange.venue)
         self.summary.watched, self.summary.symbols = len(watched), len({w.symbol for w in watched})

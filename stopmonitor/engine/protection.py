@@ -579,18 +579,61 @@ __all__ = ["ProtectionFired", "ProtectionReport", "arm", "place_close", "protect
 _ = EXECUTED  # the event the close records (via decide_outcome)
 
 
-def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict | None = None) -> int:
+def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict | None = None, clients=None) -> int:
     """The pass's protection step (after the reconcile, before the triggers): :func:`protection_pass`,
     each action emitted as a decision; an exchange that cannot be read skips the step for this
-    pass with one decision (the closes still run). Returns the requests it sent."""
+    pass with one decision (the closes still run). Returns the requests it sent.
+
+    Per exchange account (issue #20): a stop rests on the account of its operation, through that
+    account's client from ``clients`` (an :class:`~stopmonitor.engine.accounts.AccountClients`);
+    each account's run is scoped to its own operations, and one account that cannot be read or
+    built skips only its own step. Without tenant accounts, one unscoped run on ``exchange``."""
+    from stopmonitor.engine.accounts import AccountUnavailable
     from stopmonitor.engine.decisions import Decision
 
-    try:
-        report = protection_pass(exchange, now=now, source=source, quotes=quotes)
-    except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
-        emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE", detail=f"open orders unreadable: {exc}"[:300]))
-        return 1
-    for line in report.lines:
-        detail = ", ".join(f"{k} {v}" for k, v in line.items() if k not in ("action", "operation_id"))
-        emit(Decision(line["action"], line["operation_id"], detail=detail[:300]))
-    return report.requests
+    groups = _protection_accounts(exchange.venue)
+    if set(groups) <= {None}:
+        runs = [(None, exchange, None)]
+    else:
+        runs = []
+        for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
+            try:
+                client = exchange if clients is None or account_id is None else clients.for_account(account_id)
+            except AccountUnavailable as exc:
+                emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
+                              detail=f"account {account_id}: {exc}"[:300]))
+                continue
+            runs.append((account_id, client, sorted(groups[account_id])))
+    requests = 0
+    for account_id, client, operation_ids in runs:
+        try:
+            report = protection_pass(client, now=now, source=source, quotes=quotes, operation_ids=operation_ids)
+        except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+            where = "" if account_id is None else f"account {account_id}: "
+            emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE", detail=f"{where}open orders unreadable: {exc}"[:300]))
+            requests += 1
+            continue
+        for line in report.lines:
+            detail = ", ".join(f"{k} {v}" for k, v in line.items() if k not in ("action", "operation_id"))
+            emit(Decision(line["action"], line["operation_id"], detail=detail[:300]))
+        requests += report.requests
+    return requests
+
+
+def _protection_accounts(venue: str) -> dict:
+    """``{account id or None: operation ids}`` of the operations protection looks after on ``venue``:
+    ACTIVE ones with a stop and every one whose protection still rests (PLACED/REQUESTED). Only
+    ``{None: …}`` (or nothing) when no operation is on a tenant account: two queries, the second
+    only when some are."""
+    from api.models import Operation, StopMonitorProtection
+
+    if not Operation.objects.filter(account_id__isnull=False).exists():
+        return {None: set()}
+    groups: dict = {}
+    for op_id, account_id in (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
+                              .values_list("pk", "account_id")):
+        groups.setdefault(account_id, set()).add(op_id)
+    for op_id, account_id in (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
+                              .values_list("operation_id", "operation__account_id")):
+        groups.setdefault(account_id, set()).add(op_id)
+    return groups

@@ -48,7 +48,7 @@ def world(fake, symbols):
     from api.models import TenantConfig
 
     acme, globex = Client.objects.create(name="acme"), Client.objects.create(name="globex")
-    for tenant in (acme, globex):  # the monitor's own close per account (protection is not per account yet)
+    for tenant in (acme, globex):  # the monitor's own close per account (a test below turns protection on)
         TenantConfig.objects.create(client=tenant, protection_enabled=False)
     a = create_account(acme, label="main", venue="binance-testnet", key_type="HMAC", api_key=KEY_A, secret=SECRET_A)
     b = create_account(globex, label="main", venue="binance-testnet", key_type="HMAC", api_key=KEY_B, secret=SECRET_B)
@@ -115,6 +115,28 @@ def test_an_ed25519_account_signs_its_close_with_its_own_private_key(fake, defau
     run_pass(default, engine=ENGINE)
     assert orders_by_key(fake)[key_c] == (submitted_id(op_c), "0.002", True)
     assert fake.balances[key_c]["BTC"] == D("0")
+
+
+def test_a_stop_rests_on_its_operations_own_account(fake, default, world, symbols):
+    """Protection per account (issue #20): before, the pass's protection step armed every stop
+    with the default client, so a tenant's stop rested on the deployment's account and, when it
+    fired, sold the deployment's coins while the tenant's position stayed open."""
+    from api.models import TenantConfig
+    from stopmonitor.operations import open_operation
+
+    for entry in fake.exchange_info["symbols"]:  # today's Binance lists STOP_LOSS (the recording predates it)
+        entry["orderTypes"] = sorted(set(entry["orderTypes"]) | {"STOP_LOSS"})
+    TenantConfig.objects.filter(client=world["a"].client).update(protection_enabled=True)
+    held = open_operation(world["a"].client, symbols["BTCUSDT"], "BUY", D("0.001"), D("62000"), D("59000"),
+                          account=world["a"])
+    fake.requests.clear()
+    run_pass(default, engine=ENGINE)
+    stops = [(r.form["newClientOrderId"], r.api_key, r.form["type"]) for r in fake.calls("POST", ORDER)
+             if r.form.get("type") == "STOP_LOSS"]
+    # acme's two operations (op_a, whose 61000 stop is crossed, and the new one) rest on account A only
+    assert sorted(stops) == sorted([(f"sp{world['op_a'].pk}-1", KEY_A, "STOP_LOSS"), (f"sp{held.pk}-1", KEY_A, "STOP_LOSS")])
+    assert {r.api_key for r in fake.calls("GET", "/api/v3/openOrders")} == {KEY_A}
+    assert [t for t, _ in events(held)][-2:] == ["PROTECTION_REQUESTED", "PROTECTION_PLACED"]
 
 
 def test_operations_sharing_an_account_share_its_balance_whatever_their_tenant(fake, default, world, symbols):

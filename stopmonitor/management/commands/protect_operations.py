@@ -36,7 +36,10 @@ class Command(BaseCommand):
 
         if opts["batch"] < 1 or opts["after"] < 0:
             raise CommandError("--batch must be at least 1 and --after 0 or more", returncode=2)
+        from stopmonitor.engine.accounts import AccountClients, AccountUnavailable
+
         exchange = build_exchange()
+        clients = AccountClients(exchange)  # each stop rests on its operation's own account (issue #20)
         started = time.monotonic()
         total = ProtectionReport()
         after, batches = opts["after"], 0
@@ -48,11 +51,21 @@ class Command(BaseCommand):
                        .order_by("pk").values_list("pk", flat=True)[: opts["batch"]])
             if not ids:
                 break
-            wanted = [op.pk for op in protected_operations(exchange.venue, ids)]
+            eligible = protected_operations(exchange.venue, ids)
+            wanted = [op.pk for op in eligible]
+            by_account: dict = {}
+            for op in eligible:
+                by_account.setdefault(op.account_id, []).append(op.pk)
+            report = ProtectionReport()
             try:
-                report = protection_pass(exchange, now=exchange.clock(), source="manual", operation_ids=wanted,
-                                         dry_run=opts["dry_run"]) if wanted else ProtectionReport()
-            except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+                for account_id, op_ids in by_account.items():
+                    part = protection_pass(clients.for_account(account_id), now=exchange.clock(), source="manual",
+                                           operation_ids=op_ids, dry_run=opts["dry_run"])
+                    for name in ("requests", "weight", "armed", "unprotected", "cancelled", "resolved",
+                                 "exchange_fills"):
+                        setattr(report, name, getattr(report, name) + getattr(part, name))
+                    report.lines.extend(part.lines)
+            except (RateLimited, ExchangeUnavailable, ClockSkew, AccountUnavailable) as exc:
                 raise CommandError(f"exchange unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                                    f"resume with --after {after}", returncode=1) from None
             batches += 1
@@ -67,6 +80,7 @@ class Command(BaseCommand):
                               f"batch {batches}: {len(ids)} operations ({len(wanted)} with protection on): "
                               f"{report.armed} armed, {planned} would arm, {report.unprotected} unprotected "
                               f"(reason in their events); {report.requests} requests; resume with --after {after}")
+        clients.close()
         summary = {"type": "summary", "batches": batches, "armed": total.armed, "unprotected": total.unprotected,
                    "requests": total.requests, "weight": total.weight, "dry_run": opts["dry_run"], "last_id": after,
                    "duration_s": round(time.monotonic() - started, 3)}
