@@ -474,3 +474,11 @@ class ProtectionPort(Exchange, Protocol):
         """Cancel one open order (``DELETE /api/v3/order``; a leg cancels its whole OCO list).
         Returns it CANCELED with what it had executed. Raises OrderRejected(-2011) when it is not
         open (filled, expired or unknown: query it), OrderOutcomeUnknown, RateLimited, ClockSkew."""
+
+
+def port_members(port: type) -> frozenset[str]:
+    """The public methods and attributes of a port :class:`~typing.Protocol` (``Exchange``,
+    ``ProtectionPort``): what a forwarding wrapper (the lazy Binance adapter) must expose, read
+    from the protocol itself so that a call added to the port cannot be forgotten by a wrapper."""
+    return frozenset({n for n in dir(port) if not n.startswith("_")} | set(getattr(port, "__annotations__", {})))
+

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from stopmonitor.exchange.base import ProtectionPort, port_members
+
 
 def build_exchange(venue: str | None = None):
     """Return the adapter for ``venue`` (default: the configured one). Raises ``ValueError`` on an unknown venue."""
@@ -86,11 +88,9 @@ class LazyBinance:
             )
         return self._real
 
-    _PORT = frozenset({"book_tickers", "symbol_filters", "free_balances", "account_trades", "place_market_order",
-                       "get_order", "close", "state", "key_type"})
-    # the protection port (stopmonitor.exchange.base.ProtectionPort)
-    _PORT |= frozenset({"place_stop_order", "place_oco", "cancel_replace", "amend_quantity", "open_orders",
-                        "cancel_order"})
+    # every call of the port (stopmonitor.exchange.base.ProtectionPort), read from the protocol, less what
+    # this wrapper answers itself (venue, clock), plus the adapter's own close/state/key_type
+    _PORT = (port_members(ProtectionPort) - {"venue", "clock"}) | frozenset({"close", "state", "key_type"})
 
     def __getattr__(self, name):
         if name not in self._PORT:  # e.g. the command asking for a replay's `advance`: no build for that
