@@ -85,18 +85,20 @@ def append_events(
     if not events:
         return []
     if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
+        with connection.cursor() as cursor:  # its own statement: what follows reads a snapshot taken under it
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-    current, prev_hash = (
-        StopMonitorEvent.objects.filter(operation_id=operation.pk).order_by("-version")
-        .values_list("version", "chain_hash").first()
-    ) or (0, None)
+        current, prev_hash, last_sequence, texts = _head_and_chain_inputs(operation.pk, [e.payload for e in events])
+    else:
+        current, prev_hash = (
+            StopMonitorEvent.objects.filter(operation_id=operation.pk).order_by("-version")
+            .values_list("version", "chain_hash").first()
+        ) or (0, None)
+        last_sequence, texts = _chain_inputs([e.payload for e in events])
     if current != expected_version:
         raise ConcurrencyConflict(
             f"operation {operation.pk}: stream at version {current}, expected {expected_version}"
         )
     symbol = operation.symbol.symbol
-    last_sequence, texts = _chain_inputs([e.payload for e in events])
     rows = []
     for i, (e, text) in enumerate(zip(events, texts), start=1):
         version = expected_version + i
@@ -311,6 +313,25 @@ def _staged_insert_sql(stage: str, events: str, outbox: str) -> str:
         f") SELECT count(*), array_agg(sequence ORDER BY sequence) FILTER (WHERE execution_token IS NOT NULL), "
         f"EXISTS (SELECT 1 FROM {stage} s WHERE s.ord > %(ord)s) FROM ins"
     )
+
+
+def _head_and_chain_inputs(operation_id: int, payloads: list) -> tuple[int, bytes | None, int | None, list[str]]:
+    """PostgreSQL, under the append lock: ``(the stream's version, its last chain hash, the last
+    committed sequence, each payload as the database prints it)`` in ONE statement (the stream head
+    and :func:`_chain_inputs` were two: one round trip fewer in each of the close's transactions)."""
+    from api.models import StopMonitorEvent
+
+    encoder = StopMonitorEvent._meta.get_field("payload").encoder
+    table = connection.ops.quote_name(StopMonitorEvent._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT h.version, h.chain_hash, (SELECT max(sequence) FROM {table}), "
+            f"ARRAY(SELECT t::jsonb::text FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, i) ORDER BY i) "
+            f"FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT version, chain_hash FROM {table} "
+            f"WHERE operation_id = %s ORDER BY version DESC LIMIT 1) AS h ON true",
+            [[json.dumps(p, cls=encoder) for p in payloads], operation_id])
+        version, prev_hash, last, texts = cursor.fetchone()
+    return version or 0, bytes(prev_hash) if prev_hash is not None else None, last, texts
 
 
 def _chain_inputs(payloads: list) -> tuple[int | None, list[str]]:
