@@ -57,10 +57,19 @@ from stopmonitor.vocabulary import BreakerPosition, ExecutionStatus, FailureReas
 @dataclass
 class AccountView:
     """What a close needs from the exchange, fetched once per pass: free balances (None = not
-    limiting) and symbol filters. Balances are decremented locally as closes fill."""
+    limiting), what the account's open orders lock per asset (``locked``; None = not reported),
+    and symbol filters. Both balances are decremented locally as closes start."""
 
     balances: dict[str, Decimal] | None
     filters: dict
+    locked: dict[str, Decimal] | None = None
+    #: operations triggered in this pass on this account: not reserved from each other's closes
+    closing_now: frozenset = frozenset()
+
+    def __post_init__(self):
+        if self.locked is None and self.balances is not None:
+            reported = getattr(self.balances, "locked", None)
+            self.locked = dict(reported) if reported is not None else None
 
     @classmethod
     def fetch(cls, exchange, symbols) -> "AccountView":
@@ -74,13 +83,24 @@ class AccountView:
         f = self.filters.get(symbol)
         return (f.base_asset, f.quote_asset) if f else fallback
 
-    def spend(self, symbol: str, closing: str, qty: Decimal, price: Decimal) -> None:
-        """Take a started close's quantity off the local balances."""
+    def locked_of(self, asset: str | None) -> Decimal | None:
+        """What open orders lock of ``asset`` (0 when reported without it); None when not reported."""
+        if self.locked is None or asset is None:
+            return None
+        return self.locked.get(asset, Decimal("0"))
+
+    def spend(self, symbol: str, closing: str, qty: Decimal, price: Decimal, from_locked: Decimal = Decimal("0")) -> None:
+        """Take a started close's quantity off the local balances: ``from_locked`` of it (base asset)
+        off the locked balance (the operation's own protection, released by its cancelReplace), the
+        rest off the free one."""
         if self.balances is None or symbol not in self.filters:
             return
         f = self.filters[symbol]
         if closing == SELL:
-            self.balances[f.base_asset] = self.balances.get(f.base_asset, Decimal("0")) - qty
+            from_locked = min(from_locked, qty)
+            self.balances[f.base_asset] = self.balances.get(f.base_asset, Decimal("0")) - (qty - from_locked)
+            if self.locked is not None and from_locked:
+                self.locked[f.base_asset] = self.locked.get(f.base_asset, Decimal("0")) - from_locked
         else:
             self.balances[f.quote_asset] = self.balances.get(f.quote_asset, Decimal("0")) - qty * price
 
@@ -135,7 +155,7 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, account: Account
             return close_as_dust(op, version, plan, ctx), None
         persist_trigger(op, version, plan, quote, breaker_row, cfg, ctx)
     # what the own protection locked was never in the free balance: only the rest is spent from it
-    account.spend(op.symbol.symbol, plan.side, max(plan.quantity - snapshot.own_protection, Decimal("0")), plan.observed)
+    account.spend(op.symbol.symbol, plan.side, plan.quantity, plan.observed, from_locked=snapshot.own_protection)
     return Decision(Action.TRIGGERED, op.pk, op.client_id, op.symbol.symbol, plan.token, STOP_TRIGGERED,
                     plan.trigger.kind, f"level {decimal_str(plan.trigger.level)} observed "
                     f"{decimal_str(plan.observed)} qty {decimal_str(plan.quantity)}"), plan.token
@@ -153,7 +173,7 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
     f = account.filters.get(symbol)
     base, quote_asset = account.assets(symbol, (op.symbol.base_asset, op.symbol.quote_asset))
     known = account.balances is not None and base is not None
-    own_protection = plus_own_protection(op.pk, "SELL", Decimal("0")) if known else Decimal("0")
+    own_protection, reserved = credit_for_protection(op, account, base) if known else (Decimal("0"), Decimal("0"))
     snapshot = CloseSnapshot(
         operation_id=op.pk, status=op.status, side=op.side, stop_price=op.stop_price,
         target_price=op.target_price, remaining=op.remaining_quantity,
@@ -173,10 +193,31 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
         position=op.quantity,
         dust_tolerance_pct=ctx.settings.fee_dust_tolerance_pct,
         symbol_status=f.status if f else "TRADING",
-        reserved_for_others=store.reserved_for_others(op) if known else Decimal("0"),
+        reserved_for_others=reserved,
         own_protection=own_protection,
     )
     return snapshot, breaker_row, cfg
+
+
+def credit_for_protection(op, account: AccountView, base: str) -> tuple[Decimal, Decimal]:
+    """``(own credit, reserved for others)`` in the base asset, for a long's close (invariant 5, P6).
+
+    Resting protection locks coins outside the free balance. The operation's own (PLACED or
+    REQUESTED in the projection) is sellable by its close (its cancelReplace releases it); the other
+    operations of the same account keep what they still need, less what their own protection locks.
+    The projection may be wrong (a stop cancelled or expired outside us, one never placed), so the
+    credit is bounded by what the exchange says is locked (``account.locked``): own credit ≤ locked,
+    and the two credits together ≤ locked. Then what the close may take, free + own credit −
+    reserved, never exceeds free + locked − what the others need: another operation's coins are
+    never sold, whichever protection is really resting. Without a locked figure the projection is
+    trusted (a venue that does not report it)."""
+    own = plus_own_protection(op.pk, "SELL", Decimal("0")) or Decimal("0")
+    others_need, others_protected = store.reserved_for_others(op, account.closing_now)
+    locked = account.locked_of(base)
+    if locked is not None:
+        own = min(own, max(locked, Decimal("0")))
+        others_protected = min(others_protected, max(locked - own, Decimal("0")))
+    return own, max(others_need - others_protected, Decimal("0"))
 
 
 def persist_trigger(op, version: int, plan: Close, quote: Quote, breaker_row, cfg, ctx: EngineContext) -> None:

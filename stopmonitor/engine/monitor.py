@@ -18,7 +18,7 @@ from stopmonitor.engine.decisions import Action, Decision, Emit, EngineUnavailab
 from stopmonitor.engine.moves import apply_move, plan_moves
 from stopmonitor.engine.protection import protection_step
 from stopmonitor.engine.reconcile import reconcile_submitted
-from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, Quote, RateLimited
+from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, KeysMissing, Quote, RateLimited
 from stopmonitor.rules import Trigger, decimal_str, evaluate_trigger
 
 log = logging.getLogger("stopmonitor.engine")
@@ -165,11 +165,12 @@ class PassRun:
             if held is None:
                 try:
                     client = self.clients.for_account(account_id)
-                    account = AccountView(client.free_balances(), filters)
+                    account = AccountView(client.free_balances(), filters,
+                                          closing_now=frozenset(w.operation_id for w, _, _ in items))
                     self.summary.exchange_requests += 1
                 except RateLimited as exc:  # request weight is counted per IP: every account waits
                     raise EngineUnavailable(f"balances unavailable: {exc}") from exc
-                except (AccountUnavailable, ExchangeUnavailable, ClockSkew) as exc:
+                except (AccountUnavailable, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
                     if account_id is None:
                         default_error = exc
                         continue

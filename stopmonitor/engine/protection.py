@@ -25,6 +25,7 @@ from stopmonitor.exchange.base import (
     ClockSkew,
     ExchangeError,
     ExchangeUnavailable,
+    KeysMissing,
     OrderOutcomeUnknown,
     OrderRejected,
     OrderRequest,
@@ -85,15 +86,25 @@ def _append(op, events: list[NewEvent], *, source: str, venue: str, now: datetim
     append_events(op, version, events, source=source, venue=venue, now=now)
 
 
-def protected_operations(venue: str, operation_ids=None) -> list:
-    """ACTIVE operations with a stop whose tenant has protection on for ``venue``, oldest first,
-    with their symbol, tenant settings and protection row (one query)."""
-    from api.models import Operation
+ALL_ACCOUNTS = object()  # protection_pass over every account's operations (no tenant accounts in play)
 
-    qs = (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
+
+def protected_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -> list:
+    """ACTIVE operations of ``venue`` (or of no recorded venue, as before migration 0026) with a
+    stop whose tenant has protection on for ``venue``, oldest first, with their symbol, tenant
+    settings and protection row (one query); only ``account``'s (an id, or None for the default
+    account) when given."""
+    from django.db.models import Q
+
+    from api.models import Operation, current_venue
+
+    mine = {"replay": "paper"}.get(venue, venue) or current_venue()
+    qs = (Operation.objects.filter(Q(venue=mine) | Q(venue__isnull=True), status="ACTIVE", stop_price__isnull=False)
           .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
     if operation_ids is not None:
         qs = qs.filter(pk__in=list(operation_ids))
+    if account is not ALL_ACCOUNTS:
+        qs = qs.filter(account_id=account)
     out = []
     for op in qs:
         cfg = getattr(op.client, "risk_config", None)
@@ -310,24 +321,38 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
 # ---------------------------------------------------------------------------------------- the pass (P3, P5)
 
 def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionReport | None = None,
-                    operation_ids=None, dry_run: bool = False, quotes: dict | None = None) -> ProtectionReport:
+                    operation_ids=None, dry_run: bool = False, quotes: dict | None = None,
+                    account=ALL_ACCOUNTS) -> ProtectionReport:
     """One protection step: one ``openOrders`` read for the account (or one per symbol when fewer
     than 14 symbols: 6 each against 80), the audit diff, then cancel leftovers, resolve, arm and
     move. Nothing at all (no request) when no tenant has protection on and nothing of ours rests.
     ``dry_run`` reads and reports the actions without appending or placing. ``quotes`` (symbol ->
     Quote) are the pass's own best bid/ask (invariant 9: one quote request per pass): arming reads
-    only the symbols missing from them. Must be called outside any transaction. Raises RateLimited/ExchangeUnavailable/ClockSkew when the open
-    orders cannot be read (nothing was changed)."""
+    only the symbols missing from them. ``account`` (an account id, None for the default one) runs
+    the audit of that exchange account: its operations are the expected ones and every order of
+    ours on it is judged (one left over from a finished operation is cancelled). Operations CLOSING
+    (a close in flight) are neither expected nor left over: their protection rests until the close
+    is known (the reconcile asks both ids). Must be called outside any transaction. Raises
+    RateLimited/ExchangeUnavailable/ClockSkew when the open orders cannot be read (nothing was changed)."""
     from api.models import StopMonitorProtection
 
     report = report or ProtectionReport()
     if not isinstance(exchange, ProtectionPort) and not hasattr(exchange, "open_orders"):
         return report
-    ops = protected_operations(exchange.venue, operation_ids)
+    ops = protected_operations(exchange.venue, operation_ids, account)
     expected = {op.pk: _state_of(_protection_row(op)) for op in ops}
     expected_ids = set(expected)
-    leftovers = [row for row in StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
-                 .exclude(operation_id__in=expected_ids).select_related("operation__symbol")
+    from django.db.models import Q
+
+    from api.models import current_venue
+
+    mine = {"replay": "paper"}.get(exchange.venue, exchange.venue) or current_venue()
+    finished_rows = (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
+                     .filter(Q(operation__venue=mine) | Q(operation__venue__isnull=True))
+                     .exclude(operation_id__in=expected_ids).exclude(operation__status="CLOSING"))
+    if account is not ALL_ACCOUNTS:
+        finished_rows = finished_rows.filter(operation__account_id=account)
+    leftovers = [row for row in finished_rows.select_related("operation__symbol")
                  if operation_ids is None or row.operation_id in set(operation_ids)]
     if not ops and not leftovers:
         return report
@@ -593,7 +618,7 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
 
     groups = _protection_accounts(exchange.venue)
     if set(groups) <= {None}:
-        runs = [(None, exchange, None)]
+        runs = [(None, exchange, ALL_ACCOUNTS)]
     else:
         runs = []
         for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
@@ -603,12 +628,12 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
                 emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
                               detail=f"account {account_id}: {exc}"[:300]))
                 continue
-            runs.append((account_id, client, sorted(groups[account_id])))
+            runs.append((account_id, client, account_id))
     requests = 0
-    for account_id, client, operation_ids in runs:
+    for account_id, client, account in runs:
         try:
-            report = protection_pass(client, now=now, source=source, quotes=quotes, operation_ids=operation_ids)
-        except (RateLimited, ExchangeUnavailable, ClockSkew) as exc:
+            report = protection_pass(client, now=now, source=source, quotes=quotes, account=account)
+        except (RateLimited, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
             where = "" if account_id is None else f"account {account_id}: "
             emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE", detail=f"{where}open orders unreadable: {exc}"[:300]))
             requests += 1
@@ -629,7 +654,7 @@ def _protection_accounts(venue: str) -> dict:
 
     if not Operation.objects.filter(account_id__isnull=False).exists():
         return {None: set()}
-    groups: dict = {}
+    groups: dict = {None: set()}  # the default account's audit always runs (its orders left over are its own)
     for op_id, account_id in (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
                               .values_list("pk", "account_id")):
         groups.setdefault(account_id, set()).add(op_id)

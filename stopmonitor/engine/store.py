@@ -260,24 +260,32 @@ def pending_executions(cutoff: datetime) -> list[tuple[str, int, str, str, int |
 # ----------------------------------------------------------------------------- evidence (issue #12)
 
 
-def reserved_for_others(op: Operation) -> Decimal:
-    """Base quantity the tenant's other ACTIVE long operations on ``op``'s base asset still need from
-    the FREE balance (invariant 5: a close never sells what another operation needs). What another
-    operation's PLACED protection locks is not in the free balance (protection.md P6) and is not
-    reserved again here: counted twice, it made a protected neighbour's position block an
-    unprotected close with INSUFFICIENT_BALANCE (issue 13 note). 0 for a short."""
+def reserved_for_others(op: Operation, closing_too=()) -> tuple[Decimal, Decimal]:
+    """``(need, protected)`` in ``op``'s base asset for the OTHER ACTIVE long operations on the same
+    exchange account (the default account when none; whatever their tenant: they share its
+    balance, issue #20): what they still need (remaining), and how much of it their resting
+    protection (PLACED or REQUESTED in the projection) holds outside the free balance. The caller
+    bounds the second by what the exchange says is locked (a projection can be stale). Operations
+    in ``closing_too`` (triggered in the same pass: each is closing from this balance next) are not
+    reserved: the account's coins go to the closes in order, the last one short. (0, 0) for a short.
+    Invariant 5: a close never sells what another operation needs."""
     from api.models import StopMonitorProtection
     from stopmonitor import protection as p
 
     if op.side != "BUY":
-        return Decimal("0")
-    rows = list(Operation.objects.filter(client_id=op.client_id, status=OperationStatus.ACTIVE, side="BUY",
+        return Decimal("0"), Decimal("0")
+    rows = list(Operation.objects.filter(account_id=op.account_id, status=OperationStatus.ACTIVE, side="BUY",
                                          symbol__base_asset=op.symbol.base_asset)
-                .exclude(pk=op.pk).values_list("pk", "quantity", "closed_quantity"))
-    locked = dict(StopMonitorProtection.objects.filter(pk__in=[pk for pk, _, _ in rows], status=p.PLACED, side="SELL")
+                .exclude(pk__in=[op.pk, *closing_too]).values_list("pk", "quantity", "closed_quantity"))
+    locked = dict(StopMonitorProtection.objects.filter(pk__in=[pk for pk, _, _ in rows], side="SELL",
+                                                       status__in=(p.PLACED, p.REQUESTED))
                   .values_list("pk", "quantity")) if rows else {}
-    return sum((max(q - (c or Decimal("0")) - (locked.get(pk) or Decimal("0")), Decimal("0")) for pk, q, c in rows),
-               Decimal("0"))
+    need = protected = Decimal("0")
+    for pk, q, c in rows:
+        remaining = max(q - (c or Decimal("0")), Decimal("0"))
+        need += remaining
+        protected += min(locked.get(pk) or Decimal("0"), remaining)
+    return need, protected
 
 
 def trigger_payload(token: str) -> dict:

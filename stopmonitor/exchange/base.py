@@ -197,6 +197,17 @@ def with_trades(order: "OrderResult", trades: Iterable[Trade]) -> "OrderResult":
     return replace(order, fills=fills) if fills else order
 
 
+class Balances(dict):
+    """Free balance per asset (the mapping, in that asset's units), and ``locked``: what the
+    account's open orders hold per asset, as the exchange reported it in the same answer (None:
+    not reported). The close plan bounds what it credits to resting protection by ``locked``
+    (invariant 5: a stop our projection thinks rests may be gone)."""
+
+    def __init__(self, free=(), locked: dict | None = None):
+        super().__init__(free)
+        self.locked = None if locked is None else dict(locked)
+
+
 class ExchangeError(Exception):
     """Base of every adapter error. Messages carry symbol, side, quantity, client order id — never secrets."""
 

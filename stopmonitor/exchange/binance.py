@@ -43,6 +43,7 @@ from binance.client import Client
 from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from .base import (
+    Balances,
     CancelReplaceCancelFailed,
     CancelReplaceNewFailed,
     CancelReplaceResult,
@@ -416,14 +417,17 @@ class BinanceExchange:
                 raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
         return {symbol: parse_symbol_filters(entry) for symbol, entry in entries.items()}
 
-    def free_balances(self) -> dict[str, Decimal]:
+    def free_balances(self) -> Balances:
         """Free (not locked) balance per asset, in that asset's units, from signed
-        ``GET /api/v3/account``. Raises RateLimited, ClockSkew, ExchangeUnavailable.
+        ``GET /api/v3/account``, with ``locked`` per asset from the same answer (:class:`Balances`).
+        Raises RateLimited, ClockSkew, ExchangeUnavailable.
         """
         context = "account"
         answer = self._signed_read(lambda: self._client.get_account(), context)
         try:
-            return {str(b["asset"]): _dec(b["free"], "free") for b in answer["balances"]}
+            rows = answer["balances"]
+            return Balances({str(b["asset"]): _dec(b["free"], "free") for b in rows},
+                            locked={str(b["asset"]): _dec(b["locked"], "locked") for b in rows if "locked" in b})
         except (KeyError, TypeError, ValueError) as e:
             raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from stopmonitor.exchange.base import (
+    Balances,
     CancelReplaceCancelFailed,
     CancelReplaceNewFailed,
     CancelReplaceResult,
@@ -143,7 +144,7 @@ class PaperExchange:
         self.calls.append(("free_balances", ()))
         if not self.track_balances:
             return None
-        return dict(self.balances)
+        return Balances(self.balances, locked={a: q for a, q in self.locked.items() if q})
 
     def account_trades(self, symbol: str, *, since: datetime | None = None,
                        order_id: int | None = None) -> list[Trade]:

@@ -245,3 +245,40 @@ def test_a_decrypted_account_secret_is_masked_in_logs_and_on_the_debug_page(fake
         html = ExceptionReporter(rf.get("/api/v1/operations/"), *sys.exc_info()).get_traceback_html()
     assert "boom while signing for main" in html
     assert SECRET_A not in html and KEY_A not in html
+
+
+def test_a_tenants_position_on_another_account_is_not_reserved_from_this_accounts_balance(fake, default, world, symbols):
+    """acme's op_a (0.002 on account A, which holds 0.003 BTC) triggers; acme also holds 0.002 on a
+    second account A2 (not triggered). The reservation was by tenant, not account: A's close kept
+    A2's position back from A's balance and sold 0.001 instead of 0.002."""
+    from stopmonitor.accounts import create_account
+    from stopmonitor.operations import open_operation
+
+    key_a2, secret_a2 = "acme-key2-CCCCCCCCCCCCCCCC3333", "acme-secret2-DO-NOT-LEAK-cccc3333"
+    fake.add_account(key_a2, secret_a2, {"BTC": "0.002", "USDT": "0"})
+    acme = world["a"].client
+    a2 = create_account(acme, label="second", venue="binance-testnet", key_type="HMAC", api_key=key_a2, secret=secret_a2)
+    open_operation(acme, symbols["BTCUSDT"], "BUY", D("0.002"), D("62000"), D("59000"), account=a2)
+    fake.requests.clear()
+    run_pass(default, engine=ENGINE)
+    assert [r.form["quantity"] for r in fake.calls("POST", ORDER) if r.api_key == KEY_A] == ["0.002"]
+    assert fake.balances[key_a2]["BTC"] == D("0.002")
+
+
+def test_one_accounts_missing_keys_hold_only_its_own_operations(fake, default, world):
+    """An account client with no secret raised KeysMissing (an OrderRejected) out of the protection
+    step and the balances read, so the whole pass ended and globex (account B) was not closed."""
+    from api.models import TenantConfig
+
+    for entry in fake.exchange_info["symbols"]:
+        entry["orderTypes"] = sorted(set(entry["orderTypes"]) | {"STOP_LOSS"})
+    TenantConfig.objects.filter(client=world["a"].client).update(protection_enabled=True)
+    keys = {world["a"].pk: (KEY_A, None), world["b"].pk: (KEY_B, SECRET_B)}
+    clients = AccountClients(default, build=lambda pk, venue: BinanceExchange(
+        *keys[pk], testnet=True, api_url=fake.url, timeout=2, state=MemoryState()))
+    run_pass(default, engine=ENGINE, clients=clients)
+    assert [r.form["quantity"] for r in fake.calls("POST", ORDER) if r.api_key == KEY_B] == ["0.001"]
+    blocked = events(world["op_a"])[-1]
+    assert blocked[0] == "BLOCKED" and blocked[1]["reason"] == "ACCOUNT_UNAVAILABLE"
+    assert "no API secret or private key" in blocked[1]["detail"]
+

@@ -17,6 +17,9 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.slow,
     pytest.mark.skipif(connection.vendor != "postgresql", reason="real processes share PostgreSQL"),
+    # the child monitors trade on binance-testnet: the operation is that venue's (migration 0026; the
+    # protection step, like the pass, leaves another venue's operations alone)
+    pytest.mark.usefixtures("on_binance_testnet"),
 ]
 
 
