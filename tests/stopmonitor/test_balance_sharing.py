@@ -62,7 +62,7 @@ def test_a_close_through_a_gone_stop_spends_from_free_and_the_next_close_leaves_
     assert StopMonitorProtection.objects.get(pk=a.pk).status == "PLACED"
     paper.balances["BTC"] += D("0.75")  # B's 0.25 (short) + C's 0.5
     b = open_op(stop="9200")
-    c = open_op(stop="9000")
+    open_op(stop="9000")
     paper.cancel_order("BTCUSDT", f"sp{a.pk}-1")  # A's stop cancelled outside us
     assert paper.balances["BTC"] == D("1.25")
     at = NOW + timedelta(seconds=30)
@@ -132,7 +132,7 @@ def test_tenants_sharing_an_account_never_sell_each_others_coins(tenant, open_op
     TenantConfig.objects.create(client=other, protection_enabled=False)
     paper = PaperExchange(now=NOW, balances={"BTC": D("0.75"), "USDT": D("0")})
     a = open_op(stop="9200")               # acme: 0.5 but only 0.25 of its coins remain
-    b = open_op(stop="9000", client=other)  # globex: 0.5, not triggered
+    open_op(stop="9000", client=other)  # globex: 0.5, not triggered
     paper.set_quote("BTCUSDT", "9190", "9190.01")
     run(paper)
     assert (refresh(a).closed_quantity, paper.balances["BTC"]) == (D("0.25"), D("0.5"))  # globex's 0.5 stays
