@@ -165,14 +165,18 @@ class TenantConfigAdmin(admin.ModelAdmin):
     readonly_fields = ["kill_switch_at", "kill_switch_by", "updated_by", "updated_at"]
 
     def save_model(self, request, obj, form, change):
-        """Record who changed it (and when the kill switch moved), like the API does."""
-        from django.utils import timezone
+        """Through the API's own service (:func:`stopmonitor.risk.update_risk_config`): who and when,
+        the kill switch's time and author, and the audit line, like the API."""
+        from stopmonitor.risk import update_risk_config
 
-        obj.updated_by = request.user.get_username()[:150]
-        if "kill_switch" in form.changed_data:
-            obj.kill_switch_at = timezone.now()
-            obj.kill_switch_by = obj.updated_by
-        super().save_model(request, obj, form, change)
+        changes = {name: form.cleaned_data[name] for name in form.changed_data if name in form.cleaned_data
+                   and name != "client"}
+        if "kill_switch" in changes:
+            changes["kill_switch_reason"] = form.cleaned_data.get("kill_switch_reason", obj.kill_switch_reason)
+        saved = update_risk_config(obj.client_id, changes, request.user.get_username()[:150])
+        obj.pk = saved.pk
+        for name in ("updated_by", "updated_at", "kill_switch_at", "kill_switch_by"):
+            setattr(obj, name, getattr(saved, name))
 
 
 @admin.register(StopMonitorProtection)

@@ -9,11 +9,7 @@ of :mod:`api.errors`.
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime, timezone
-
 from django.conf import settings
-from django.db import transaction
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -70,9 +66,9 @@ from api.serializers import (
 )
 from stopmonitor.events import ConcurrencyConflict
 from stopmonitor.operations import LevelError, StateConflict, move_levels, open_operation
+from stopmonitor.risk import reset_breaker, update_risk_config
 from stopmonitor.trailing import TrailingSettings
 
-audit = logging.getLogger("api.audit")
 
 
 class ExchangeServiceUnavailable(exceptions.APIException):
@@ -446,37 +442,6 @@ def _visible_clients(user):
     return qs.filter(pk=tenant_id) if tenant_id is not None else qs.none()
 
 
-def update_risk_config(tenant_id: int, changes: dict, actor: str, now: datetime | None = None) -> TenantConfig:
-    """Apply validated ``changes`` to the tenant's :class:`TenantConfig` under its row lock.
-
-    Records ``updated_by``/``updated_at`` and, when ``kill_switch`` is given,
-    ``kill_switch_by``/``kill_switch_at``/``kill_switch_reason``; writes one audit log line
-    with the old and new values. Commits.
-    """
-    now = now or datetime.now(timezone.utc)
-    with transaction.atomic():
-        cfg, _ = TenantConfig.objects.select_for_update().get_or_create(client_id=tenant_id)
-        diff = {}
-        for name, value in changes.items():
-            if name in ("kill_switch_reason",):
-                continue
-            old = getattr(cfg, name)
-            if old != value:
-                diff[name] = [str(old), str(value)]
-            setattr(cfg, name, value)
-        if "kill_switch" in changes:
-            cfg.kill_switch_reason = changes["kill_switch_reason"]
-            cfg.kill_switch_at = now
-            cfg.kill_switch_by = actor
-        cfg.updated_by = actor
-        cfg.save()
-    audit.info("risk config changed", extra={
-        "tenant_id": tenant_id, "actor": actor, "changes": diff,
-        "kill_switch_reason": changes.get("kill_switch_reason", ""),
-    })
-    return cfg
-
-
 @extend_schema_view(
     list=extend_schema(summary="Every symbol's circuit breaker.",
                        responses={200: CircuitBreakerSerializer(many=True), **error_responses()}),
@@ -497,14 +462,9 @@ class CircuitBreakerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, IsStaff])
     def reset(self, request, symbol=None):
-        with transaction.atomic():
-            row = CircuitBreakerState.objects.select_for_update().filter(symbol=symbol).first()
-            if row is None:
-                raise exceptions.NotFound()
-            before = row.state
-            row.state, row.failure_count, row.opened_at, row.retry_at, row.last_error = "CLOSED", 0, None, None, ""
-            row.save()
-        audit.info("circuit breaker reset", extra={"symbol": symbol, "actor": actor_of(request), "from_state": before})
+        row = reset_breaker(symbol, actor_of(request))
+        if row is None:
+            raise exceptions.NotFound()
         return Response(CircuitBreakerSerializer(row).data)
 
 

@@ -191,3 +191,24 @@ def test_admin_add_opens_through_the_engine_with_events(admin_client, alice, sym
     assert (op.status, op.stop_price) == ("ACTIVE", D("9200"))
     assert list(StopMonitorEvent.objects.filter(operation=op).values_list("event_type", "source")) == [
         ("STOP_SET", "manual")]
+
+
+def test_the_admins_kill_switch_goes_through_the_apis_service_and_is_audited(admin_client, alice, caplog):
+    """Issue 11 item 4: the admin wrote TenantConfig itself (no audit line); now it calls
+    stopmonitor.risk.update_risk_config like the API: who, when and the audit line with the change."""
+    from api.models import TenantConfig
+
+    cfg = TenantConfig.objects.create(client=alice.tenant)
+    form = {"client": alice.tenant.pk, "kill_switch": "on", "kill_switch_reason": "exchange incident",
+            "max_slippage_pct": "1.0", "slippage_action": "warn", "max_executions_per_minute": "30",
+            "max_executions_per_hour": "600", "protection_enabled": "unknown", "protection_buffer_bps": "50"}
+    with caplog.at_level("INFO", logger="api.audit"):
+        r = admin_client.post(f"/admin/api/tenantconfig/{cfg.pk}/change/", form)
+    assert r.status_code == 302, [l for l in r.content.decode().splitlines() if "errorlist" in l or "error" in l.lower()][:10]
+    cfg.refresh_from_db()
+    assert (cfg.kill_switch, cfg.kill_switch_reason, cfg.kill_switch_by, cfg.updated_by) == (
+        True, "exchange incident", "root", "root")
+    assert cfg.kill_switch_at is not None and TenantConfig.objects.count() == 1
+    (line,) = [r for r in caplog.records if r.getMessage() == "risk config changed"]
+    assert (line.actor, line.changes, line.kill_switch_reason) == ("root", {"kill_switch": ["False", "True"]},
+                                                                   "exchange incident")
