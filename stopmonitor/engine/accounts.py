@@ -37,7 +37,11 @@ def _build_client(account_id: int, default_venue: str):
     if creds.venue != default_venue:
         raise AccountUnavailable(f"account {account_id} ({creds.label}) is on {creds.venue}, this deployment on "
                                  f"{default_venue}")
-    return metrics.instrument(build_account_exchange(creds.venue, creds.api_key, creds.secret, creds.key_type))
+    try:
+        client = build_account_exchange(creds.venue, creds.api_key, creds.secret, creds.key_type)
+    except ValueError as exc:
+        raise AccountUnavailable(f"account {account_id} ({creds.label}): {exc}") from exc
+    return metrics.instrument(client)
 
 
 class AccountClients:

@@ -37,10 +37,13 @@ def build_account_exchange(venue: str, api_key: str, secret: str, key_type: str 
     ``secret`` is the HMAC secret, or the Ed25519 private key (PEM) when ``key_type`` is
     ``ED25519`` (passed to the adapter as ``private_key``). The ban horizon and the clock offset
     are the venue's (shared by every account: Binance counts request weight per IP). Built lazily
-    like the default adapter. Raises ``ValueError`` on a venue that has no accounts.
+    like the default adapter. Raises ``ValueError`` on a venue that has no accounts, or when the key
+    or the secret is empty (a LazyBinance without a key signs with the environment's: never for a tenant).
     """
     if venue not in ("binance", "binance-testnet"):
         raise ValueError(f"exchange accounts trade on binance or binance-testnet, not {venue!r}")
+    if not api_key or not secret:  # never the environment's keys for a tenant's account
+        raise ValueError("an exchange account needs its own API key and secret (or private key)")
     return LazyBinance(venue, api_key=api_key, secret=secret, key_type=key_type)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stopmonitor.exchange.base import ProtectionPort, port_members
 from stopmonitor.exchange.binance import BinanceExchange
 from stopmonitor.exchange.factory import LazyBinance
@@ -31,3 +33,13 @@ def test_every_call_of_the_port_reaches_the_real_adapter_and_nothing_else_does()
         else:
             raise AssertionError(f"{name} forwarded")
     assert forwarded <= {n for n in dir(BinanceExchange) if not n.startswith("_")}  # the adapter implements them
+
+
+@pytest.mark.parametrize("api_key, secret", [("", "s"), ("k", ""), (None, "s"), ("k", None)])
+def test_an_account_without_its_own_key_never_falls_back_to_the_deployments(api_key, secret):
+    """A LazyBinance without a key signs with the environment's keys (the default account): an
+    account row with an empty key would have traded on the deployment's balance (review)."""
+    from stopmonitor.exchange.factory import build_account_exchange
+
+    with pytest.raises(ValueError, match="needs its own API key and secret"):
+        build_account_exchange("binance-testnet", api_key, secret)
