@@ -358,6 +358,11 @@ def account_credentials(account_id: int) -> AccountCredentials:
                               row.api_key, account_crypto.decrypt(row.secret_encrypted))
 
 
+def enabled_account_ids(venue: str) -> list[int]:
+    """Ids of the enabled exchange accounts on ``venue``, oldest first."""
+    return list(ExchangeAccount.objects.filter(venue=venue, enabled=True).order_by("pk").values_list("pk", flat=True))
+
+
 def account_enabled(account_id: int | None) -> tuple[bool, str]:
     """Whether the account may place orders (the default account always may) and, if not, why."""
     if account_id is None:

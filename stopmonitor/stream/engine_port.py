@@ -129,3 +129,30 @@ def protection_report(exchange, report: dict) -> list[Decision]:
     log.info("protection order report (no protection engine yet; the pass's audit resolves it)",
              extra={"client_order_id": report.get("c"), "status": report.get("X"), "symbol": report.get("s")})
     return []
+
+
+def account_signers(venue: str) -> list[tuple[int, object]]:
+    """``[(account id, Signer)]`` for every enabled exchange account on ``venue`` (issue #20): the
+    user data stream subscribes each one beside the default account. An account whose secret
+    cannot be decrypted or read as a key is left out (logged; its fills are still found by the
+    REST reconcile and audit)."""
+    from stopmonitor import account_crypto
+
+    from .signing import Signer
+
+    _fresh_connection()
+    out = []
+    for account_id in store.enabled_account_ids(venue):
+        try:
+            creds = store.account_credentials(account_id)
+            if creds.key_type == "ED25519":
+                signer = Signer(creds.api_key, private_key_pem=creds.secret)
+            else:
+                signer = Signer(creds.api_key, secret=creds.secret)
+        except (account_crypto.AccountCryptoError, ValueError, ObjectDoesNotExist) as exc:
+            log.warning("account left out of the user data stream", extra={"account_id": account_id,
+                                                                           "error": type(exc).__name__})
+            continue
+        out.append((account_id, signer))
+    return out
+

@@ -78,9 +78,12 @@ class _Shard:
 class StreamMonitor:
     """Run with ``await monitor.run(stop)``; ``exchange_factory()`` builds one REST adapter per worker thread."""
 
-    def __init__(self, exchange_factory: Callable[[], object], config: StreamConfig, signer=None) -> None:
+    def __init__(self, exchange_factory: Callable[[], object], config: StreamConfig, signer=None,
+                 with_accounts: bool = True) -> None:
         self.config = config
         self.signer = signer
+        self.with_accounts = with_accounts  # subscribe every enabled exchange account too (issue #20)
+        self.account_subscriptions: dict[int, object] = {}  # account id -> subscriptionId, this connection
         self._factory = factory = exchange_factory
         self._local = threading.local()
         self.venue = factory().venue
@@ -495,10 +498,38 @@ class StreamMonitor:
                                             f"{str(error.get('msg'))[:200]}")
                 log.info("user data stream subscribed", extra={"subscription_id": msg["result"].get("subscriptionId"),
                                                                "key_type": self.signer.kind})
+                break
+            if "event" in msg:
+                self._on_user_event(msg["event"])
+        else:
+            raise _SubscribeRefused("no answer to userDataStream.subscribe.signature within 10 s")
+        self.account_subscriptions = {}
+        if self.with_accounts:
+            for account_id, signer in await self._in_thread(lambda _ex: port.account_signers(self.venue)):
+                await self._subscribe_account(ws, account_id, signer)
+
+    async def _subscribe_account(self, ws, account_id: int, signer) -> None:
+        """One more ``userDataStream.subscribe.signature`` on the same connection, for one exchange
+        account (a WebSocket API connection carries many accounts' subscriptions). A refusal or no
+        answer leaves that account to the REST reconcile and audit (logged), never the others."""
+        request_id = f"uds-{account_id}-{int(time.time() * 1000)}"
+        params = signer.sign({"timestamp": int(time.time() * 1000)})
+        await ws.send(json.dumps({"id": request_id, "method": "userDataStream.subscribe.signature", "params": params}))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("id") == request_id:
+                if msg.get("status") == 200:
+                    self.account_subscriptions[account_id] = (msg.get("result") or {}).get("subscriptionId")
+                    log.info("user data stream subscribed", extra={"account_id": account_id, "key_type": signer.kind})
+                else:
+                    error = msg.get("error") or {}
+                    log.warning("user data stream refused an account", extra={
+                        "account_id": account_id, "code": error.get("code"), "error": str(error.get("msg"))[:200]})
                 return
             if "event" in msg:
                 self._on_user_event(msg["event"])
-        raise _SubscribeRefused("no answer to userDataStream.subscribe.signature within 10 s")
+        log.warning("user data stream: no answer for an account", extra={"account_id": account_id})
 
     async def _read_user(self, ws, opened: float) -> str:
         while True:

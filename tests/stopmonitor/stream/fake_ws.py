@@ -36,6 +36,9 @@ class FakeBinanceWs:
     def __init__(self, *, secret: str | None = None, public_key=None, ticker: float | None = 0.2) -> None:
         self.secret = secret
         self.public_key = public_key
+        #: more accounts (issue #20): API key -> its HMAC secret (str) or Ed25519 public key
+        self.keys: dict[str, object] = {}
+        self.subscribed_keys: list[str] = []  # the apiKey of every accepted subscription, in order
         self.ticker = ticker
         self.last: dict[str, dict] = {}  # symbol -> last bookTicker data
         self.muted: set[str] = set()  # symbols, or "*" for everything
@@ -224,7 +227,9 @@ class FakeBinanceWs:
                                               "error": {"code": -1022, "msg": "Signature for this request is not valid."}}))
                     continue
                 self.user.add(ws)
-                await ws.send(json.dumps({"id": msg["id"], "status": 200, "result": {"subscriptionId": 0}}))
+                self.subscribed_keys.append((msg.get("params") or {}).get("apiKey", ""))
+                await ws.send(json.dumps({"id": msg["id"], "status": 200,
+                                          "result": {"subscriptionId": len(self.subscribed_keys) - 1}}))
         except ConnectionClosed:
             pass
         finally:
@@ -233,6 +238,15 @@ class FakeBinanceWs:
     def _signature_ok(self, params: dict) -> bool:
         payload = signature_payload(params).encode()
         signature = params.get("signature", "")
+        account = self.keys.get(params.get("apiKey", ""))
+        if isinstance(account, str):
+            return hmac.compare_digest(hmac.new(account.encode(), payload, hashlib.sha256).hexdigest(), signature)
+        if account is not None:
+            try:
+                account.verify(base64.b64decode(signature), payload)
+                return True
+            except Exception:  # noqa: BLE001 - InvalidSignature or bad base64
+                return False
         if self.public_key is not None:
             try:
                 self.public_key.verify(base64.b64decode(signature), payload)

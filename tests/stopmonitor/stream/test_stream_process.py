@@ -3,6 +3,7 @@ fake WebSocket servers (market streams + WebSocket API), PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -320,6 +321,41 @@ def test_connections_roll_over_before_their_age_limit_and_the_watched_set_is_fol
     assert [e for e, _ in events(eth)] == ["STOP_SET", "STOP_TRIGGERED", "EXECUTION_SUBMITTED", "EXECUTED",
                                            "OPERATION_CLOSED"]
     assert not [e for e, _ in events(long_btc) if e == "BLOCKED"]  # no MISSING_PRICE at any rollover
+
+
+def test_the_user_data_stream_subscribes_every_enabled_account_with_its_own_key(servers, long_btc, tenant, tmp_path):
+    """Issue #20: fills of a tenant's own Binance account are pushed too. The stream subscribes the
+    default account and then each enabled account on the same WebSocket API connection, each
+    signed with its own key (HMAC and Ed25519); a disabled account and one whose key Binance
+    refuses are left out without costing the others."""
+    from stopmonitor.accounts import create_account
+
+    rest, ws = servers
+    ed_key = Ed25519PrivateKey.generate()
+    ws.keys = {"acct-hmac-KEY-1111": "acct-hmac-SECRET-1111", "acct-ed-KEY-2222": ed_key.public_key()}
+    create_account(tenant, label="hmac", venue="binance-testnet", key_type="HMAC", api_key="acct-hmac-KEY-1111",
+                   secret="acct-hmac-SECRET-1111", check=False)
+    create_account(tenant, label="ed", venue="binance-testnet", key_type="ED25519", api_key="acct-ed-KEY-2222",
+                   secret=ed_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode(), check=False)
+    create_account(tenant, label="refused", venue="binance-testnet", key_type="HMAC", api_key="acct-unknown-KEY-3333",
+                   secret="wrong-secret", check=False)
+    off = create_account(tenant, label="off", venue="binance-testnet", key_type="HMAC", api_key="acct-off-KEY-4444",
+                         secret="acct-off-SECRET-4444", check=False)
+    off.enabled = False
+    off.save(update_fields=["enabled"])
+    ws.keys["acct-unknown-KEY-3333"] = "another-secret"  # Binance refuses this signature (-1022)
+    proc = start_stream(rest, ws, tmp_path)
+    ready(rest, ws, proc)
+    wait(lambda: len(ws.subscribed_keys) >= 3, what="the accounts' subscriptions")
+    time.sleep(0.5)
+    out, err = stop(proc)
+    assert ws.subscribed_keys == [API_KEY, "acct-hmac-KEY-1111", "acct-ed-KEY-2222"]
+    subscribes = [r for r in ws.api_requests if r.get("method") == "userDataStream.subscribe.signature"]
+    assert [r["params"]["apiKey"] for r in subscribes] == [API_KEY, "acct-hmac-KEY-1111", "acct-ed-KEY-2222",
+                                                           "acct-unknown-KEY-3333"]
+    refused = [json.loads(line) for line in out.splitlines() if "refused an account" in line]
+    assert [(r["message"], r["code"]) for r in refused] == [("user data stream refused an account", -1022)]
+    assert "acct-hmac-SECRET-1111" not in out + err and "wrong-secret" not in out + err
 
 
 def test_stream_refuses_a_venue_without_websockets_in_one_line(tmp_path):
