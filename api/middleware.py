@@ -141,9 +141,15 @@ class RequestGuardMiddleware:
         token = _ARRIVED.set(arrived)
         try:
             with connection.execute_wrapper(writes):
-                return self.get_response(request)
+                response = self.get_response(request)
         finally:
             _ARRIVED.reset(token)
+        if response.status_code == 404 and settings.DEBUG and not request.path.startswith("/admin/") \
+                and response.get("Content-Type", "").startswith("text/html"):
+            # development (DEBUG): Django answers an unknown URL with its HTML debug page, before any
+            # handler404; the API's clients get the one JSON envelope in every environment
+            return error_response(404, "not_found", "Not found.")
+        return response
 
     def _refusal(self, request):
         path = request.path

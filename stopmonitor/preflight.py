@@ -43,8 +43,9 @@ def not_migrated_message(pending: list[str]) -> str:
     return f"the database is not migrated: {len(pending)} unapplied ({shown}): {MIGRATE_FIX}"
 
 
-def require_migrated(using: str = "default") -> None:
-    """Raise ``CommandError`` (one line) when the database is unreachable or has unapplied migrations."""
+def require_migrated(using: str = "default", returncode: int = 1) -> None:
+    """Raise ``CommandError`` (one line, exit ``returncode``: 2 for the commands whose exit 1 means
+    a finding) when the database is unreachable or has unapplied migrations."""
     from django.core.management.base import CommandError
     from django.db import DatabaseError, connections
 
@@ -55,9 +56,10 @@ def require_migrated(using: str = "default") -> None:
         where = settings.get("NAME") if settings["ENGINE"].endswith("sqlite3") else (
             f"{settings.get('HOST') or 'localhost'}:{settings.get('PORT') or 5432}")
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CommandError(f"database at {where} cannot be read: {type(exc).__name__}: {first}") from None
+        raise CommandError(f"database at {where} cannot be read: {type(exc).__name__}: {first}",
+                           returncode=returncode) from None
     if pending:
-        raise CommandError(not_migrated_message(pending))
+        raise CommandError(not_migrated_message(pending), returncode=returncode)
 
 
 def missing_modules() -> list[str]:

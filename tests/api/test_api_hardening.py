@@ -215,6 +215,15 @@ def test_unknown_urls_and_bad_hosts_answer_json(alice, anon):
     assert (r.status_code, r["Content-Type"]) == (400, "application/json")
 
 
+@pytest.mark.parametrize("path", ["/no/such/page/", "/api/v1/nope"])
+def test_an_unknown_url_is_json_in_development_too(anon, settings, path):
+    """With DEBUG (the development default) Django answered an unknown URL with its HTML debug page
+    before any handler404 (a new user's report)."""
+    settings.DEBUG = True
+    r = anon.get(path, HTTP_ACCEPT="application/json")
+    assert (r.status_code, r["Content-Type"], r.json()) == (404, "application/json", error("not_found", "Not found."))
+
+
 def test_an_empty_patch_body_is_400_and_the_schema_says_so(alice, open_op, anon):
     import yaml
 

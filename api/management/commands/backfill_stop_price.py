@@ -749,7 +749,7 @@ class Command(BaseCommand):
                             help="seconds between progress lines when stderr is not a terminal (0 = every batch)")
 
     def handle(self, *args, **opts):
-        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
+        require_migrated(returncode=2)  # one line, exit 2 (1 is a finding here), never a traceback
         from django.conf import settings
         from django.db import DatabaseError
 

@@ -36,6 +36,9 @@ class Command(BaseCommand):
 
         if opts["batch"] < 1 or opts["after"] < 0:
             raise CommandError("--batch must be at least 1 and --after 0 or more", returncode=2)
+        from stopmonitor.preflight import require_migrated
+
+        require_migrated(returncode=2)  # one line, never a traceback (stopmonitor/preflight.py)
         from stopmonitor.engine.accounts import AccountClients, AccountUnavailable
 
         exchange = build_exchange()

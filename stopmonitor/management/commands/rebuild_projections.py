@@ -37,7 +37,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="JSON lines (one per difference, then a summary)")
 
     def handle(self, *args, **opts):
-        require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
+        require_migrated(returncode=2)  # one line, exit 2 (1 is a finding here), never a traceback
         import sys
 
         from django.db import DatabaseError

@@ -104,17 +104,26 @@ class Command(BaseCommand):
                   f"tenant {tenant.name}; {len(ops)} operations; venue paper: simulated fills, no real orders")
         engine = EngineSettings.from_settings()
 
+        symbol_of = {op.pk: op.symbol.symbol for op in ops}  # protection decisions name only the operation
+
         def emit(d):
-            if opts["quiet"] or d.action in ("skipped",):
+            if opts["quiet"] or d.action in ("skipped", "protection_move_deferred"):
                 return
-            market = exchange.market_time(d.symbol).strftime("%Y-%m-%d %H:%M") if d.symbol else ""
-            out.write(f"  [{market} UTC] {d.action:<12} op {d.operation_id} {d.symbol} {d.reason or ''} {d.detail}")
+            symbol = d.symbol or symbol_of.get(d.operation_id)
+            market = exchange.market_time(symbol).strftime("%Y-%m-%d %H:%M") if symbol else "--"
+            out.write(f"  [{market} UTC] {d.action:<12} op {d.operation_id} {symbol or ''} {d.reason or ''} {d.detail}")
 
         import logging
 
         logging.getLogger("stopmonitor.engine").setLevel(logging.WARNING)  # the decisions are printed below
         started = time.monotonic()
         steps = 0
+        # the demo plays hours of candles in seconds: the protection's churn limit, counted in real
+        # seconds (PROTECTION_MOVE_INTERVAL_SECONDS), would hold every move after the first
+        from django.test.utils import override_settings
+
+        demo_settings = override_settings(STOPMONITOR={**settings.STOPMONITOR, "PROTECTION_MOVE_INTERVAL_SECONDS": 0})
+        demo_settings.enable()
         while True:
             if steps in down:
                 if steps == down.start:
@@ -127,6 +136,7 @@ class Command(BaseCommand):
             steps += 1
             if (opts["max_steps"] and steps >= opts["max_steps"]) or not exchange.advance():
                 break
+        demo_settings.disable()
         elapsed = time.monotonic() - started
 
         out.write("\nEvent log (version, type, source, venue, details):")

@@ -34,7 +34,14 @@ class Command(BaseCommand):
         from django.db import DatabaseError
 
         from stopmonitor.integrity import verify_store
+        from stopmonitor.preflight import require_migrated
 
+        require_migrated(returncode=2)  # one line, exit 2 (1 is a broken link), never a traceback
+        if opts["operation"] is not None:
+            from api.models import Operation
+
+            if not Operation.objects.filter(pk=opts["operation"]).exists():
+                raise CommandError(f"operation {opts['operation']} does not exist", returncode=2)
         started = time.monotonic()
         try:
             report = verify_store(operation_id=opts["operation"], keep_heads=bool(opts["heads"]))
@@ -43,8 +50,11 @@ class Command(BaseCommand):
                                returncode=2) from None
         seconds = round(time.monotonic() - started, 3)
         if opts["heads"]:
-            with open(opts["heads"], "w") as fh:
-                json.dump({str(k): list(v) for k, v in report.heads.items()}, fh)
+            try:
+                with open(opts["heads"], "w") as fh:
+                    json.dump({str(k): list(v) for k, v in report.heads.items()}, fh)
+            except OSError as exc:
+                raise CommandError(f"--heads {opts['heads']}: {exc.strerror or exc}", returncode=2) from None
         for b in report.broken[:opts["limit"]]:
             if opts["json"]:
                 self.stdout.write(json.dumps({"type": "broken", "kind": b.kind, "sequence": b.sequence,

@@ -1,0 +1,39 @@
+"""Bad input or a database that cannot be read: one line and an exit code that is not a finding's
+(a new user's report: tracebacks from verify_events --heads and protect_operations; exit 1, the
+code of "rows skipped"/"differences", from backfill_stop_price and rebuild_projections)."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+
+@pytest.mark.django_db
+def test_verify_events_names_a_missing_operation_and_an_unwritable_heads_file(tmp_path):
+    with pytest.raises(CommandError) as missing:
+        call_command("verify_events", "--operation", "999")
+    assert (str(missing.value), missing.value.returncode) == ("operation 999 does not exist", 2)
+    with pytest.raises(CommandError) as heads:
+        call_command("verify_events", "--heads", str(tmp_path / "no" / "such" / "dir" / "x"))
+    assert (str(heads.value), heads.value.returncode) == (
+        f"--heads {tmp_path / 'no' / 'such' / 'dir' / 'x'}: No such file or directory", 2)
+
+
+@pytest.mark.parametrize("command, args", [
+    ("verify_events", ()), ("protect_operations", ("--dry-run",)), ("backfill_stop_price", ("--dry-run", "--json")),
+    ("rebuild_projections", ("--verify",)),
+])
+def test_an_unreadable_database_is_one_line_and_exit_2(command, args, monkeypatch):
+    from django.db import OperationalError
+
+    from stopmonitor import preflight
+
+    def unreachable(using="default"):
+        raise OperationalError("connection failed: Connection refused\nIs the server running?")
+
+    monkeypatch.setattr(preflight, "pending_migrations", unreachable)
+    with pytest.raises(CommandError) as caught:
+        call_command(command, *args)
+    assert caught.value.returncode == 2
+    assert str(caught.value).endswith("cannot be read: OperationalError: connection failed: Connection refused")
