@@ -61,6 +61,18 @@ def _bench_db_url() -> str:
     return urlunparse(parsed._replace(path=f"/{DB}"))
 
 
+def _drop_bench_db() -> None:
+    """Drop the benchmark's database (every connection to it closed first): nothing is left behind."""
+    from django.db import connections
+
+    connections.close_all()
+    url = os.environ.get("BENCH_ADMIN_URL") or "postgres://postgres@127.0.0.1:5432/postgres"
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+
+
 def symbol(i: int) -> str:
     return f"S{i:03d}USDT"
 
@@ -290,6 +302,8 @@ def hot_path(n: int = 20000) -> float:
 def main() -> None:
     import tempfile
 
+    admin = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    os.environ["BENCH_ADMIN_URL"] = urlunparse(urlparse(admin)._replace(path="/postgres"))
     os.environ["DATABASE_URL"] = _bench_db_url()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
@@ -312,6 +326,7 @@ def main() -> None:
     finally:
         ws.stop()
         rest.stop()
+        _drop_bench_db()
     ms = [x * 1000 for x in s["latencies"]]
     print(f"bench_stream: {SYMBOLS} symbols, {SYMBOLS * PER_SYMBOL} ACTIVE operations, {RATE} quotes/s for "
           f"{SECONDS} s, load average {load:.2f} at start ({os.cpu_count()} cores)")
