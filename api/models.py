@@ -73,6 +73,14 @@ def current_venue() -> str:
     return "paper" if venue == "replay" else venue
 
 
+def recorded_venue(venue: str | None = None) -> str:
+    """The venue operations remember for an adapter or setting named ``venue`` (``replay`` fills on
+    paper); None or empty: this deployment's (:func:`current_venue`)."""
+    if not venue:
+        return current_venue()
+    return "paper" if venue == "replay" else venue
+
+
 class Operation(models.Model):
     """One position of one tenant on one symbol; its events form one stream.
 

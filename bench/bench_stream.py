@@ -36,10 +36,12 @@ import time
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from scratch import ScratchDB, admin_url  # noqa: E402
 SYMBOLS = 200
 PER_SYMBOL = 50
 RATE = int(os.environ.get("BENCH_RATE", "2000"))
@@ -47,30 +49,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "30"))
 DB = "stopmonitor_bench_stream"
 
 
-def _bench_db_url() -> str:
-    url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-    parsed = urlparse(url)
-    if not parsed.scheme.startswith("postgres"):
-        raise SystemExit("bench: DATABASE_URL must point at PostgreSQL")
-    import psycopg
-
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB}")
-        conn.execute(f"CREATE DATABASE {DB}")
-    return urlunparse(parsed._replace(path=f"/{DB}"))
-
-
-def _drop_bench_db() -> None:
-    """Drop the benchmark's database (every connection to it closed first): nothing is left behind."""
-    from django.db import connections
-
-    connections.close_all()
-    url = os.environ.get("BENCH_ADMIN_URL") or "postgres://postgres@127.0.0.1:5432/postgres"
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+SCRATCH = ScratchDB(DB)  # bench/scratch.py: created on the server of DATABASE_URL, dropped at the end
 
 
 def symbol(i: int) -> str:
@@ -302,9 +281,11 @@ def hot_path(n: int = 20000) -> float:
 def main() -> None:
     import tempfile
 
-    admin = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-    os.environ["BENCH_ADMIN_URL"] = urlunparse(urlparse(admin)._replace(path="/postgres"))
-    os.environ["DATABASE_URL"] = _bench_db_url()
+    if not admin_url().startswith("postgres"):
+        raise SystemExit("bench: DATABASE_URL must point at PostgreSQL")
+    SCRATCH.recreate()
+    admin = admin_url()
+    os.environ["DATABASE_URL"] = SCRATCH.url  # this process (Django) and the child monitors
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     import django
@@ -326,7 +307,11 @@ def main() -> None:
     finally:
         ws.stop()
         rest.stop()
-        _drop_bench_db()
+        from django.db import connections
+
+        connections.close_all()
+        os.environ["DATABASE_URL"] = admin  # ScratchDB drops through the server's admin database
+        SCRATCH.drop()
     ms = [x * 1000 for x in s["latencies"]]
     print(f"bench_stream: {SYMBOLS} symbols, {SYMBOLS * PER_SYMBOL} ACTIVE operations, {RATE} quotes/s for "
           f"{SECONDS} s, load average {load:.2f} at start ({os.cpu_count()} cores)")

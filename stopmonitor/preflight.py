@@ -110,11 +110,11 @@ def before_monitor(venue: str | None, stream) -> None:
     not closed)."""
     from django.conf import settings
 
-    from api.models import current_venue
+    from api.models import recorded_venue
 
     require_migrated()
     require_keys(venue or settings.EXCHANGE_VENUE)
-    mine = {"replay": "paper"}.get(venue or "", venue) or current_venue()
+    mine = recorded_venue(venue)
     others = other_venue_operations(mine)
     if others:
         listed = ", ".join(f"{n} on {name}" for name, n in others.items())

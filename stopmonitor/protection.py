@@ -31,15 +31,16 @@ from stopmonitor.exchange.base import (
     StopOrderRequest,
     SymbolFilters,
 )
-from stopmonitor.execution import NewEvent, StoredEvent
+from stopmonitor.execution import EventType, NewEvent, StoredEvent
 from stopmonitor.rules import close_quantity, close_side, decimal_str, floor_to_step
 
-PROTECTION_REQUESTED = "PROTECTION_REQUESTED"
-PROTECTION_PLACED = "PROTECTION_PLACED"
-PROTECTION_MOVED = "PROTECTION_MOVED"
-PROTECTION_CANCELLED = "PROTECTION_CANCELLED"
-PROTECTION_TRIGGERED = "PROTECTION_TRIGGERED"
-UNPROTECTED = "UNPROTECTED"
+# the event types (one vocabulary: stopmonitor.execution.EventType)
+PROTECTION_REQUESTED = EventType.PROTECTION_REQUESTED
+PROTECTION_PLACED = EventType.PROTECTION_PLACED
+PROTECTION_MOVED = EventType.PROTECTION_MOVED
+PROTECTION_CANCELLED = EventType.PROTECTION_CANCELLED
+PROTECTION_TRIGGERED = EventType.PROTECTION_TRIGGERED
+UNPROTECTED = EventType.UNPROTECTED
 PROTECTION_EVENT_TYPES = (PROTECTION_REQUESTED, PROTECTION_PLACED, PROTECTION_MOVED, PROTECTION_CANCELLED,
                           PROTECTION_TRIGGERED, UNPROTECTED)
 

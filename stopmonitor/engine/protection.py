@@ -64,6 +64,14 @@ class ProtectionReport:
     waiting: int = 0
     lines: list[dict] = field(default_factory=list)
 
+    def add(self, other: "ProtectionReport", lines: bool = True) -> None:
+        """Add ``other``'s counts (and, with ``lines``, its lines) to this report."""
+        for name in ("requests", "weight", "armed", "moved", "cancelled", "resolved", "exchange_fills",
+                     "unprotected", "waiting"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if lines:
+            self.lines.extend(other.lines)
+
     def note(self, action: str, operation_id: int, **detail) -> None:
         self.lines.append({"action": action, "operation_id": operation_id, **detail})
 
@@ -96,9 +104,9 @@ def protected_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -
     account) when given."""
     from django.db.models import Q
 
-    from api.models import Operation, current_venue
+    from api.models import Operation, recorded_venue
 
-    mine = {"replay": "paper"}.get(venue, venue) or current_venue()
+    mine = recorded_venue(venue)
     qs = (Operation.objects.filter(Q(venue=mine) | Q(venue__isnull=True), status="ACTIVE", stop_price__isnull=False)
           .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
     if operation_ids is not None:
@@ -344,9 +352,9 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
     expected_ids = set(expected)
     from django.db.models import Q
 
-    from api.models import current_venue
+    from api.models import recorded_venue
 
-    mine = {"replay": "paper"}.get(exchange.venue, exchange.venue) or current_venue()
+    mine = recorded_venue(exchange.venue)
     finished_rows = (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
                      .filter(Q(operation__venue=mine) | Q(operation__venue__isnull=True))
                      .exclude(operation_id__in=expected_ids).exclude(operation__status="CLOSING"))

@@ -64,17 +64,13 @@ class Command(BaseCommand):
                 for account_id, op_ids in by_account.items():
                     part = protection_pass(clients.for_account(account_id), now=exchange.clock(), source="manual",
                                            operation_ids=op_ids, dry_run=opts["dry_run"])
-                    for name in ("requests", "weight", "armed", "unprotected", "cancelled", "resolved",
-                                 "exchange_fills"):
-                        setattr(report, name, getattr(report, name) + getattr(part, name))
-                    report.lines.extend(part.lines)
+                    report.add(part)
             except (RateLimited, ExchangeUnavailable, ClockSkew, AccountUnavailable) as exc:
                 raise CommandError(f"exchange unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                                    f"resume with --after {after}", returncode=1) from None
             batches += 1
             after = ids[-1]
-            for name in ("requests", "weight", "armed", "unprotected", "cancelled", "resolved", "exchange_fills"):
-                setattr(total, name, getattr(total, name) + getattr(report, name))
+            total.add(report, lines=False)
             planned = sum(1 for line in report.lines if line["action"] == "would_arm")
             line = {"type": "batch", "batch": batches, "operations": len(ids), "eligible": len(wanted),
                     "armed": report.armed, "would_arm": planned, "unprotected": report.unprotected,
