@@ -53,19 +53,32 @@ class EngineConfig:
 def resolve_engine(lookup: Callable[[str], str]) -> EngineConfig:
     """Read and check every engine setting. Raises :class:`EngineConfigError` (all problems at once)."""
     problems: list[str] = []
-    values: dict = {}
-    for name, (default, kind) in ENGINE_SETTINGS.items():
-        raw = (lookup(name) or "").strip() or default
-        try:
-            value = int(raw) if kind == "int" else Decimal(raw)
-            if kind == "decimal" and not value.is_finite():
-                raise InvalidOperation
-        except (ValueError, InvalidOperation):
-            problems.append(f"{name} (not a number: {raw!r})")
-            value = int(default) if kind == "int" else Decimal(default)
-        if value < 0:
-            problems.append(f"{name} (must not be negative, got {raw})")
-        values[name] = value
+    values = {name: _number(name, (lookup(name) or "").strip() or default, default, kind, problems)
+              for name, (default, kind) in ENGINE_SETTINGS.items()}
+    problems += _relations(values)
+    if problems:
+        raise EngineConfigError(problems)
+    return EngineConfig(values)
+
+
+def _number(name: str, raw: str, default: str, kind: str, problems: list[str]) -> int | Decimal:
+    """``raw`` as an int or a finite Decimal (``kind``); the default, with a problem, when it is not one."""
+    try:
+        value = int(raw) if kind == "int" else Decimal(raw)
+        if kind == "decimal" and not value.is_finite():
+            raise InvalidOperation
+    except (ValueError, InvalidOperation):
+        problems.append(f"{name} (not a number: {raw!r})")
+        value = int(default) if kind == "int" else Decimal(default)
+    if value < 0:
+        problems.append(f"{name} (must not be negative, got {raw})")
+    return value
+
+
+def _relations(values: dict) -> list[str]:
+    """The rules between settings (module docstring): recvWindow range, reconcile delay longer
+    than an order's flight, not-found window at least the reconcile delay."""
+    problems = []
     if not 0 < values["BINANCE_RECV_WINDOW_MS"] <= 60000:
         problems.append(f"BINANCE_RECV_WINDOW_MS (1..60000, got {values['BINANCE_RECV_WINDOW_MS']})")
     in_flight = max(values["BINANCE_TIMEOUT_SECONDS"], values["BINANCE_RECV_WINDOW_MS"] / 1000)
@@ -77,6 +90,4 @@ def resolve_engine(lookup: Callable[[str], str]) -> EngineConfig:
     if values["NOT_FOUND_WINDOW_SECONDS"] < values["RECONCILE_AFTER_SECONDS"]:
         problems.append(f"NOT_FOUND_WINDOW_SECONDS ({values['NOT_FOUND_WINDOW_SECONDS']} s must be at least "
                         f"RECONCILE_AFTER_SECONDS, {values['RECONCILE_AFTER_SECONDS']} s)")
-    if problems:
-        raise EngineConfigError(problems)
-    return EngineConfig(values)
+    return problems

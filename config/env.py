@@ -157,78 +157,26 @@ def _database_url(lookup: Lookup, problems: list[str], required: bool, base_dir:
 def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
     """Build the :class:`ServiceConfig` from ``lookup(name) -> str`` ('' when unset).
 
-    Raises :class:`ConfigError` listing every problem at once (never only the first).
-    Defaults (development only): SQLite file ``<base_dir>/db.sqlite3``, an insecure
-    development secret key, ``ALLOWED_HOSTS=localhost,127.0.0.1,[::1],testserver`` and the
-    ``replay`` venue (recorded real prices, no keys).
+    Raises :class:`ConfigError` listing every problem at once (never only the first), in the
+    order of the fields below. Defaults (development only): SQLite file ``<base_dir>/db.sqlite3``,
+    an insecure development secret key, ``ALLOWED_HOSTS=localhost,127.0.0.1,[::1],testserver``
+    and the ``replay`` venue (recorded real prices, no keys).
     """
     problems: list[str] = []
-    environment = (_first(lookup, ("ENVIRONMENT", "RBS_ENVIRONMENT")) or "development").lower()
-    if environment not in ENVIRONMENTS:
-        # alone: every other rule depends on the environment, and guessing one would report
-        # problems (a venue refused in production, ...) that are not there
-        raise ConfigError([f"ENVIRONMENT (got {environment!r}; one of {', '.join(ENVIRONMENTS)})"])
+    environment = _environment(lookup)
     strict = environment != "development"
-
     debug = _bool(_first(lookup, ("DEBUG",)), not strict, "DEBUG", problems)
-
-    secret_key = _first(lookup, SPELLINGS["SECRET_KEY"])
-    if not secret_key:
-        if strict:
-            problems.append("SECRET_KEY (or RBS_SECRET_KEY)")
-        secret_key = "development-only-insecure-key-do-not-use-in-production"
-
-    hosts_raw = _first(lookup, ("ALLOWED_HOSTS", "RBS_ALLOWED_HOSTS"))
-    if hosts_raw:
-        allowed_hosts = [h.strip() for h in hosts_raw.split(",") if h.strip()]
-    elif strict:
-        problems.append("ALLOWED_HOSTS (or RBS_ALLOWED_HOSTS)")
-        allowed_hosts = []
-    else:
-        allowed_hosts = ["localhost", "127.0.0.1", "[::1]", "testserver"]
-
+    secret_key = _secret_key(lookup, strict, problems)
+    allowed_hosts = _allowed_hosts(lookup, strict, problems)
     database_url = _database_url(lookup, problems, strict, base_dir)
-
-    redis_url = _first(lookup, SPELLINGS["REDIS_URL"])
-    if strict and not redis_url:
-        # the exchange's rate-limit ban and clock offset must outlive a CronJob pod
-        problems.append("REDIS_URL (or RBS_REDIS_URL)")
-    rabbitmq_url = _first(lookup, SPELLINGS["RABBITMQ_URL"])
-    for names, url, schemes in ((SPELLINGS["REDIS_URL"], redis_url, ("redis", "rediss", "unix")),
-                                (SPELLINGS["RABBITMQ_URL"], rabbitmq_url, ("amqp", "amqps"))):
-        problem = url and _url_problem(_first_name(lookup, names), url, schemes)
-        if problem:
-            problems.append(problem)
-
+    redis_url, rabbitmq_url = _broker_urls(lookup, strict, problems)
     testnet = _bool(_first(lookup, ("BINANCE_TESTNET",)), environment != "production", "BINANCE_TESTNET", problems)
-    venue_raw = _first(lookup, ("EXCHANGE_VENUE", "RBS_EXCHANGE_VENUE"))
-    if venue_raw:
-        venue = venue_raw.lower()
-        if venue not in VENUES:
-            problems.append(f"EXCHANGE_VENUE (got {venue!r}; one of {', '.join(VENUES)})")
-    elif strict:
-        venue = "binance-testnet" if testnet else "binance"
-    else:
-        venue = "replay"
-    if venue == "binance" and testnet:
-        venue = "binance-testnet"
-    if strict and venue in ("paper", "replay") and environment == "production":
-        problems.append(f"EXCHANGE_VENUE ({venue} is not allowed in production)")
-
-    api_key = _first(lookup, ("BINANCE_API_KEY", "RBS_BINANCE_API_KEY"))
-    api_secret = _first(lookup, ("BINANCE_API_SECRET", "RBS_BINANCE_API_SECRET"))
-    private_key = _private_key(lookup, problems)
+    venue = _venue(lookup, environment, testnet, problems)
+    api_key, api_secret, private_key = _binance_keys(lookup, venue, problems)
     key_passphrase = _first(lookup, ("BINANCE_PRIVATE_KEY_PASSPHRASE", "RBS_BINANCE_PRIVATE_KEY_PASSPHRASE"))
-    if venue.startswith("binance"):
-        if not api_key:
-            problems.append("BINANCE_API_KEY (or RBS_BINANCE_API_KEY)")
-        if not api_secret and not private_key:
-            problems.append("BINANCE_API_SECRET (or RBS_BINANCE_API_SECRET)")  # or BINANCE_PRIVATE_KEY[_FILE]
-
     origins_raw = _first(lookup, ("CSRF_TRUSTED_ORIGINS",))
     origins = [o.strip() for o in origins_raw.split(",")] if origins_raw else []
     ssl_redirect = _bool(_first(lookup, ("SECURE_SSL_REDIRECT",)), strict, "SECURE_SSL_REDIRECT", problems)
-
     if problems:
         raise ConfigError(problems)
     return ServiceConfig(
@@ -249,6 +197,84 @@ def resolve(lookup: Lookup, base_dir: str = ".") -> ServiceConfig:
         binance_private_key=private_key,
         binance_private_key_passphrase=key_passphrase,
     )
+
+
+def _environment(lookup: Lookup) -> str:
+    """``ENVIRONMENT`` lower-cased, ``development`` when unset. An unknown one raises
+    :class:`ConfigError` alone: every other rule depends on the environment, and guessing one
+    would report problems (a venue refused in production, ...) that are not there."""
+    environment = (_first(lookup, ("ENVIRONMENT", "RBS_ENVIRONMENT")) or "development").lower()
+    if environment not in ENVIRONMENTS:
+        raise ConfigError([f"ENVIRONMENT (got {environment!r}; one of {', '.join(ENVIRONMENTS)})"])
+    return environment
+
+
+def _secret_key(lookup: Lookup, strict: bool, problems: list[str]) -> str:
+    secret_key = _first(lookup, SPELLINGS["SECRET_KEY"])
+    if secret_key:
+        return secret_key
+    if strict:
+        problems.append("SECRET_KEY (or RBS_SECRET_KEY)")
+    return "development-only-insecure-key-do-not-use-in-production"
+
+
+def _allowed_hosts(lookup: Lookup, strict: bool, problems: list[str]) -> list[str]:
+    hosts_raw = _first(lookup, ("ALLOWED_HOSTS", "RBS_ALLOWED_HOSTS"))
+    if hosts_raw:
+        return [h.strip() for h in hosts_raw.split(",") if h.strip()]
+    if strict:
+        problems.append("ALLOWED_HOSTS (or RBS_ALLOWED_HOSTS)")
+        return []
+    return ["localhost", "127.0.0.1", "[::1]", "testserver"]
+
+
+def _broker_urls(lookup: Lookup, strict: bool, problems: list[str]) -> tuple[str | None, str | None]:
+    """(Redis URL, RabbitMQ URL). Redis is required outside development: the exchange's
+    rate-limit ban and clock offset must outlive a CronJob pod."""
+    redis_url = _first(lookup, SPELLINGS["REDIS_URL"])
+    if strict and not redis_url:
+        problems.append("REDIS_URL (or RBS_REDIS_URL)")
+    rabbitmq_url = _first(lookup, SPELLINGS["RABBITMQ_URL"])
+    for names, url, schemes in ((SPELLINGS["REDIS_URL"], redis_url, ("redis", "rediss", "unix")),
+                                (SPELLINGS["RABBITMQ_URL"], rabbitmq_url, ("amqp", "amqps"))):
+        problem = url and _url_problem(_first_name(lookup, names), url, schemes)
+        if problem:
+            problems.append(problem)
+    return redis_url, rabbitmq_url
+
+
+def _venue(lookup: Lookup, environment: str, testnet: bool, problems: list[str]) -> str:
+    """``EXCHANGE_VENUE``; unset: Binance (testnet when ``BINANCE_TESTNET``) outside development,
+    ``replay`` in development. ``binance`` with ``BINANCE_TESTNET`` is the testnet; paper and
+    replay are refused in production."""
+    venue_raw = _first(lookup, ("EXCHANGE_VENUE", "RBS_EXCHANGE_VENUE"))
+    if venue_raw:
+        venue = venue_raw.lower()
+        if venue not in VENUES:
+            problems.append(f"EXCHANGE_VENUE (got {venue!r}; one of {', '.join(VENUES)})")
+    elif environment != "development":
+        venue = "binance-testnet" if testnet else "binance"
+    else:
+        venue = "replay"
+    if venue == "binance" and testnet:
+        venue = "binance-testnet"
+    if venue in ("paper", "replay") and environment == "production":
+        problems.append(f"EXCHANGE_VENUE ({venue} is not allowed in production)")
+    return venue
+
+
+def _binance_keys(lookup: Lookup, venue: str, problems: list[str]) -> tuple[str | None, str | None, str | None]:
+    """(API key, HMAC secret, Ed25519 private key PEM); a Binance venue needs the key and
+    the secret or the private key."""
+    api_key = _first(lookup, ("BINANCE_API_KEY", "RBS_BINANCE_API_KEY"))
+    api_secret = _first(lookup, ("BINANCE_API_SECRET", "RBS_BINANCE_API_SECRET"))
+    private_key = _private_key(lookup, problems)
+    if venue.startswith("binance"):
+        if not api_key:
+            problems.append("BINANCE_API_KEY (or RBS_BINANCE_API_KEY)")
+        if not api_secret and not private_key:
+            problems.append("BINANCE_API_SECRET (or RBS_BINANCE_API_SECRET)")  # or BINANCE_PRIVATE_KEY[_FILE]
+    return api_key, api_secret, private_key
 
 
 def _private_key(lookup: Lookup, problems: list[str]) -> str | None:
