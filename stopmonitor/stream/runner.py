@@ -340,6 +340,9 @@ class StreamMonitor:
         return max(feeds, default=0.0)
 
     def _on_market_message(self, raw, received: float) -> str | None:
+        """One market stream message: counted by kind, the feed heard, progress touched; a
+        bookTicker of a watched symbol goes on to :meth:`_on_book_ticker`. Returns
+        ``"server_shutdown"`` when the connection must be rolled over, else None."""
         try:
             msg = json.loads(raw)
         except ValueError:
@@ -363,8 +366,15 @@ class StreamMonitor:
         if received - self._last_touch >= 1.0:
             self._progress(received)
         levels = self.book.by_symbol.get(symbol)
-        if levels is None:
-            return None
+        if levels is not None:
+            self._on_book_ticker(symbol, levels, data, received)
+        return None
+
+    def _on_book_ticker(self, symbol: str, levels, data: dict, received: float) -> None:
+        """The hot path's decision for a watched symbol's bookTicker ``data``: a usable bid/ask that
+        crosses no level is decided here (only its lag observed); anything else — a level may be
+        crossed, or the prices are unusable (bid = ask = 0: the engine records INVALID_PRICE once) —
+        becomes a :class:`~.engine_port.Quote` for :meth:`_consider`."""
         event_ms = data.get("E") or data.get("T")
         try:
             bid, ask = Decimal(data["b"]), Decimal(data["a"])
@@ -372,14 +382,13 @@ class StreamMonitor:
             bid = ask = Decimal("0")  # unusable: the engine records INVALID_PRICE once
         if 0 < bid <= ask and not levels.may_trigger(bid, ask):  # the common case, decided here
             _QUOTE_LAG.observe(_lag(received, event_ms))
-            return None
+            return
         try:
             bid_qty, ask_qty = Decimal(data.get("B", "0")), Decimal(data.get("A", "0"))
         except (InvalidOperation, TypeError):
             bid_qty = ask_qty = Decimal("0")
         quote = port.Quote(symbol, bid, ask, bid_qty, ask_qty, datetime.now(timezone.utc))
         self._consider(quote, received, event_ms)
-        return None
 
     # ------------------------------------------------------------------ decisions
     def _consider(self, quote, received: float, event_ms: int | None = None, *, missing_symbol: str | None = None) -> None:
