@@ -248,6 +248,9 @@ class StreamMonitor:
                 await asyncio.sleep(CONTROL_GAP_SECONDS)
 
     async def _run_shard(self, shard: _Shard) -> None:
+        """The shard's connection for ever: idle while it has no symbols, connect (back-off on
+        failure), carry it (:meth:`_carry`), then on a disconnect fall back to REST for its
+        symbols and reconnect after the back-off; a REST read covers the gap after a reconnect."""
         backoff = self.config.backoff_initial
         first = True
         while True:
@@ -261,35 +264,12 @@ class StreamMonitor:
                 m.RECONNECTS.labels("market", "connect_failed").inc()
                 log.warning("market stream connect failed", extra={"shard": shard.index, "error": str(exc)[:200],
                                                                    "retry_in_s": round(backoff, 2)})
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-                backoff = min(backoff * 2, self.config.backoff_max)
+                backoff = await self._back_off(backoff)
                 continue
-            shard.connected = True
-            m.CONNECTIONS.inc()
-            if not first:  # the gap between the old connection and this one
-                self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+            reason, heard = await self._carry(shard, ws, after_gap=not first)
             first = False
-            try:
-                while True:
-                    reason, heard = await self._read(shard, ws, time.monotonic())
-                    if heard:
-                        backoff = self.config.backoff_initial
-                    if reason not in ("rollover", "server_shutdown"):
-                        break
-                    m.RECONNECTS.labels("market", reason).inc()
-                    try:  # make before break: the new connection is open before the old one closes
-                        new = await self._connect(shard)
-                    except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
-                        reason = f"{reason}_failed"
-                        break
-                    await ws.close()
-                    ws = new
-                    if reason == "server_shutdown":
-                        self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
-            finally:
-                shard.connected = False
-                m.CONNECTIONS.dec()
-                await ws.close()
+            if heard:
+                backoff = self.config.backoff_initial
             if reason == "no_symbols":  # nothing left to carry: idle until the watched set grows
                 first = True
                 continue
@@ -297,8 +277,44 @@ class StreamMonitor:
             self.watchdog.force_fallback(shard.symbols)
             log.warning("market stream disconnected", extra={"shard": shard.index, "reason": reason,
                                                             "retry_in_s": round(backoff, 2)})
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-            backoff = min(backoff * 2, self.config.backoff_max)
+            backoff = await self._back_off(backoff)
+
+    async def _back_off(self, backoff: float) -> float:
+        """Sleep ``backoff`` seconds with jitter (50–100 %); returns the next one (doubled, at most ``backoff_max``)."""
+        await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+        return min(backoff * 2, self.config.backoff_max)
+
+    async def _carry(self, shard: _Shard, ws, after_gap: bool) -> tuple[str, bool]:
+        """Carry the shard on the open ``ws`` (one REST read first when ``after_gap``: the time
+        since the previous connection) until it must go: returns (why, whether anything arrived).
+
+        ``rollover`` and ``server_shutdown`` are made before break: the new connection opens before
+        the old one closes (a REST read after a ``server_shutdown``); a failed one ends the carry
+        as ``<reason>_failed``. The connection it ends with is closed."""
+        shard.connected = True
+        m.CONNECTIONS.inc()
+        if after_gap:
+            self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+        heard_any = False
+        try:
+            while True:
+                reason, heard = await self._read(shard, ws, time.monotonic())
+                heard_any = heard_any or heard
+                if reason not in ("rollover", "server_shutdown"):
+                    return reason, heard_any
+                m.RECONNECTS.labels("market", reason).inc()
+                try:
+                    new = await self._connect(shard)
+                except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+                    return f"{reason}_failed", heard_any
+                await ws.close()
+                ws = new
+                if reason == "server_shutdown":
+                    self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+        finally:
+            shard.connected = False
+            m.CONNECTIONS.dec()
+            await ws.close()
 
     async def _read(self, shard: _Shard, ws, opened: float) -> tuple[str, bool]:
         """Read until the connection must be replaced; returns (why, whether anything arrived).
