@@ -95,19 +95,15 @@ class Skip(Exception):
 def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal, tick: Decimal | None) -> Decimal:
     """The absolute ``kind`` ("stop" or "target") level of a ``side`` (BUY long, SELL short)
     operation, in the quote asset, rounded to ``tick`` towards ``entry`` (see the module
-    docstring). Raises :class:`Skip` with the reason when it cannot be computed or lands on the
-    wrong side of the entry (the rule of :func:`stopmonitor.operations.check_levels`)."""
+    docstring). Raises :class:`Skip` with the reason when it cannot be computed
+    (:func:`_require_inputs`) or lands on the wrong side of the entry (the rule of
+    :func:`stopmonitor.operations.check_levels`)."""
     from stopmonitor.operations import LevelError, check_levels
     from stopmonitor.rules import decimal_str, round_to_tick
 
     # the same numbers without the column's trailing zeros, so messages read "100", not "100.00000000"
     entry, percent, tick = (None if v is None else Decimal(decimal_str(v)) for v in (entry, percent, tick))
-    if entry is None or entry <= 0:
-        raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
-    if tick is None or tick <= 0:
-        raise Skip(NO_TICK_SIZE, "the symbol has no tickSize")
-    if percent <= 0 or percent >= 100:
-        raise Skip(PERCENT_OUT_OF_RANGE, f"{kind} percentage {percent} is not between 0 and 100")
+    _require_inputs(kind, entry, percent, tick)
     below = (kind == "stop") == (side == "BUY")  # a long's stop and a short's target sit below the entry
     raw = entry * (1 - percent / 100) if below else entry * (1 + percent / 100)
     price = round_to_tick(raw, tick, up=below)
@@ -116,6 +112,17 @@ def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal,
     except LevelError as exc:
         raise Skip(WRONG_SIDE, f"{kind} {decimal_str(price)} from {percent}% at tickSize {tick}: {exc}") from None
     return price
+
+
+def _require_inputs(kind: str, entry: Decimal | None, percent: Decimal, tick: Decimal | None) -> None:
+    """Raises :class:`Skip` ``no_entry_price`` (missing or not positive), ``no_tick_size`` or
+    ``percent_out_of_range`` (≤ 0 or ≥ 100), checked in that order."""
+    if entry is None or entry <= 0:
+        raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
+    if tick is None or tick <= 0:
+        raise Skip(NO_TICK_SIZE, "the symbol has no tickSize")
+    if percent <= 0 or percent >= 100:
+        raise Skip(PERCENT_OUT_OF_RANGE, f"{kind} percentage {percent} is not between 0 and 100")
 
 
 def event_venue(configured: str) -> str:
