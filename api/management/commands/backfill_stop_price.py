@@ -643,98 +643,111 @@ class Backfill:
     def _batch(self, ids: list[int]) -> None:
         """Other databases than PostgreSQL (development on SQLite): the same batch, one model object
         and one :func:`compute_level` per operation. One transaction: lock what is free, re-check
-        under the lock, append events, update rows. Counters are applied only after the commit, so
-        a retried batch counts once."""
+        under the lock (:func:`_plan_rows`), append events, update rows (:meth:`_write_plans`).
+        Counters are applied only after the commit, so a retried batch counts once."""
         from django.db import transaction
-        from django.db.models import Max
 
-        from api.models import Operation, StopMonitorEvent
-        from stopmonitor.events import ConcurrencyConflict, append_events, append_many
-        from stopmonitor.execution import NewEvent
-        from stopmonitor.rules import decimal_str
+        from api.models import Operation
 
         now = datetime.now(timezone.utc)
-        skips: list[tuple[int, str | None, str, str]] = []
-        written: list[Change] = []
-        would: list = []
-        already = 0
+        out = _BatchOutcome()
         with transaction.atomic():
             rows = list(
                 Operation.objects.select_for_update(skip_locked=True, of=("self",)).select_related("symbol")
                 .filter(pk__in=ids).order_by("pk")
             )
-            locked_ids = set(ids) - {op.pk for op in rows}
-            skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
-                         for pk in sorted(locked_ids))
-            plans = []
-            for op in rows:
-                if op.status not in OPEN_STATUSES:
-                    already += 1  # closed or cancelled since it was listed
-                    continue
-                change, level_skips = plan_operation(op)
-                if level_skips:
-                    skips.extend((op.pk, name, sk.reason, sk.detail) for name, sk in level_skips)
-                elif change is None:
-                    already += 1  # its levels were set since it was listed
-                else:
-                    plans.append((op, change))
+            out.skip_locked(sorted(set(ids) - {op.pk for op in rows}))
+            plans = _plan_rows(rows, out)
             if self.dry_run:
-                would = plans
+                out.would = plans
             elif plans:
-                versions = dict(
-                    StopMonitorEvent.objects.filter(operation_id__in=[op.pk for op, _ in plans])
-                    .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
-                )
-                to_update = []
-                items = []
-                for op, change in plans:
-                    events = []
-                    for kind, price_field, pct_field, event_type in LEVELS:
-                        if price_field not in change.levels:
-                            continue
-                        price, pct = change.levels[price_field]
-                        events.append(NewEvent(event_type, {
-                            price_field: decimal_str(price),
-                            pct_field: decimal_str(pct),
-                            "entry_price": decimal_str(op.entry_price),
-                            "tick_size": decimal_str(op.symbol.tick_size),
-                            "rounding": "towards_entry",
-                        }))
-                    items.append((op, versions.get(op.pk, 0), events, change))
-                try:  # the set-based writer: one version check and one COPY for the batch
-                    append_many([(op, v, evs) for op, v, evs, _ in items], source="backfill", venue=self.venue, now=now)
-                    appended = items
-                except ConcurrencyConflict:  # a stream moved: fall back to one append per operation
-                    appended = []
-                    for op, v, evs, change in items:
-                        try:
-                            with transaction.atomic():
-                                append_events(op, v, evs, source="backfill", venue=self.venue, now=now)
-                        except ConcurrencyConflict as exc:
-                            skips.append((op.pk, None, CONFLICT, str(exc)))
-                            continue
-                        appended.append((op, v, evs, change))
-                for op, _, _, change in appended:
-                    for name, (price, _) in change.levels.items():
-                        setattr(op, name, price)
-                    op.updated_at = now
-                    to_update.append(op)
-                    written.append(change)
-                if to_update:
-                    Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
-            if self.batch_sleep:
-                self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
-                time.sleep(self.batch_sleep)
-        # committed (or a read-only dry run): count and report
-        s = self.summary
-        s.already_done += already
-        for op, change in would:
-            self._report_would_set(op, change)
-        for change in (written if not self.dry_run else [c for _, c in would]):
-            s.updated += 1
-            s.stops_set += "stop_price" in change.levels
-            s.targets_set += "target_price" in change.levels
-        self._count_skips(skips)
+                self._write_plans(plans, now, out)
+            self._inside_batch_hook()
+        self._apply(out)  # committed (or a read-only dry run)
+
+    def _write_plans(self, plans: list, now: datetime, out: _BatchOutcome) -> None:
+        """The model path's writes for ``plans`` (``(operation, Change)``, rows locked): their
+        STOP_SET / TARGET_SET events at each stream's current version (:meth:`_append_plans`),
+        then the levels of the operations whose events were appended, in one ``bulk_update``."""
+        from django.db.models import Max
+
+        from api.models import Operation, StopMonitorEvent
+
+        versions = dict(
+            StopMonitorEvent.objects.filter(operation_id__in=[op.pk for op, _ in plans])
+            .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
+        )
+        items = [(op, versions.get(op.pk, 0), _level_events(op, change), change) for op, change in plans]
+        to_update = []
+        for op, change in self._append_plans(items, now, out):
+            for name, (price, _) in change.levels.items():
+                setattr(op, name, price)
+            op.updated_at = now
+            to_update.append(op)
+            out.count(change)
+        if to_update:
+            Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
+
+    def _append_plans(self, items: list, now: datetime, out: _BatchOutcome) -> list:
+        """Append the events of ``items`` (``(operation, version, events, Change)``) with the
+        set-based writer: one version check and one COPY for the batch. A stream that moved makes it
+        refuse them all: then one append per operation, and the moved ones are ``conflict`` skips.
+        Returns ``(operation, Change)`` of those appended."""
+        from django.db import transaction
+
+        from stopmonitor.events import ConcurrencyConflict, append_events, append_many
+
+        try:
+            append_many([(op, v, evs) for op, v, evs, _ in items], source="backfill", venue=self.venue, now=now)
+            return [(op, change) for op, _, _, change in items]
+        except ConcurrencyConflict:  # a stream moved: fall back to one append per operation
+            pass
+        appended = []
+        for op, v, evs, change in items:
+            try:
+                with transaction.atomic():
+                    append_events(op, v, evs, source="backfill", venue=self.venue, now=now)
+            except ConcurrencyConflict as exc:
+                out.skips.append((op.pk, None, CONFLICT, str(exc)))
+                continue
+            appended.append((op, change))
+        return appended
+
+
+def _plan_rows(rows: list, out: _BatchOutcome) -> list:
+    """The model path's re-check under the lock: ``(operation, Change)`` for each row to write;
+    one closed or cancelled since it was listed, or whose levels were set meanwhile, counts as
+    already done; skips are recorded in ``out``."""
+    plans = []
+    for op in rows:
+        if op.status not in OPEN_STATUSES:
+            out.already += 1  # closed or cancelled since it was listed
+            continue
+        change = out.take(op.pk, plan_operation(op))
+        if change is not None:
+            plans.append((op, change))
+    return plans
+
+
+def _level_events(op, change: Change) -> list:
+    """The ``STOP_SET`` / ``TARGET_SET`` events (stop first) of ``change`` for ``op``; payload
+    values as :func:`stopmonitor.rules.decimal_str` writes them."""
+    from stopmonitor.execution import NewEvent
+    from stopmonitor.rules import decimal_str
+
+    events = []
+    for _, price_field, pct_field, event_type in LEVELS:
+        if price_field not in change.levels:
+            continue
+        price, pct = change.levels[price_field]
+        events.append(NewEvent(event_type, {
+            price_field: decimal_str(price),
+            pct_field: decimal_str(pct),
+            "entry_price": decimal_str(op.entry_price),
+            "tick_size": decimal_str(op.symbol.tick_size),
+            "rounding": "towards_entry",
+        }))
+    return events
 
 
 def _fmt_eta(seconds: float) -> str:
