@@ -382,42 +382,6 @@ class _Row:
     quantity: Decimal | None = None
 
 
-def _decide_check_rows(cursor, out: _BatchOutcome) -> int:
-    """Step 2 of :meth:`Backfill._batch_sql`: the ``check`` rows through :func:`plan_operation`
-    (skips and already-done counted in ``out``); a row it accepts after all becomes ``ok`` with
-    its levels. Returns how many it accepted."""
-    cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick, "
-                   f"quantity, min_notional, max_qty FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
-    accepted = []
-    for (pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick, quantity, min_notional,
-         max_qty) in cursor.fetchall():
-        op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price,
-                  _Symbol(tick, min_notional, max_qty), quantity)
-        change = out.take(pk, plan_operation(op))
-        if change is not None:  # numeric said no, Decimal says yes: Python decides (has not happened; kept safe)
-            levels = change.levels
-            accepted.append((levels.get("stop_price", (None,))[0], levels.get("target_price", (None,))[0], pk))
-    if accepted:
-        cursor.executemany(f"UPDATE {BATCH_TABLE} SET state = 'ok', new_stop = %s, new_target = %s "
-                           f"WHERE id = %s", accepted)
-    return len(accepted)
-
-
-def _would_set_rows(cursor) -> list[tuple[_Row, Change]]:
-    """``--dry-run`` of :meth:`Backfill._batch_sql`: the ``ok`` rows and the levels they would get."""
-    cursor.execute(f"SELECT id, side, entry, tick, new_stop, stop_pct, new_target, target_pct "
-                   f"FROM {BATCH_TABLE} WHERE state = 'ok' ORDER BY id")
-    would = []
-    for pk, side, entry, tick, new_stop, stop_pct, new_target, target_pct in cursor.fetchall():
-        levels = {}
-        if new_stop is not None:
-            levels["stop_price"] = (new_stop, stop_pct)
-        if new_target is not None:
-            levels["target_price"] = (new_target, target_pct)
-        would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
-    return would
-
-
 @dataclass
 class _BatchOutcome:
     """What one batch found, kept until its transaction has committed: the summary is counted
@@ -452,6 +416,42 @@ class _BatchOutcome:
         self.updated += 1
         self.stops_set += "stop_price" in change.levels
         self.targets_set += "target_price" in change.levels
+
+
+def _decide_check_rows(cursor, out: _BatchOutcome) -> int:
+    """Step 2 of :meth:`Backfill._batch_sql`: the ``check`` rows through :func:`plan_operation`
+    (skips and already-done counted in ``out``); a row it accepts after all becomes ``ok`` with
+    its levels. Returns how many it accepted."""
+    cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick, "
+                   f"quantity, min_notional, max_qty FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
+    accepted = []
+    for (pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick, quantity, min_notional,
+         max_qty) in cursor.fetchall():
+        op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price,
+                  _Symbol(tick, min_notional, max_qty), quantity)
+        change = out.take(pk, plan_operation(op))
+        if change is not None:  # numeric said no, Decimal says yes: Python decides (has not happened; kept safe)
+            levels = change.levels
+            accepted.append((levels.get("stop_price", (None,))[0], levels.get("target_price", (None,))[0], pk))
+    if accepted:
+        cursor.executemany(f"UPDATE {BATCH_TABLE} SET state = 'ok', new_stop = %s, new_target = %s "
+                           f"WHERE id = %s", accepted)
+    return len(accepted)
+
+
+def _would_set_rows(cursor) -> list[tuple[_Row, Change]]:
+    """``--dry-run`` of :meth:`Backfill._batch_sql`: the ``ok`` rows and the levels they would get."""
+    cursor.execute(f"SELECT id, side, entry, tick, new_stop, stop_pct, new_target, target_pct "
+                   f"FROM {BATCH_TABLE} WHERE state = 'ok' ORDER BY id")
+    would = []
+    for pk, side, entry, tick, new_stop, stop_pct, new_target, target_pct in cursor.fetchall():
+        levels = {}
+        if new_stop is not None:
+            levels["stop_price"] = (new_stop, stop_pct)
+        if new_target is not None:
+            levels["target_price"] = (new_target, target_pct)
+        would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
+    return would
 
 
 class Backfill:
@@ -562,7 +562,7 @@ class Backfill:
            ``done`` (nothing left to do) or ``check`` (some level cannot be written);
         2. the ``check`` rows — the only ones read into Python — go through :func:`plan_operation`,
            which names every skip (and is the authority: a level it computes is written)
-           (:meth:`_decide_check_rows`);
+           (:func:`_decide_check_rows`);
         3. the events of the ``ok`` rows are built with ``jsonb_build_object`` into the staging
            table of :func:`stopmonitor.events.append_many`, which appends them in one statement;
            a stream that moved is skipped as ``conflict`` and the rest appended;
