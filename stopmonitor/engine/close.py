@@ -164,16 +164,16 @@ def begin_close(operation_id: int, trig: Trigger, quote: Quote, account: Account
 def load_snapshot(op, account: AccountView, ctx: EngineContext):
     """The :class:`CloseSnapshot` of the locked ``op``; also the locked breaker row and tenant config.
 
-    Lock order: the operation (caller), the tenant config, the symbol's breaker row."""
+    Lock order: the operation (caller), the tenant config, the symbol's breaker row. Then, in this
+    order: the half-open breaker's close in flight, the recent triggers, what the account holds
+    (:func:`close_funds`), the attempts so far."""
     symbol = op.symbol.symbol
     cfg = store.tenant_config(op.client_id, lock=True)
     breaker_row = store.breaker(symbol, lock=True)
     in_flight = breaker_row.state == BreakerPosition.HALF_OPEN and store.close_in_flight(symbol)
     last_minute, last_hour = store.recent_triggers(op.client_id, ctx.now)
-    f = account.filters.get(symbol)
-    base, quote_asset = account.assets(symbol, (op.symbol.base_asset, op.symbol.quote_asset))
-    known = account.balances is not None and base is not None
-    own_protection, reserved = credit_for_protection(op, account, base) if known else (Decimal("0"), Decimal("0"))
+    limits = market_limits(account.filters.get(symbol), op.symbol)
+    funds = close_funds(op, account)
     snapshot = CloseSnapshot(
         operation_id=op.pk, status=op.status, side=op.side, stop_price=op.stop_price,
         target_price=op.target_price, remaining=op.remaining_quantity,
@@ -182,21 +182,61 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
         triggers_last_minute=last_minute, triggers_last_hour=last_hour,
         max_per_minute=cfg.max_executions_per_minute, max_per_hour=cfg.max_executions_per_hour,
         max_slippage_pct=Decimal(cfg.max_slippage_pct), slippage_action=cfg.slippage_action,
-        step_size=(f.market_step_size or f.step_size) if f else op.symbol.step_size,
-        min_qty=(f.market_min_qty or f.min_qty) if f else op.symbol.min_qty,
-        min_notional=f.min_notional if f else op.symbol.min_notional,
-        max_qty=(f.market_max_qty or f.max_qty) if f else None,
-        # P6 of protection.md: what the operation's own resting protection locks is sellable by its close
-        free_base=account.balances.get(base, Decimal("0")) + own_protection if known else None,
-        free_quote=account.balances.get(quote_asset, Decimal("0")) if known else None,
+        step_size=limits.step_size, min_qty=limits.min_qty, min_notional=limits.min_notional, max_qty=limits.max_qty,
+        free_base=funds.free_base, free_quote=funds.free_quote,
         attempt=store.attempts_so_far(op.pk) + 1,
         position=op.quantity,
         dust_tolerance_pct=ctx.settings.fee_dust_tolerance_pct,
-        symbol_status=f.status if f else "TRADING",
-        reserved_for_others=reserved,
-        own_protection=own_protection,
+        symbol_status=limits.symbol_status,
+        reserved_for_others=funds.reserved_for_others,
+        own_protection=funds.own_protection,
     )
     return snapshot, breaker_row, cfg
+
+
+@dataclass(frozen=True)
+class MarketLimits:
+    """The market order's filters for a close: LOT_SIZE / MARKET_LOT_SIZE step, minimum and maximum
+    quantity (base asset), NOTIONAL minimum (quote asset), and the exchangeInfo status."""
+
+    step_size: Decimal | None
+    min_qty: Decimal | None
+    min_notional: Decimal | None
+    max_qty: Decimal | None
+    symbol_status: str
+
+
+def market_limits(f, symbol_row) -> MarketLimits:
+    """From the exchange's filters ``f`` (MARKET_LOT_SIZE where it is set, else LOT_SIZE); without
+    them, our Symbol row's step, minimum quantity and minNotional, no maximum, status TRADING."""
+    if not f:
+        return MarketLimits(symbol_row.step_size, symbol_row.min_qty, symbol_row.min_notional, None, "TRADING")
+    return MarketLimits(f.market_step_size or f.step_size, f.market_min_qty or f.min_qty, f.min_notional,
+                        f.market_max_qty or f.max_qty, f.status)
+
+
+@dataclass(frozen=True)
+class CloseFunds:
+    """What the account holds for the close of one operation: the free base and quote balances
+    (None = not known, not limiting), the free base including ``own_protection`` (P6 of
+    protection.md: what the operation's own resting protection locks is sellable by its close),
+    and the base quantity ``reserved_for_others`` (:func:`credit_for_protection`)."""
+
+    free_base: Decimal | None
+    free_quote: Decimal | None
+    own_protection: Decimal
+    reserved_for_others: Decimal
+
+
+def close_funds(op, account: AccountView) -> CloseFunds:
+    """The :class:`CloseFunds` of ``op`` on ``account``; nothing is known (and nothing read) when the
+    account reports no balances or the symbol's base asset is unknown."""
+    base, quote_asset = account.assets(op.symbol.symbol, (op.symbol.base_asset, op.symbol.quote_asset))
+    if account.balances is None or base is None:
+        return CloseFunds(None, None, Decimal("0"), Decimal("0"))
+    own_protection, reserved = credit_for_protection(op, account, base)
+    return CloseFunds(account.balances.get(base, Decimal("0")) + own_protection,
+                      account.balances.get(quote_asset, Decimal("0")), own_protection, reserved)
 
 
 def credit_for_protection(op, account: AccountView, base: str) -> tuple[Decimal, Decimal]:

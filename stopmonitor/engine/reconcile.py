@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db import transaction
@@ -95,8 +96,10 @@ def reconcile_claimed(operation_id: int, token: str, symbol: str, exchange, ctx:
 
 def not_found(operation_id: int, token: str, symbol: str, exchange, ctx: EngineContext,
               resend: bool) -> list[Decision]:
-    """-2013 for ``token``: gather the evidence (trades since the submit time, free balance, the
-    account's last recorded order) and act on :func:`stopmonitor.evidence.judge_not_found`."""
+    """-2013 for ``token``: gather the evidence (:func:`gather_evidence`: trades since the submit
+    time, then — past the window — free balance and the account's last recorded order) and act on
+    :func:`stopmonitor.evidence.judge_not_found` (:func:`act_on_verdict`). Evidence that cannot be
+    read defers the execution (UNKNOWN ``RECONCILE_DEFERRED``)."""
     from stopmonitor import evidence
 
     execution = store.get_execution(token)
@@ -104,28 +107,74 @@ def not_found(operation_id: int, token: str, symbol: str, exchange, ctx: EngineC
     now = ctx.at()
     window = ctx.settings.not_found_window_seconds
     try:
-        trades = exchange.account_trades(symbol, since=submitted_at - timedelta(seconds=5))
-        balance_holds = None
-        gone = False
-        if (now - submitted_at).total_seconds() >= window:
-            balances = exchange.free_balances()
-            filters = exchange.symbol_filters([symbol]).get(symbol)
-            if balances is not None and filters is not None:
-                if execution.side == "SELL":
-                    balance_holds = balances.get(filters.base_asset, Decimal("0")) >= execution.requested_quantity
-                else:
-                    price = execution.observed_price or execution.trigger_price or Decimal("0")
-                    balance_holds = balances.get(filters.quote_asset, Decimal("0")) >= execution.requested_quantity * price
-            last = store.last_recorded_order(symbol, ctx.venue)
-            if last is not None and last[0] != token:
-                gone = exchange.get_order(symbol, last[0]) is None
+        seen = gather_evidence(exchange, execution, symbol, token, submitted_at,
+                               past_window=(now - submitted_at).total_seconds() >= window, venue=ctx.venue)
     except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
         return [Decision(Action.UNKNOWN, operation_id, symbol=symbol, execution_token=token,
                          reason=SkipReason.RECONCILE_DEFERRED, detail=f"order not visible; evidence unreadable: {exc}"[:300])]
     verdict = evidence.judge_not_found(
         now=now, submitted_at=submitted_at, window_seconds=window, symbol=symbol, side=execution.side,
-        client_order_id=token, requested=execution.requested_quantity, trades=trades,
-        known_order_ids=store.recorded_order_ids(symbol), balance_holds=balance_holds, known_orders_gone=gone)
+        client_order_id=token, requested=execution.requested_quantity, trades=seen.trades,
+        known_order_ids=store.recorded_order_ids(symbol), balance_holds=seen.balance_holds,
+        known_orders_gone=seen.known_orders_gone)
+    return act_on_verdict(verdict, operation_id, token, symbol, exchange, ctx, resend)
+
+
+@dataclass(frozen=True)
+class NotFoundEvidence:
+    """What the exchange says around a -2013: the account's ``trades`` on the symbol since the
+    submit time; ``balance_holds`` (None before the window or when the venue does not say) and
+    ``known_orders_gone`` (False before the window), the inputs of
+    :func:`stopmonitor.evidence.judge_not_found`."""
+
+    trades: list
+    balance_holds: bool | None = None
+    known_orders_gone: bool = False
+
+
+def gather_evidence(exchange, execution, symbol: str, token: str, submitted_at: datetime, *, past_window: bool,
+                    venue: str) -> NotFoundEvidence:
+    """Read the evidence in this order: trades since 5 s before ``submitted_at``; only
+    ``past_window``: the free balances, the symbol's filters, then whether the account's last
+    recorded order (another one than ``token``) is gone too. Network reads, no transaction.
+    Raises the exchange's ``ExchangeUnavailable`` / ``RateLimited`` / ``ClockSkew``."""
+    trades = exchange.account_trades(symbol, since=submitted_at - timedelta(seconds=5))
+    if not past_window:
+        return NotFoundEvidence(trades)
+    balances = exchange.free_balances()
+    filters = exchange.symbol_filters([symbol]).get(symbol)
+    holds = balance_holds(execution, balances, filters)
+    return NotFoundEvidence(trades, holds, known_orders_gone(exchange, symbol, token, venue))
+
+
+def balance_holds(execution, balances: dict | None, filters) -> bool | None:
+    """Whether the free balance still holds what the close would spend: ``requested_quantity`` of
+    the base asset for a SELL; for a BUY, of the quote asset ``requested_quantity`` × the observed
+    (else the trigger) price. None when the venue reports no balances or no filters for the symbol."""
+    if balances is None or filters is None:
+        return None
+    if execution.side == "SELL":
+        return balances.get(filters.base_asset, Decimal("0")) >= execution.requested_quantity
+    price = execution.observed_price or execution.trigger_price or Decimal("0")
+    return balances.get(filters.quote_asset, Decimal("0")) >= execution.requested_quantity * price
+
+
+def known_orders_gone(exchange, symbol: str, token: str, venue: str) -> bool:
+    """The account's last recorded order on ``symbol`` (when it is not ``token`` itself) is no
+    longer shown by the exchange either (a testnet reset). False when there is no such order."""
+    last = store.last_recorded_order(symbol, venue)
+    if last is None or last[0] == token:
+        return False
+    return exchange.get_order(symbol, last[0]) is None
+
+
+def act_on_verdict(verdict, operation_id: int, token: str, symbol: str, exchange, ctx: EngineContext,
+                   resend: bool) -> list[Decision]:
+    """The verdict's decisions: RECORD → the fill from the trades (``RECONCILED`` + its outcome);
+    RESEND (when ``resend``) → the same client order id once more; REVIEW → BLOCKED NEEDS_REVIEW
+    once; else (WAIT, or RESEND without ``resend``) → UNKNOWN ``NOT_VISIBLE_YET``, nothing sent."""
+    from stopmonitor import evidence
+
     if verdict.action == evidence.RECORD:
         outcome = close.record_outcome(operation_id, token, verdict.order, ctx, reconciled=True)
         return [Decision(Action.RECONCILED, operation_id, symbol=symbol, execution_token=token, event_type=RECONCILED,

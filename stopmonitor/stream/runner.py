@@ -248,6 +248,9 @@ class StreamMonitor:
                 await asyncio.sleep(CONTROL_GAP_SECONDS)
 
     async def _run_shard(self, shard: _Shard) -> None:
+        """The shard's connection for ever: idle while it has no symbols, connect (back-off on
+        failure), carry it (:meth:`_carry`), then on a disconnect fall back to REST for its
+        symbols and reconnect after the back-off; a REST read covers the gap after a reconnect."""
         backoff = self.config.backoff_initial
         first = True
         while True:
@@ -261,35 +264,12 @@ class StreamMonitor:
                 m.RECONNECTS.labels("market", "connect_failed").inc()
                 log.warning("market stream connect failed", extra={"shard": shard.index, "error": str(exc)[:200],
                                                                    "retry_in_s": round(backoff, 2)})
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-                backoff = min(backoff * 2, self.config.backoff_max)
+                backoff = await self._back_off(backoff)
                 continue
-            shard.connected = True
-            m.CONNECTIONS.inc()
-            if not first:  # the gap between the old connection and this one
-                self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+            reason, heard = await self._carry(shard, ws, after_gap=not first)
             first = False
-            try:
-                while True:
-                    reason, heard = await self._read(shard, ws, time.monotonic())
-                    if heard:
-                        backoff = self.config.backoff_initial
-                    if reason not in ("rollover", "server_shutdown"):
-                        break
-                    m.RECONNECTS.labels("market", reason).inc()
-                    try:  # make before break: the new connection is open before the old one closes
-                        new = await self._connect(shard)
-                    except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
-                        reason = f"{reason}_failed"
-                        break
-                    await ws.close()
-                    ws = new
-                    if reason == "server_shutdown":
-                        self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
-            finally:
-                shard.connected = False
-                m.CONNECTIONS.dec()
-                await ws.close()
+            if heard:
+                backoff = self.config.backoff_initial
             if reason == "no_symbols":  # nothing left to carry: idle until the watched set grows
                 first = True
                 continue
@@ -297,8 +277,44 @@ class StreamMonitor:
             self.watchdog.force_fallback(shard.symbols)
             log.warning("market stream disconnected", extra={"shard": shard.index, "reason": reason,
                                                             "retry_in_s": round(backoff, 2)})
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-            backoff = min(backoff * 2, self.config.backoff_max)
+            backoff = await self._back_off(backoff)
+
+    async def _back_off(self, backoff: float) -> float:
+        """Sleep ``backoff`` seconds with jitter (50–100 %); returns the next one (doubled, at most ``backoff_max``)."""
+        await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+        return min(backoff * 2, self.config.backoff_max)
+
+    async def _carry(self, shard: _Shard, ws, after_gap: bool) -> tuple[str, bool]:
+        """Carry the shard on the open ``ws`` (one REST read first when ``after_gap``: the time
+        since the previous connection) until it must go: returns (why, whether anything arrived).
+
+        ``rollover`` and ``server_shutdown`` are made before break: the new connection opens before
+        the old one closes (a REST read after a ``server_shutdown``); a failed one ends the carry
+        as ``<reason>_failed``. The connection it ends with is closed."""
+        shard.connected = True
+        m.CONNECTIONS.inc()
+        if after_gap:
+            self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+        heard_any = False
+        try:
+            while True:
+                reason, heard = await self._read(shard, ws, time.monotonic())
+                heard_any = heard_any or heard
+                if reason not in ("rollover", "server_shutdown"):
+                    return reason, heard_any
+                m.RECONNECTS.labels("market", reason).inc()
+                try:
+                    new = await self._connect(shard)
+                except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+                    return f"{reason}_failed", heard_any
+                await ws.close()
+                ws = new
+                if reason == "server_shutdown":
+                    self._spawn(self._rest_read(set(shard.symbols), "catch_up"))
+        finally:
+            shard.connected = False
+            m.CONNECTIONS.dec()
+            await ws.close()
 
     async def _read(self, shard: _Shard, ws, opened: float) -> tuple[str, bool]:
         """Read until the connection must be replaced; returns (why, whether anything arrived).
@@ -340,6 +356,9 @@ class StreamMonitor:
         return max(feeds, default=0.0)
 
     def _on_market_message(self, raw, received: float) -> str | None:
+        """One market stream message: counted by kind, the feed heard, progress touched; a
+        bookTicker of a watched symbol goes on to :meth:`_on_book_ticker`. Returns
+        ``"server_shutdown"`` when the connection must be rolled over, else None."""
         try:
             msg = json.loads(raw)
         except ValueError:
@@ -363,8 +382,15 @@ class StreamMonitor:
         if received - self._last_touch >= 1.0:
             self._progress(received)
         levels = self.book.by_symbol.get(symbol)
-        if levels is None:
-            return None
+        if levels is not None:
+            self._on_book_ticker(symbol, levels, data, received)
+        return None
+
+    def _on_book_ticker(self, symbol: str, levels, data: dict, received: float) -> None:
+        """The hot path's decision for a watched symbol's bookTicker ``data``: a usable bid/ask that
+        crosses no level is decided here (only its lag observed); anything else — a level may be
+        crossed, or the prices are unusable (bid = ask = 0: the engine records INVALID_PRICE once) —
+        becomes a :class:`~.engine_port.Quote` for :meth:`_consider`."""
         event_ms = data.get("E") or data.get("T")
         try:
             bid, ask = Decimal(data["b"]), Decimal(data["a"])
@@ -372,14 +398,13 @@ class StreamMonitor:
             bid = ask = Decimal("0")  # unusable: the engine records INVALID_PRICE once
         if 0 < bid <= ask and not levels.may_trigger(bid, ask):  # the common case, decided here
             _QUOTE_LAG.observe(_lag(received, event_ms))
-            return None
+            return
         try:
             bid_qty, ask_qty = Decimal(data.get("B", "0")), Decimal(data.get("A", "0"))
         except (InvalidOperation, TypeError):
             bid_qty = ask_qty = Decimal("0")
         quote = port.Quote(symbol, bid, ask, bid_qty, ask_qty, datetime.now(timezone.utc))
         self._consider(quote, received, event_ms)
-        return None
 
     # ------------------------------------------------------------------ decisions
     def _consider(self, quote, received: float, event_ms: int | None = None, *, missing_symbol: str | None = None) -> None:

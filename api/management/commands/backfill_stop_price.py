@@ -95,19 +95,15 @@ class Skip(Exception):
 def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal, tick: Decimal | None) -> Decimal:
     """The absolute ``kind`` ("stop" or "target") level of a ``side`` (BUY long, SELL short)
     operation, in the quote asset, rounded to ``tick`` towards ``entry`` (see the module
-    docstring). Raises :class:`Skip` with the reason when it cannot be computed or lands on the
-    wrong side of the entry (the rule of :func:`stopmonitor.operations.check_levels`)."""
+    docstring). Raises :class:`Skip` with the reason when it cannot be computed
+    (:func:`_require_inputs`) or lands on the wrong side of the entry (the rule of
+    :func:`stopmonitor.operations.check_levels`)."""
     from stopmonitor.operations import LevelError, check_levels
     from stopmonitor.rules import decimal_str, round_to_tick
 
     # the same numbers without the column's trailing zeros, so messages read "100", not "100.00000000"
     entry, percent, tick = (None if v is None else Decimal(decimal_str(v)) for v in (entry, percent, tick))
-    if entry is None or entry <= 0:
-        raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
-    if tick is None or tick <= 0:
-        raise Skip(NO_TICK_SIZE, "the symbol has no tickSize")
-    if percent <= 0 or percent >= 100:
-        raise Skip(PERCENT_OUT_OF_RANGE, f"{kind} percentage {percent} is not between 0 and 100")
+    _require_inputs(kind, entry, percent, tick)
     below = (kind == "stop") == (side == "BUY")  # a long's stop and a short's target sit below the entry
     raw = entry * (1 - percent / 100) if below else entry * (1 + percent / 100)
     price = round_to_tick(raw, tick, up=below)
@@ -116,6 +112,17 @@ def compute_level(kind: str, side: str, entry: Decimal | None, percent: Decimal,
     except LevelError as exc:
         raise Skip(WRONG_SIDE, f"{kind} {decimal_str(price)} from {percent}% at tickSize {tick}: {exc}") from None
     return price
+
+
+def _require_inputs(kind: str, entry: Decimal | None, percent: Decimal, tick: Decimal | None) -> None:
+    """Raises :class:`Skip` ``no_entry_price`` (missing or not positive), ``no_tick_size`` or
+    ``percent_out_of_range`` (≤ 0 or ≥ 100), checked in that order."""
+    if entry is None or entry <= 0:
+        raise Skip(NO_ENTRY_PRICE, "entry_price is empty" if entry is None else f"entry_price {entry} is not positive")
+    if tick is None or tick <= 0:
+        raise Skip(NO_TICK_SIZE, "the symbol has no tickSize")
+    if percent <= 0 or percent >= 100:
+        raise Skip(PERCENT_OUT_OF_RANGE, f"{kind} percentage {percent} is not between 0 and 100")
 
 
 def event_venue(configured: str) -> str:
@@ -375,6 +382,78 @@ class _Row:
     quantity: Decimal | None = None
 
 
+@dataclass
+class _BatchOutcome:
+    """What one batch found, kept until its transaction has committed: the summary is counted
+    only then, so a retried batch counts once. ``skips``: ``(operation id, level field or None,
+    reason, detail)``; ``would``: ``(row, Change)`` with ``--dry-run``; ``already``: candidates
+    with nothing left to do; ``updated`` / ``stops_set`` / ``targets_set``: what was written."""
+
+    skips: list[tuple[int, str | None, str, str]] = field(default_factory=list)
+    would: list = field(default_factory=list)
+    already: int = 0
+    updated: int = 0
+    stops_set: int = 0
+    targets_set: int = 0
+
+    def skip_locked(self, ids) -> None:
+        """``ids`` (in order) are held by another transaction: skipped, a re-run picks them up."""
+        self.skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up") for pk in ids)
+
+    def take(self, pk: int, planned: tuple[Change | None, list[tuple[str, Skip]]]) -> Change | None:
+        """:func:`plan_operation`'s answer for ``pk``: the change to write, else None — its skips
+        recorded, or counted as already done when nothing is left to do."""
+        change, level_skips = planned
+        if level_skips:
+            self.skips.extend((pk, name, sk.reason, sk.detail) for name, sk in level_skips)
+            return None
+        if change is None:
+            self.already += 1
+        return change
+
+    def count(self, change: Change) -> None:
+        """One operation updated (or, with ``--dry-run``, that would be)."""
+        self.updated += 1
+        self.stops_set += "stop_price" in change.levels
+        self.targets_set += "target_price" in change.levels
+
+
+def _decide_check_rows(cursor, out: _BatchOutcome) -> int:
+    """Step 2 of :meth:`Backfill._batch_sql`: the ``check`` rows through :func:`plan_operation`
+    (skips and already-done counted in ``out``); a row it accepts after all becomes ``ok`` with
+    its levels. Returns how many it accepted."""
+    cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick, "
+                   f"quantity, min_notional, max_qty FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
+    accepted = []
+    for (pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick, quantity, min_notional,
+         max_qty) in cursor.fetchall():
+        op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price,
+                  _Symbol(tick, min_notional, max_qty), quantity)
+        change = out.take(pk, plan_operation(op))
+        if change is not None:  # numeric said no, Decimal says yes: Python decides (has not happened; kept safe)
+            levels = change.levels
+            accepted.append((levels.get("stop_price", (None,))[0], levels.get("target_price", (None,))[0], pk))
+    if accepted:
+        cursor.executemany(f"UPDATE {BATCH_TABLE} SET state = 'ok', new_stop = %s, new_target = %s "
+                           f"WHERE id = %s", accepted)
+    return len(accepted)
+
+
+def _would_set_rows(cursor) -> list[tuple[_Row, Change]]:
+    """``--dry-run`` of :meth:`Backfill._batch_sql`: the ``ok`` rows and the levels they would get."""
+    cursor.execute(f"SELECT id, side, entry, tick, new_stop, stop_pct, new_target, target_pct "
+                   f"FROM {BATCH_TABLE} WHERE state = 'ok' ORDER BY id")
+    would = []
+    for pk, side, entry, tick, new_stop, stop_pct, new_target, target_pct in cursor.fetchall():
+        levels = {}
+        if new_stop is not None:
+            levels["stop_price"] = (new_stop, stop_pct)
+        if new_target is not None:
+            levels["target_price"] = (new_target, target_pct)
+        would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
+    return would
+
+
 class Backfill:
     """One run: walks the candidates in batches and reports through ``out`` (stdout lines) and ``progress``."""
 
@@ -478,96 +557,78 @@ class Backfill:
 
         1. one statement picks the next ``size`` candidates by keyset, locks the free ones
            (``FOR UPDATE SKIP LOCKED``), re-checks them under the lock, computes their levels in
-           ``numeric`` (:data:`LEVELS_SQL`, the same arithmetic as :func:`compute_level`) with
+           ``numeric`` (:func:`_level_sql`, the same arithmetic as :func:`compute_level`) with
            their stream version, and keeps them in a temporary table with a state: ``ok`` (write),
            ``done`` (nothing left to do) or ``check`` (some level cannot be written);
         2. the ``check`` rows — the only ones read into Python — go through :func:`plan_operation`,
-           which names every skip (and is the authority: a level it computes is written);
+           which names every skip (and is the authority: a level it computes is written)
+           (:func:`_decide_check_rows`);
         3. the events of the ``ok`` rows are built with ``jsonb_build_object`` into the staging
            table of :func:`stopmonitor.events.append_many`, which appends them in one statement;
            a stream that moved is skipped as ``conflict`` and the rest appended;
-        4. one ``UPDATE … FROM`` writes the levels.
+        4. one ``UPDATE … FROM`` writes the levels (3 and 4: :meth:`_write_ok_rows`; with
+           ``--dry-run`` the ``ok`` rows are read instead, :func:`_would_set_rows`).
         Returns ``(candidates looked at, the last candidate id)``."""
         from django.db import connection, transaction
 
-        from stopmonitor.events import ConcurrencyConflict, append_many
-
         now = datetime.now(timezone.utc)
-        skips: list[tuple[int, str | None, str, str]] = []
-        would: list = []
-        written = (0, 0, 0)
+        out = _BatchOutcome()
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(_BATCH_TABLE_DDL)
             params = {"last": last_id, "size": size, "tenant": self.tenant_id}
             cursor.execute(_lock_and_plan_sql(self.tenant_id is not None), params)
-            n, last, locked_ids, already, n_check, n_ok = cursor.fetchone()
+            n, last, locked_ids, out.already, n_check, n_ok = cursor.fetchone()
             if not n:
                 return 0, last_id
-            skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
-                         for pk in locked_ids)
+            out.skip_locked(locked_ids)
             if n_check:
-                cursor.execute(f"SELECT id, side, entry, stop_pct, target_pct, stop_price, target_price, tick, "
-                               f"quantity, min_notional, max_qty FROM {BATCH_TABLE} WHERE state = 'check' ORDER BY id")
-                accepted = []
-                for (pk, side, entry, stop_pct, target_pct, stop_price, target_price, tick, quantity, min_notional,
-                     max_qty) in cursor.fetchall():
-                    op = _Row(pk, side, entry, stop_pct, target_pct, stop_price, target_price,
-                              _Symbol(tick, min_notional, max_qty), quantity)
-                    change, level_skips = plan_operation(op)
-                    if level_skips:
-                        skips.extend((pk, name, sk.reason, sk.detail) for name, sk in level_skips)
-                    elif change is None:
-                        already += 1
-                    else:  # numeric said no, Decimal says yes: Python decides (has not happened; kept safe)
-                        levels = change.levels
-                        accepted.append((levels.get("stop_price", (None,))[0], levels.get("target_price", (None,))[0],
-                                         pk))
-                if accepted:
-                    cursor.executemany(f"UPDATE {BATCH_TABLE} SET state = 'ok', new_stop = %s, new_target = %s "
-                                       f"WHERE id = %s", accepted)
-                    n_ok += len(accepted)
+                n_ok += _decide_check_rows(cursor, out)
             if n_ok and self.dry_run:
-                cursor.execute(f"SELECT id, side, entry, tick, new_stop, stop_pct, new_target, target_pct "
-                               f"FROM {BATCH_TABLE} WHERE state = 'ok' ORDER BY id")
-                for pk, side, entry, tick, new_stop, stop_pct, new_target, target_pct in cursor.fetchall():
-                    levels = {}
-                    if new_stop is not None:
-                        levels["stop_price"] = (new_stop, stop_pct)
-                    if new_target is not None:
-                        levels["target_price"] = (new_target, target_pct)
-                    would.append((_Row(pk, side, entry, None, None, None, None, _Symbol(tick)), Change(pk, levels)))
+                out.would = _would_set_rows(cursor)
             elif n_ok:
-                while True:
-                    try:
-                        append_many(staged=True, relation=EVENTS_VIEW, source="backfill", venue=self.venue, now=now)
-                        break
-                    except ConcurrencyConflict as exc:  # those streams moved: skip them, append the rest
-                        moved = getattr(exc, "moved", None)
-                        if not moved:
-                            raise
-                        ids = sorted(moved)
-                        skips.extend((pk, None, CONFLICT, f"operation {pk}: stream at version {moved[pk][0]}, "
-                                                          f"expected {moved[pk][1]}") for pk in ids)
-                        cursor.execute(f"UPDATE {BATCH_TABLE} SET state = 'conflict' WHERE id = ANY(%s)", [ids])
-                cursor.execute(_update_levels_sql(), [now])
-                written = cursor.fetchone()
-            if self.batch_sleep:
-                self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
-                time.sleep(self.batch_sleep)
-        # committed (or a read-only dry run): count and report
-        s = self.summary
-        s.already_done += already
-        for op, change in would:
-            self._report_would_set(op, change)
-            s.updated += 1
-            s.stops_set += "stop_price" in change.levels
-            s.targets_set += "target_price" in change.levels
-        updated, stops, targets = written
-        s.updated += updated
-        s.stops_set += stops
-        s.targets_set += targets
-        self._count_skips(skips)
+                self._write_ok_rows(cursor, now, out)
+            self._inside_batch_hook()
+        self._apply(out)  # committed (or a read-only dry run)
         return n, last
+
+    def _write_ok_rows(self, cursor, now: datetime, out: _BatchOutcome) -> None:
+        """Steps 3 and 4 of :meth:`_batch_sql`: append the events of the ``ok`` rows (a stream that
+        moved meanwhile: its rows become ``conflict`` skips and the rest is appended again), then
+        write their levels."""
+        from stopmonitor.events import ConcurrencyConflict, append_many
+
+        while True:
+            try:
+                append_many(staged=True, relation=EVENTS_VIEW, source="backfill", venue=self.venue, now=now)
+                break
+            except ConcurrencyConflict as exc:  # those streams moved: skip them, append the rest
+                moved = getattr(exc, "moved", None)
+                if not moved:
+                    raise
+                ids = sorted(moved)
+                out.skips.extend((pk, None, CONFLICT, f"operation {pk}: stream at version {moved[pk][0]}, "
+                                                      f"expected {moved[pk][1]}") for pk in ids)
+                cursor.execute(f"UPDATE {BATCH_TABLE} SET state = 'conflict' WHERE id = ANY(%s)", [ids])
+        cursor.execute(_update_levels_sql(), [now])
+        out.updated, out.stops_set, out.targets_set = cursor.fetchone()
+
+    def _inside_batch_hook(self) -> None:
+        """``STOPMONITOR_BACKFILL_BATCH_SLEEP``: announce the batch and sleep before its commit."""
+        if self.batch_sleep:
+            self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
+            time.sleep(self.batch_sleep)
+
+    def _apply(self, out: _BatchOutcome) -> None:
+        """Count and report a committed batch (or a dry run's): would-set lines, then skip lines."""
+        s = self.summary
+        s.already_done += out.already
+        for op, change in out.would:
+            self._report_would_set(op, change)
+            out.count(change)
+        s.updated += out.updated
+        s.stops_set += out.stops_set
+        s.targets_set += out.targets_set
+        self._count_skips(out.skips)
 
     def _count_skips(self, skips: list[tuple[int, str | None, str, str]]) -> None:
         s = self.summary
@@ -582,98 +643,111 @@ class Backfill:
     def _batch(self, ids: list[int]) -> None:
         """Other databases than PostgreSQL (development on SQLite): the same batch, one model object
         and one :func:`compute_level` per operation. One transaction: lock what is free, re-check
-        under the lock, append events, update rows. Counters are applied only after the commit, so
-        a retried batch counts once."""
+        under the lock (:func:`_plan_rows`), append events, update rows (:meth:`_write_plans`).
+        Counters are applied only after the commit, so a retried batch counts once."""
         from django.db import transaction
-        from django.db.models import Max
 
-        from api.models import Operation, StopMonitorEvent
-        from stopmonitor.events import ConcurrencyConflict, append_events, append_many
-        from stopmonitor.execution import NewEvent
-        from stopmonitor.rules import decimal_str
+        from api.models import Operation
 
         now = datetime.now(timezone.utc)
-        skips: list[tuple[int, str | None, str, str]] = []
-        written: list[Change] = []
-        would: list = []
-        already = 0
+        out = _BatchOutcome()
         with transaction.atomic():
             rows = list(
                 Operation.objects.select_for_update(skip_locked=True, of=("self",)).select_related("symbol")
                 .filter(pk__in=ids).order_by("pk")
             )
-            locked_ids = set(ids) - {op.pk for op in rows}
-            skips.extend((pk, None, LOCKED, "row locked by another transaction; a re-run picks it up")
-                         for pk in sorted(locked_ids))
-            plans = []
-            for op in rows:
-                if op.status not in OPEN_STATUSES:
-                    already += 1  # closed or cancelled since it was listed
-                    continue
-                change, level_skips = plan_operation(op)
-                if level_skips:
-                    skips.extend((op.pk, name, sk.reason, sk.detail) for name, sk in level_skips)
-                elif change is None:
-                    already += 1  # its levels were set since it was listed
-                else:
-                    plans.append((op, change))
+            out.skip_locked(sorted(set(ids) - {op.pk for op in rows}))
+            plans = _plan_rows(rows, out)
             if self.dry_run:
-                would = plans
+                out.would = plans
             elif plans:
-                versions = dict(
-                    StopMonitorEvent.objects.filter(operation_id__in=[op.pk for op, _ in plans])
-                    .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
-                )
-                to_update = []
-                items = []
-                for op, change in plans:
-                    events = []
-                    for kind, price_field, pct_field, event_type in LEVELS:
-                        if price_field not in change.levels:
-                            continue
-                        price, pct = change.levels[price_field]
-                        events.append(NewEvent(event_type, {
-                            price_field: decimal_str(price),
-                            pct_field: decimal_str(pct),
-                            "entry_price": decimal_str(op.entry_price),
-                            "tick_size": decimal_str(op.symbol.tick_size),
-                            "rounding": "towards_entry",
-                        }))
-                    items.append((op, versions.get(op.pk, 0), events, change))
-                try:  # the set-based writer: one version check and one COPY for the batch
-                    append_many([(op, v, evs) for op, v, evs, _ in items], source="backfill", venue=self.venue, now=now)
-                    appended = items
-                except ConcurrencyConflict:  # a stream moved: fall back to one append per operation
-                    appended = []
-                    for op, v, evs, change in items:
-                        try:
-                            with transaction.atomic():
-                                append_events(op, v, evs, source="backfill", venue=self.venue, now=now)
-                        except ConcurrencyConflict as exc:
-                            skips.append((op.pk, None, CONFLICT, str(exc)))
-                            continue
-                        appended.append((op, v, evs, change))
-                for op, _, _, change in appended:
-                    for name, (price, _) in change.levels.items():
-                        setattr(op, name, price)
-                    op.updated_at = now
-                    to_update.append(op)
-                    written.append(change)
-                if to_update:
-                    Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
-            if self.batch_sleep:
-                self.progress.note(f"hook: inside batch {self.summary.batches + 1}")
-                time.sleep(self.batch_sleep)
-        # committed (or a read-only dry run): count and report
-        s = self.summary
-        s.already_done += already
-        for op, change in would:
-            self._report_would_set(op, change)
-        for change in (written if not self.dry_run else [c for _, c in would]):
-            s.updated += 1
-            s.stops_set += "stop_price" in change.levels
-            s.targets_set += "target_price" in change.levels
-        self._count_skips(skips)
+                self._write_plans(plans, now, out)
+            self._inside_batch_hook()
+        self._apply(out)  # committed (or a read-only dry run)
+
+    def _write_plans(self, plans: list, now: datetime, out: _BatchOutcome) -> None:
+        """The model path's writes for ``plans`` (``(operation, Change)``, rows locked): their
+        STOP_SET / TARGET_SET events at each stream's current version (:meth:`_append_plans`),
+        then the levels of the operations whose events were appended, in one ``bulk_update``."""
+        from django.db.models import Max
+
+        from api.models import Operation, StopMonitorEvent
+
+        versions = dict(
+            StopMonitorEvent.objects.filter(operation_id__in=[op.pk for op, _ in plans])
+            .values("operation_id").annotate(v=Max("version")).values_list("operation_id", "v")
+        )
+        items = [(op, versions.get(op.pk, 0), _level_events(op, change), change) for op, change in plans]
+        to_update = []
+        for op, change in self._append_plans(items, now, out):
+            for name, (price, _) in change.levels.items():
+                setattr(op, name, price)
+            op.updated_at = now
+            to_update.append(op)
+            out.count(change)
+        if to_update:
+            Operation.objects.bulk_update(to_update, ["stop_price", "target_price", "updated_at"])
+
+    def _append_plans(self, items: list, now: datetime, out: _BatchOutcome) -> list:
+        """Append the events of ``items`` (``(operation, version, events, Change)``) with the
+        set-based writer: one version check and one COPY for the batch. A stream that moved makes it
+        refuse them all: then one append per operation, and the moved ones are ``conflict`` skips.
+        Returns ``(operation, Change)`` of those appended."""
+        from django.db import transaction
+
+        from stopmonitor.events import ConcurrencyConflict, append_events, append_many
+
+        try:
+            append_many([(op, v, evs) for op, v, evs, _ in items], source="backfill", venue=self.venue, now=now)
+            return [(op, change) for op, _, _, change in items]
+        except ConcurrencyConflict:  # a stream moved: fall back to one append per operation
+            pass
+        appended = []
+        for op, v, evs, change in items:
+            try:
+                with transaction.atomic():
+                    append_events(op, v, evs, source="backfill", venue=self.venue, now=now)
+            except ConcurrencyConflict as exc:
+                out.skips.append((op.pk, None, CONFLICT, str(exc)))
+                continue
+            appended.append((op, change))
+        return appended
+
+
+def _plan_rows(rows: list, out: _BatchOutcome) -> list:
+    """The model path's re-check under the lock: ``(operation, Change)`` for each row to write;
+    one closed or cancelled since it was listed, or whose levels were set meanwhile, counts as
+    already done; skips are recorded in ``out``."""
+    plans = []
+    for op in rows:
+        if op.status not in OPEN_STATUSES:
+            out.already += 1  # closed or cancelled since it was listed
+            continue
+        change = out.take(op.pk, plan_operation(op))
+        if change is not None:
+            plans.append((op, change))
+    return plans
+
+
+def _level_events(op, change: Change) -> list:
+    """The ``STOP_SET`` / ``TARGET_SET`` events (stop first) of ``change`` for ``op``; payload
+    values as :func:`stopmonitor.rules.decimal_str` writes them."""
+    from stopmonitor.execution import NewEvent
+    from stopmonitor.rules import decimal_str
+
+    events = []
+    for _, price_field, pct_field, event_type in LEVELS:
+        if price_field not in change.levels:
+            continue
+        price, pct = change.levels[price_field]
+        events.append(NewEvent(event_type, {
+            price_field: decimal_str(price),
+            pct_field: decimal_str(pct),
+            "entry_price": decimal_str(op.entry_price),
+            "tick_size": decimal_str(op.symbol.tick_size),
+            "rounding": "towards_entry",
+        }))
+    return events
 
 
 def _fmt_eta(seconds: float) -> str:
