@@ -332,18 +332,35 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
     if not result.is_final:
         return Outcome(None, Decimal("0"), False)
     if executed <= 0:
-        payload = {
-            "code": None,
-            "message": f"order {result.status} with executedQty 0",
-            "reason": f"{result.status}_NO_FILL",
-            "order_id": result.exchange_order_id,
-            "exchange_status": result.status,
-            "executed_qty": "0",
-            "definite": True,
-        }
-        if getattr(result, "expiry_reason", None):
-            payload["expiry_reason"] = result.expiry_reason
-        return Outcome(NewEvent(FAILED, payload, token), Decimal("0"), True)
+        return Outcome(NewEvent(FAILED, _no_fill_payload(result), token), Decimal("0"), True)
+    payload = _fill_payload(requested, level, result, source_note)
+    kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
+    if kind == PARTIALLY_EXECUTED:
+        payload["unfilled_qty"] = decimal_str(requested - executed)
+    if getattr(result, "expiry_reason", None):  # price-range rule, self-trade prevention, liquidity (issue #12 item 14)
+        payload["expiry_reason"] = result.expiry_reason
+    return Outcome(NewEvent(kind, payload, token), executed, False)
+
+
+def _no_fill_payload(result) -> dict[str, Any]:
+    """The ``FAILED`` payload of a final order that filled nothing (``definite``: nothing was sold)."""
+    payload = {
+        "code": None,
+        "message": f"order {result.status} with executedQty 0",
+        "reason": f"{result.status}_NO_FILL",
+        "order_id": result.exchange_order_id,
+        "exchange_status": result.status,
+        "executed_qty": "0",
+        "definite": True,
+    }
+    if getattr(result, "expiry_reason", None):
+        payload["expiry_reason"] = result.expiry_reason
+    return payload
+
+
+def _fill_payload(requested: Decimal, level: Decimal | None, result, source_note: str) -> dict[str, Any]:
+    """The ``EXECUTED`` / ``PARTIALLY_EXECUTED`` payload: the order, its fills, the average price
+    (8 decimals), the slippage from ``level`` (None without a level or a price) and ``note``."""
     avg = result.avg_price
     slip = slippage_pct(result.side, level, avg) if (level and avg) else None
     payload = {
@@ -351,7 +368,7 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
         "client_order_id": result.client_order_id,
         "exchange_status": result.status,
         "requested_qty": decimal_str(requested),
-        "executed_qty": decimal_str(executed),
+        "executed_qty": decimal_str(result.executed_qty),
         "avg_price": decimal_str(avg.quantize(Decimal("0.00000001")) if avg is not None else None),
         "cummulative_quote_qty": decimal_str(result.cummulative_quote_qty),
         "commission": decimal_str(result.commission),
@@ -365,9 +382,4 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
     }
     if source_note:
         payload["note"] = source_note
-    kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
-    if kind == PARTIALLY_EXECUTED:
-        payload["unfilled_qty"] = decimal_str(requested - executed)
-    if getattr(result, "expiry_reason", None):  # price-range rule, self-trade prevention, liquidity (issue #12 item 14)
-        payload["expiry_reason"] = result.expiry_reason
-    return Outcome(NewEvent(kind, payload, token), executed, False)
+    return payload
