@@ -109,26 +109,15 @@ def verify_rows(rows: Iterable[tuple], *, keep_heads: bool = False, report: Repo
     prev = GENESIS
     expected_version = 1
     stream_broken = False
-    for (sequence, operation_id, version, event_type, tenant_id, symbol, token, source, venue, created_at,
-         payload_text, stored) in rows:
+    for row in rows:
+        _sequence, operation_id, version, *_fields, stored = row
         if operation_id != current:
             current, prev, expected_version, stream_broken = operation_id, GENESIS, 1, False
             report.streams += 1
         report.events += 1
         stored = bytes(stored) if stored is not None else None
         if not stream_broken:
-            problem = None
-            if version != expected_version:
-                problem = Broken("version", sequence, operation_id, version, f"expected version {expected_version}")
-            elif stored is None:
-                problem = Broken("missing_hash", sequence, operation_id, version, "no chain hash stored")
-            else:
-                computed = link(prev, header(operation_id, version, event_type, tenant_id, symbol, token, source,
-                                             venue, created_at), payload_text)
-                if computed != stored:
-                    problem = Broken("hash", sequence, operation_id, version,
-                                     f"stored {stored.hex()[:16]}…, recomputed {computed.hex()[:16]}… "
-                                     f"(this event's content or its link to version {version - 1} was changed)")
+            problem = _row_break(row, stored, prev, expected_version)
             if problem is not None:
                 report.broken.append(problem)
                 stream_broken = True
@@ -139,6 +128,24 @@ def verify_rows(rows: Iterable[tuple], *, keep_heads: bool = False, report: Repo
     if heads is not None:
         report.heads = heads
     return report
+
+
+def _row_break(row: tuple, stored: bytes | None, prev: bytes, expected_version: int) -> Broken | None:
+    """The break at ``row`` (a :func:`verify_rows` row) of a stream intact so far, or None: a version
+    out of turn, no hash stored, or a ``stored`` hash that :func:`link` from ``prev`` does not give."""
+    (sequence, operation_id, version, event_type, tenant_id, symbol, token, source, venue, created_at,
+     payload_text, _) = row
+    if version != expected_version:
+        return Broken("version", sequence, operation_id, version, f"expected version {expected_version}")
+    if stored is None:
+        return Broken("missing_hash", sequence, operation_id, version, "no chain hash stored")
+    computed = link(prev, header(operation_id, version, event_type, tenant_id, symbol, token, source, venue,
+                                 created_at), payload_text)
+    if computed != stored:
+        return Broken("hash", sequence, operation_id, version,
+                      f"stored {stored.hex()[:16]}…, recomputed {computed.hex()[:16]}… "
+                      f"(this event's content or its link to version {version - 1} was changed)")
+    return None
 
 
 def verify_global(rows: Iterable[tuple], report: Report) -> Report:

@@ -130,13 +130,34 @@ def plan_close(snapshot: CloseSnapshot, trigger: Trigger, quote, now: datetime) 
     """Decide transaction 1 for one crossed level (``quote``: best bid/ask with ``bid``/``ask``).
 
     A trigger other than ``MANUAL`` is re-checked against the snapshot's levels (they may have
-    moved since the pass loaded them; what is crossed now is acted on).
+    moved since the pass loaded them; what is crossed now is acted on). Then the guardrails
+    (:func:`_guardrails`, in their business order), then the close quantity.
     """
     trigger = recheck(snapshot.status, snapshot.side, snapshot.stop_price, snapshot.target_price, trigger, quote)
     if isinstance(trigger, Skip):
         return trigger
     closing = close_side(snapshot.side)
     observed = quote.bid if closing == SELL else quote.ask
+    breaker, slippage, block = _guardrails(snapshot, trigger, closing, observed, now)
+    if block is not None:
+        return Hold(block, trigger)
+    free = available(snapshot, closing, observed)
+    qty = close_quantity(snapshot.remaining, free, snapshot.step_size,
+                         snapshot.min_qty, snapshot.min_notional, observed, snapshot.max_qty)
+    tolerance = fee_tolerance(snapshot)
+    if qty.blocked_reason:
+        return _not_closable(snapshot, trigger, qty, tolerance)
+    token = execution_token(snapshot.operation_id, trigger.kind, trigger.level, snapshot.attempt)
+    dust, shortfall = _left_over(snapshot, qty.quantity, free, tolerance, observed)
+    return Close(trigger, closing, observed, qty.quantity, token, snapshot.attempt, breaker, slippage, dust, shortfall)
+
+
+def _guardrails(snapshot: CloseSnapshot, trigger: Trigger, closing: str, observed: Decimal,
+                now: datetime) -> tuple[g.BreakerState, g.SlippageCheck | None, g.Block | None]:
+    """The guardrails in their business order — kill switch, circuit breaker, rate limit
+    (:func:`_guards`), then slippage (not for ``MANUAL``), then the symbol's trading status; a later
+    one runs only when no earlier one blocked. Returns the breaker state to keep, the slippage
+    check (None when it did not run) and the first block (None: the close may go on)."""
     breaker, block = _guards(snapshot, now)
     slippage = None
     if block is None and trigger.kind != MANUAL:
@@ -146,26 +167,32 @@ def plan_close(snapshot: CloseSnapshot, trigger: Trigger, quote, now: datetime) 
     if block is None and snapshot.symbol_status in NOT_TRADING_STATUSES:
         block = g.Block(g.BlockReason.SYMBOL_STATUS, f"symbol status {snapshot.symbol_status}: Binance takes no new "
                                                      "order", key=snapshot.symbol_status)
-    if block is not None:
-        return Hold(block, trigger)
-    free = available(snapshot, closing, observed)
-    qty = close_quantity(snapshot.remaining, free, snapshot.step_size,
-                         snapshot.min_qty, snapshot.min_notional, observed, snapshot.max_qty)
-    tolerance = fee_tolerance(snapshot)
-    if qty.blocked_reason:
-        if qty.blocked_reason in UNSELLABLE and snapshot.remaining <= tolerance:
-            return CloseAsDust(snapshot.remaining, f"remaining {decimal_str(snapshot.remaining)} cannot be sold "
-                                                   f"({qty.detail}) and is within the fee tolerance "
-                                                   f"{decimal_str(tolerance)}: closed as dust")
-        return Hold(g.Block(qty.blocked_reason, qty.detail), trigger)
-    token = execution_token(snapshot.operation_id, trigger.kind, trigger.level, snapshot.attempt)
-    rest = snapshot.remaining - qty.quantity
-    dust = shortfall = Decimal("0")
+    return breaker, slippage, block
+
+
+def _not_closable(snapshot: CloseSnapshot, trigger: Trigger, qty, tolerance: Decimal) -> Hold | CloseAsDust:
+    """The close quantity is blocked (``qty.blocked_reason``): close as dust when the remainder can
+    never be sold and is within the fee ``tolerance``, else hold with the quantity's block."""
+    if qty.blocked_reason in UNSELLABLE and snapshot.remaining <= tolerance:
+        return CloseAsDust(snapshot.remaining, f"remaining {decimal_str(snapshot.remaining)} cannot be sold "
+                                               f"({qty.detail}) and is within the fee tolerance "
+                                               f"{decimal_str(tolerance)}: closed as dust")
+    return Hold(g.Block(qty.blocked_reason, qty.detail), trigger)
+
+
+def _left_over(snapshot: CloseSnapshot, quantity: Decimal, free: Decimal | None, tolerance: Decimal,
+               observed: Decimal) -> tuple[Decimal, Decimal]:
+    """``(dust, shortfall)`` of a close of ``quantity`` (base asset), at most one of them non-zero.
+
+    dust: an unsellable rest within the fee ``tolerance`` (the fee took it: the operation closes
+    with this close); shortfall: the free balance falls short of the remaining by more than the
+    tolerance (sell what is there, protection first; recorded once)."""
+    rest = snapshot.remaining - quantity
     if rest > 0 and rest <= tolerance and not _sellable(rest, snapshot, observed):
-        dust = rest  # the fee took it: close the operation with this close
-    elif free is not None and rest > tolerance and free < snapshot.remaining:
-        shortfall = snapshot.remaining - free  # sell what is there, protection first; recorded once
-    return Close(trigger, closing, observed, qty.quantity, token, snapshot.attempt, breaker, slippage, dust, shortfall)
+        return rest, Decimal("0")
+    if free is not None and rest > tolerance and free < snapshot.remaining:
+        return Decimal("0"), snapshot.remaining - free
+    return Decimal("0"), Decimal("0")
 
 
 #: close-quantity blocks that mean "this remainder can never be sold"

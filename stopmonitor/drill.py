@@ -265,48 +265,27 @@ def check_against_source(restored_url: str, source_url: str, target_time: str | 
 
 
 def run(config: Config) -> Report:
-    """Restore, check, clean up. Never raises for a failed step: it becomes a failed check."""
+    """Restore, check, clean up. Never raises for a failed step: it becomes a failed check.
+
+    Checks, in order: restore, migrations, event_chains, projections, then source (with
+    ``compare_url``); a command that does not answer within ``timeout_s`` ends the drill with a
+    failed ``timeout`` check. The scratch server is stopped in every case."""
     report = Report()
     scratch = Scratch(config)
     started = time.monotonic()
     try:
-        try:
-            scratch.restore()
-            scratch.start()
-        except DrillError as exc:
-            report.checks.append(Check("restore", False, str(exc)))
+        if not _restore(scratch, config, report, started):
             return report
-        report.restore_s = round(time.monotonic() - started, 1)
-        report.checks.append(Check("restore", True, f"restored and recovered in {report.restore_s}s"
-                                   + (f" to {config.target_time}" if config.target_time else " to the end of the WAL")))
         report.backup_bytes = sum(p.stat().st_size for p in scratch.pgdata.rglob("*") if p.is_file())
         url = scratch.url()
         verify_started = time.monotonic()
         timeout = config.timeout_s
-        done = _manage(url, "migrate", "--check", "--noinput", timeout=timeout)
-        report.checks.append(Check("migrations", done.returncode == 0,
-                                   "all applied" if done.returncode == 0 else _first_line(done)))
-        done = _manage(url, "verify_events", "--json", timeout=timeout)
-        lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
-        summary = lines[-1] if lines and lines[-1].get("type") == "summary" else {}
-        report.events = summary.get("events")
-        if done.returncode == 0:
-            detail = f"{summary.get('events')} events in {summary.get('streams')} streams verify"
-        elif lines and lines[0].get("type") == "broken":
-            b = lines[0]
-            detail = (f"{summary.get('broken')} broken; first: {b['kind']} at event sequence {b['sequence']} "
-                      f"(operation {b['operation_id']} version {b['version']}): {b['detail']}")
-        else:
-            detail = _first_line(done)
-        report.checks.append(Check("event_chains", done.returncode == 0, detail))
+        report.checks.append(_check_migrations(url, timeout))
+        report.checks.append(_check_event_chains(url, timeout, report))
         done = _manage(url, "rebuild_projections", "--verify", timeout=timeout)
         report.checks.append(Check("projections", done.returncode == 0, _first_line(done)))
         if config.compare_url:
-            try:
-                report.checks.append(check_against_source(url, config.compare_url, config.target_time,
-                                                          config.commit_slack_s, report))
-            except Exception as exc:  # noqa: BLE001 - a check that cannot run fails
-                report.checks.append(Check("source", False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
+            report.checks.append(_check_source(url, config, report))
         report.verify_s = round(time.monotonic() - verify_started, 1)
     except subprocess.TimeoutExpired as exc:
         report.checks.append(Check("timeout", False, f"{exc.cmd[2] if len(exc.cmd) > 2 else exc.cmd}: no answer"))
@@ -314,6 +293,53 @@ def run(config: Config) -> Report:
         scratch.stop()
         report.ok = bool(report.checks) and all(c.ok for c in report.checks)
     return report
+
+
+def _restore(scratch: Scratch, config: Config, report: Report, started: float) -> bool:
+    """Restore and start the scratch server, recording the ``restore`` check and ``restore_s``
+    (seconds since ``started``, a ``time.monotonic()``); False when it failed."""
+    try:
+        scratch.restore()
+        scratch.start()
+    except DrillError as exc:
+        report.checks.append(Check("restore", False, str(exc)))
+        return False
+    report.restore_s = round(time.monotonic() - started, 1)
+    report.checks.append(Check("restore", True, f"restored and recovered in {report.restore_s}s"
+                               + (f" to {config.target_time}" if config.target_time else " to the end of the WAL")))
+    return True
+
+
+def _check_migrations(url: str, timeout: float) -> Check:
+    """``migrate --check`` on the restored copy: every migration applied."""
+    done = _manage(url, "migrate", "--check", "--noinput", timeout=timeout)
+    return Check("migrations", done.returncode == 0, "all applied" if done.returncode == 0 else _first_line(done))
+
+
+def _check_event_chains(url: str, timeout: float, report: Report) -> Check:
+    """``verify_events --json`` on the restored copy; sets ``report.events`` from its summary line.
+    The detail names the first broken event, or the command's first line when it failed otherwise."""
+    done = _manage(url, "verify_events", "--json", timeout=timeout)
+    lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
+    summary = lines[-1] if lines and lines[-1].get("type") == "summary" else {}
+    report.events = summary.get("events")
+    if done.returncode == 0:
+        detail = f"{summary.get('events')} events in {summary.get('streams')} streams verify"
+    elif lines and lines[0].get("type") == "broken":
+        b = lines[0]
+        detail = (f"{summary.get('broken')} broken; first: {b['kind']} at event sequence {b['sequence']} "
+                  f"(operation {b['operation_id']} version {b['version']}): {b['detail']}")
+    else:
+        detail = _first_line(done)
+    return Check("event_chains", done.returncode == 0, detail)
+
+
+def _check_source(url: str, config: Config, report: Report) -> Check:
+    """:func:`check_against_source`; a check that cannot run (any exception) fails with its type and message."""
+    try:
+        return check_against_source(url, config.compare_url, config.target_time, config.commit_slack_s, report)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run fails
+        return Check("source", False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def write_metrics(path: Path, report: Report, config: Config, now: float) -> None:

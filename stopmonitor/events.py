@@ -78,26 +78,46 @@ def append_events(
     unique (operation, version) constraint is the last guard), leaving nothing written
     by this call.
     """
-    from api.models import Outbox, StopMonitorEvent
-
     if not connection.in_atomic_block:
         raise RuntimeError("append_events must run inside transaction.atomic")
     if not events:
         return []
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:  # its own statement: what follows reads a snapshot taken under it
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-        current, prev_hash, last_sequence, texts = _head_and_chain_inputs(operation.pk, [e.payload for e in events])
-    else:
-        current, prev_hash = (
-            StopMonitorEvent.objects.filter(operation_id=operation.pk).order_by("-version")
-            .values_list("version", "chain_hash").first()
-        ) or (0, None)
-        last_sequence, texts = _chain_inputs([e.payload for e in events])
+    current, prev_hash, last_sequence, texts = _lock_and_read_head(operation.pk, [e.payload for e in events])
     if current != expected_version:
         raise ConcurrencyConflict(
             f"operation {operation.pk}: stream at version {current}, expected {expected_version}"
         )
+    rows = _chained_rows(operation, expected_version, events, texts, prev_hash, source=source, venue=venue, now=now)
+    saved = _insert_linked(operation.pk, rows, last_sequence)
+    _project(saved)
+    _write_outbox(saved, now)
+    return saved
+
+
+def _lock_and_read_head(operation_id: int, payloads: list) -> tuple[int, bytes | None, int | None, list[str]]:
+    """Take the append lock (PostgreSQL; its own statement: what follows reads a snapshot taken under
+    it) and read ``(the stream's version, its last chain hash, the last committed sequence, each
+    payload as the database prints it)``; elsewhere the same from the ORM and :func:`_chain_inputs`."""
+    from api.models import StopMonitorEvent
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+        return _head_and_chain_inputs(operation_id, payloads)
+    current, prev_hash = (
+        StopMonitorEvent.objects.filter(operation_id=operation_id).order_by("-version")
+        .values_list("version", "chain_hash").first()
+    ) or (0, None)
+    last_sequence, texts = _chain_inputs(payloads)
+    return current, prev_hash, last_sequence, texts
+
+
+def _chained_rows(operation, expected_version: int, events: Sequence[NewEvent], texts: list[str],
+                  prev_hash: bytes | None, *, source: str, venue: str, now: datetime) -> list:
+    """Unsaved ``StopMonitorEvent`` rows for ``events`` as versions ``expected_version+1 …``, each
+    with its chain hash (:func:`stopmonitor.chain.link` from ``prev_hash``, the stream's last)."""
+    from api.models import StopMonitorEvent
+
     symbol = operation.symbol.symbol
     rows = []
     for i, (e, text) in enumerate(zip(events, texts), start=1):
@@ -117,6 +137,13 @@ def append_events(
             created_at=now,
             chain_hash=prev_hash,
         ))
+    return rows
+
+
+def _insert_linked(operation_id: int, rows: list, last_sequence: int | None) -> list:
+    """Insert ``rows`` in order in a savepoint, each naming the event committed before it
+    (``prev_sequence``); returns them saved. A unique-version violation (a concurrent writer)
+    rolls the savepoint back and raises :class:`ConcurrencyConflict`."""
     try:
         with transaction.atomic():
             saved = []
@@ -125,8 +152,14 @@ def append_events(
                 saved.append(_insert(row))
                 last_sequence = row.sequence
     except IntegrityError as exc:
-        raise ConcurrencyConflict(f"operation {operation.pk}: version taken by a concurrent writer") from exc
-    _project(saved)
+        raise ConcurrencyConflict(f"operation {operation_id}: version taken by a concurrent writer") from exc
+    return saved
+
+
+def _write_outbox(saved: list, now: datetime) -> None:
+    """One ``Outbox`` row per saved event, with its routing key, in one bulk insert."""
+    from api.models import Outbox
+
     Outbox.objects.bulk_create(
         [
             Outbox(
@@ -138,7 +171,6 @@ def append_events(
             for row in saved
         ]
     )
-    return saved
 
 
 # Staging table of :func:`append_many` (a temporary table of the session, emptied at every commit):
@@ -198,34 +230,45 @@ def append_many(items=(), *, source: str, venue: str, now: datetime, staged: boo
         raise RuntimeError("append_many must run inside transaction.atomic")
     items = [(op, v, evs) for op, v, evs in items if evs]
     if connection.vendor != "postgresql":
-        if staged:
-            raise RuntimeError("append_many(staged=True) needs PostgreSQL")
-        for op, version, evs in items:
-            append_events(op, version, evs, source=source, venue=venue, now=now)
-        return sum(len(evs) for _, _, evs in items)
+        return _append_each(items, staged, source=source, venue=venue, now=now)
     if not staged and not items:
         return 0
     if relation is not None and not staged:
         raise RuntimeError("append_many(relation=...) needs staged=True")
-    stage = relation or append_stage()
-    if not staged:
-        raw = connection.connection  # the psycopg connection, inside Django's transaction
-        with raw.cursor() as cur, cur.copy(
-            f"COPY {stage} (operation_id, expected_version, ord, event_type, tenant_id, symbol, execution_token, "
-            "payload) FROM STDIN"
-        ) as copy:
-            for op, version, evs in items:
-                symbol = op.symbol.symbol
-                for i, e in enumerate(evs, start=1):
-                    copy.write_row((op.pk, version, i, e.event_type, op.client_id, symbol, e.execution_token,
-                                    json.dumps(e.payload)))
+    if staged:  # the caller's rows: left in place on a conflict
+        return _append_staged(relation or append_stage(), source=source, venue=venue, now=now,
+                              keep=relation is not None)
+    stage = append_stage()
+    _copy_to_stage(stage, items)
     try:
-        return _append_staged(stage, source=source, venue=venue, now=now, keep=relation is not None)
+        return _append_staged(stage, source=source, venue=venue, now=now)
     except ConcurrencyConflict:
-        if not staged:
-            with connection.cursor() as cursor:
-                cursor.execute(f"TRUNCATE {stage}")
+        with connection.cursor() as cursor:  # the rows this call copied in
+            cursor.execute(f"TRUNCATE {stage}")
         raise
+
+
+def _append_each(items: list, staged: bool, *, source: str, venue: str, now: datetime) -> int:
+    """Not PostgreSQL: :func:`append_events` for each stream in turn (no staged form); returns the events written."""
+    if staged:
+        raise RuntimeError("append_many(staged=True) needs PostgreSQL")
+    for op, version, evs in items:
+        append_events(op, version, evs, source=source, venue=venue, now=now)
+    return sum(len(evs) for _, _, evs in items)
+
+
+def _copy_to_stage(stage: str, items: list) -> None:
+    """COPY ``items`` (``[(operation, expected_version, [NewEvent…])]``) into the staging table, one row per event."""
+    raw = connection.connection  # the psycopg connection, inside Django's transaction
+    with raw.cursor() as cur, cur.copy(
+        f"COPY {stage} (operation_id, expected_version, ord, event_type, tenant_id, symbol, execution_token, "
+        "payload) FROM STDIN"
+    ) as copy:
+        for op, version, evs in items:
+            symbol = op.symbol.symbol
+            for i, e in enumerate(evs, start=1):
+                copy.write_row((op.pk, version, i, e.event_type, op.client_id, symbol, e.execution_token,
+                                json.dumps(e.payload)))
 
 
 def _append_staged(stage: str, *, source: str, venue: str, now: datetime, keep: bool = False) -> int:

@@ -182,76 +182,113 @@ def _evolve(state: ExecutionState, changes: dict[str, Any]) -> ExecutionState:
 def apply(state: ExecutionState | None, event: StoredEvent) -> ExecutionState | None:
     """Fold ``event`` into the execution it belongs to; returns the new state.
 
-    Events without an execution token leave the state unchanged. Never appends, never calls
-    the exchange, never reads the clock (times come from the event).
+    Events without an execution token leave the state unchanged. ``STOP_TRIGGERED`` starts the
+    execution; any other event before it raises ``ValueError``; an event type without a fold of
+    its own (:data:`_FOLDS`) only advances ``last_version``/``updated_at``. Never appends, never
+    calls the exchange, never reads the clock (times come from the event).
     """
     if event.execution_token is None:
         return state
-    p = event.payload
-    event_type = event.event_type
-    if event_type == STOP_TRIGGERED:
-        return _state({
-            "execution_token": event.execution_token,
-            "operation_id": event.operation_id,
-            "tenant_id": event.tenant_id,
-            "symbol": event.symbol,
-            "attempt": int(p["attempt"]),
-            "trigger": p["trigger"],
-            "status": "TRIGGERED",
-            "side": p["close_side"],
-            "trigger_price": _dec(p.get("level")),
-            "observed_price": _dec(p.get("observed_price")),
-            "requested_quantity": _dec(p.get("quantity")),
-            "executed_quantity": None,
-            "avg_fill_price": None,
-            "commission": None,
-            "commission_asset": "",
-            "slippage_pct": None,
-            "exchange_order_id": None,
-            "exchange_status": "",
-            "error_code": None,
-            "error_message": "",
-            "source": event.source,
-            "venue": event.venue,
-            "last_version": event.version,
-            "created_at": event.created_at,
-            "updated_at": event.created_at,
-            "submitted_at": None,
-        })
+    if event.event_type == STOP_TRIGGERED:
+        return _triggered(event)
     if state is None:
-        raise ValueError(f"{event_type} v{event.version} for {event.execution_token} before STOP_TRIGGERED")
-    if event_type == EXECUTION_SUBMITTED:
-        return _evolve(state, {"status": "SUBMITTED", "requested_quantity": _dec(p.get("quantity")),
-                               "submitted_at": event.created_at,
-                               "last_version": event.version, "updated_at": event.created_at})
-    if event_type == EXECUTED or event_type == PARTIALLY_EXECUTED:
-        return _evolve(state, {
-            "status": event_type,
-            "executed_quantity": _dec(p.get("executed_qty")),
-            "avg_fill_price": _dec(p.get("avg_price")),
-            "commission": _dec(p.get("commission")),
-            "commission_asset": (p.get("commission_asset") or "")[:COMMISSION_ASSET_MAX],
-            "slippage_pct": _dec(p.get("slippage_pct")),
-            "exchange_order_id": p.get("order_id"),
-            "exchange_status": p.get("exchange_status", ""),
-            "last_version": event.version,
-            "updated_at": event.created_at,
-        })
-    if event_type == FAILED:
-        return _evolve(state, {
-            "status": "FAILED",
-            "error_code": p.get("code"),
-            "error_message": (p.get("message") or "")[:300],
-            "exchange_order_id": p.get("order_id", state.exchange_order_id),
-            "exchange_status": p.get("exchange_status", state.exchange_status),
-            "executed_quantity": _dec(p.get("executed_qty")) if "executed_qty" in p else state.executed_quantity,
-            "last_version": event.version,
-            "updated_at": event.created_at,
-        })
-    if event_type == RECONCILED and p.get("resubmitted"):
-        return _evolve(state, {"status": "SUBMITTED", "submitted_at": event.created_at,
-                               "last_version": event.version, "updated_at": event.created_at})
+        raise ValueError(f"{event.event_type} v{event.version} for {event.execution_token} before STOP_TRIGGERED")
+    return _FOLDS.get(event.event_type, _touched)(state, event)
+
+
+def _triggered(event: StoredEvent) -> ExecutionState:
+    """``STOP_TRIGGERED``: a new execution, TRIGGERED, with the level, observed price and quantity."""
+    p = event.payload
+    return _state({
+        "execution_token": event.execution_token,
+        "operation_id": event.operation_id,
+        "tenant_id": event.tenant_id,
+        "symbol": event.symbol,
+        "attempt": int(p["attempt"]),
+        "trigger": p["trigger"],
+        "status": "TRIGGERED",
+        "side": p["close_side"],
+        "trigger_price": _dec(p.get("level")),
+        "observed_price": _dec(p.get("observed_price")),
+        "requested_quantity": _dec(p.get("quantity")),
+        "executed_quantity": None,
+        "avg_fill_price": None,
+        "commission": None,
+        "commission_asset": "",
+        "slippage_pct": None,
+        "exchange_order_id": None,
+        "exchange_status": "",
+        "error_code": None,
+        "error_message": "",
+        "source": event.source,
+        "venue": event.venue,
+        "last_version": event.version,
+        "created_at": event.created_at,
+        "updated_at": event.created_at,
+        "submitted_at": None,
+    })
+
+
+def _submitted(state: ExecutionState, event: StoredEvent) -> ExecutionState:
+    """``EXECUTION_SUBMITTED``: SUBMITTED at the event's time, with the quantity asked for."""
+    return _evolve(state, {"status": "SUBMITTED", "requested_quantity": _dec(event.payload.get("quantity")),
+                           "submitted_at": event.created_at,
+                           "last_version": event.version, "updated_at": event.created_at})
+
+
+def _filled(state: ExecutionState, event: StoredEvent) -> ExecutionState:
+    """``EXECUTED`` / ``PARTIALLY_EXECUTED``: that status with the fill's quantity, price, fee and slippage."""
+    p = event.payload
+    return _evolve(state, {
+        "status": event.event_type,
+        "executed_quantity": _dec(p.get("executed_qty")),
+        "avg_fill_price": _dec(p.get("avg_price")),
+        "commission": _dec(p.get("commission")),
+        "commission_asset": (p.get("commission_asset") or "")[:COMMISSION_ASSET_MAX],
+        "slippage_pct": _dec(p.get("slippage_pct")),
+        "exchange_order_id": p.get("order_id"),
+        "exchange_status": p.get("exchange_status", ""),
+        "last_version": event.version,
+        "updated_at": event.created_at,
+    })
+
+
+def _failed(state: ExecutionState, event: StoredEvent) -> ExecutionState:
+    """``FAILED``: the error; order id, exchange status and executed quantity kept unless the payload has them."""
+    p = event.payload
+    return _evolve(state, {
+        "status": "FAILED",
+        "error_code": p.get("code"),
+        "error_message": (p.get("message") or "")[:300],
+        "exchange_order_id": p.get("order_id", state.exchange_order_id),
+        "exchange_status": p.get("exchange_status", state.exchange_status),
+        "executed_quantity": _dec(p.get("executed_qty")) if "executed_qty" in p else state.executed_quantity,
+        "last_version": event.version,
+        "updated_at": event.created_at,
+    })
+
+
+def _reconciled(state: ExecutionState, event: StoredEvent) -> ExecutionState:
+    """``RECONCILED``: SUBMITTED again at the event's time when the order was resubmitted, else only touched."""
+    if not event.payload.get("resubmitted"):
+        return _touched(state, event)
+    return _evolve(state, {"status": "SUBMITTED", "submitted_at": event.created_at,
+                           "last_version": event.version, "updated_at": event.created_at})
+
+
+def _touched(state: ExecutionState, event: StoredEvent) -> ExecutionState:
+    """Any other event with the execution's token: only ``last_version`` and ``updated_at`` move."""
     return _evolve(state, {"last_version": event.version, "updated_at": event.created_at})
+
+
+#: the fold of each event type after ``STOP_TRIGGERED`` (others: :func:`_touched`)
+_FOLDS = {
+    EXECUTION_SUBMITTED: _submitted,
+    EXECUTED: _filled,
+    PARTIALLY_EXECUTED: _filled,
+    FAILED: _failed,
+    RECONCILED: _reconciled,
+}
 
 
 def fold(events) -> dict[str, ExecutionState]:
@@ -295,18 +332,35 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
     if not result.is_final:
         return Outcome(None, Decimal("0"), False)
     if executed <= 0:
-        payload = {
-            "code": None,
-            "message": f"order {result.status} with executedQty 0",
-            "reason": f"{result.status}_NO_FILL",
-            "order_id": result.exchange_order_id,
-            "exchange_status": result.status,
-            "executed_qty": "0",
-            "definite": True,
-        }
-        if getattr(result, "expiry_reason", None):
-            payload["expiry_reason"] = result.expiry_reason
-        return Outcome(NewEvent(FAILED, payload, token), Decimal("0"), True)
+        return Outcome(NewEvent(FAILED, _no_fill_payload(result), token), Decimal("0"), True)
+    payload = _fill_payload(requested, level, result, source_note)
+    kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
+    if kind == PARTIALLY_EXECUTED:
+        payload["unfilled_qty"] = decimal_str(requested - executed)
+    if getattr(result, "expiry_reason", None):  # price-range rule, self-trade prevention, liquidity (issue #12 item 14)
+        payload["expiry_reason"] = result.expiry_reason
+    return Outcome(NewEvent(kind, payload, token), executed, False)
+
+
+def _no_fill_payload(result) -> dict[str, Any]:
+    """The ``FAILED`` payload of a final order that filled nothing (``definite``: nothing was sold)."""
+    payload = {
+        "code": None,
+        "message": f"order {result.status} with executedQty 0",
+        "reason": f"{result.status}_NO_FILL",
+        "order_id": result.exchange_order_id,
+        "exchange_status": result.status,
+        "executed_qty": "0",
+        "definite": True,
+    }
+    if getattr(result, "expiry_reason", None):
+        payload["expiry_reason"] = result.expiry_reason
+    return payload
+
+
+def _fill_payload(requested: Decimal, level: Decimal | None, result, source_note: str) -> dict[str, Any]:
+    """The ``EXECUTED`` / ``PARTIALLY_EXECUTED`` payload: the order, its fills, the average price
+    (8 decimals), the slippage from ``level`` (None without a level or a price) and ``note``."""
     avg = result.avg_price
     slip = slippage_pct(result.side, level, avg) if (level and avg) else None
     payload = {
@@ -314,7 +368,7 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
         "client_order_id": result.client_order_id,
         "exchange_status": result.status,
         "requested_qty": decimal_str(requested),
-        "executed_qty": decimal_str(executed),
+        "executed_qty": decimal_str(result.executed_qty),
         "avg_price": decimal_str(avg.quantize(Decimal("0.00000001")) if avg is not None else None),
         "cummulative_quote_qty": decimal_str(result.cummulative_quote_qty),
         "commission": decimal_str(result.commission),
@@ -328,9 +382,4 @@ def decide_outcome(token: str, requested: Decimal, level: Decimal | None, result
     }
     if source_note:
         payload["note"] = source_note
-    kind = EXECUTED if (result.status == "FILLED" and executed >= requested) else PARTIALLY_EXECUTED
-    if kind == PARTIALLY_EXECUTED:
-        payload["unfilled_qty"] = decimal_str(requested - executed)
-    if getattr(result, "expiry_reason", None):  # price-range rule, self-trade prevention, liquidity (issue #12 item 14)
-        payload["expiry_reason"] = result.expiry_reason
-    return Outcome(NewEvent(kind, payload, token), executed, False)
+    return payload

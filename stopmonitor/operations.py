@@ -37,25 +37,39 @@ class StateConflict(Exception):
 def check_levels(side: str, entry: Decimal | None, stop: Decimal | None, target: Decimal | None,
                  tick_size: Decimal | None = None) -> None:
     """A long's stop below the entry and target above it; a short's the mirror; each level a
-    multiple of the symbol's tickSize (PRICE_FILTER) when known. Raises :class:`LevelError`."""
+    multiple of the symbol's tickSize (PRICE_FILTER) when known. Raises :class:`LevelError`
+    (the stop's faults before the target's, the level's own before its side of the entry)."""
     for name, value in (("stop_price", stop), ("target_price", target)):
-        if value is not None and value <= 0:
-            raise LevelError(name, f"{name} must be positive")
-        if value is not None and tick_size and tick_size > 0 and value % tick_size != 0:
-            raise LevelError(name, f"{name} {decimal_str(value)} is not a multiple of the symbol's tickSize "
-                                   f"{decimal_str(tick_size)}")
+        _check_level_value(name, value, tick_size)
     if entry is None:
         return
     if side == "BUY":
-        if stop is not None and stop >= entry:
-            raise LevelError("stop_price", f"a long's stop must be below the entry price {entry}")
-        if target is not None and target <= entry:
-            raise LevelError("target_price", f"a long's target must be above the entry price {entry}")
+        _check_long_levels(entry, stop, target)
     else:
-        if stop is not None and stop <= entry:
-            raise LevelError("stop_price", f"a short's stop must be above the entry price {entry}")
-        if target is not None and target >= entry:
-            raise LevelError("target_price", f"a short's target must be below the entry price {entry}")
+        _check_short_levels(entry, stop, target)
+
+
+def _check_level_value(name: str, value: Decimal | None, tick_size: Decimal | None) -> None:
+    """``value`` (None = not given) positive and on the tick when the tickSize is known."""
+    if value is not None and value <= 0:
+        raise LevelError(name, f"{name} must be positive")
+    if value is not None and tick_size and tick_size > 0 and value % tick_size != 0:
+        raise LevelError(name, f"{name} {decimal_str(value)} is not a multiple of the symbol's tickSize "
+                               f"{decimal_str(tick_size)}")
+
+
+def _check_long_levels(entry: Decimal, stop: Decimal | None, target: Decimal | None) -> None:
+    if stop is not None and stop >= entry:
+        raise LevelError("stop_price", f"a long's stop must be below the entry price {entry}")
+    if target is not None and target <= entry:
+        raise LevelError("target_price", f"a long's target must be above the entry price {entry}")
+
+
+def _check_short_levels(entry: Decimal, stop: Decimal | None, target: Decimal | None) -> None:
+    if stop is not None and stop <= entry:
+        raise LevelError("stop_price", f"a short's stop must be above the entry price {entry}")
+    if target is not None and target >= entry:
+        raise LevelError("target_price", f"a short's target must be below the entry price {entry}")
 
 
 def check_trailing(side: str, entry: Decimal | None, stop: Decimal | None, settings: TrailingSettings,
@@ -115,9 +129,9 @@ def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_
                 trailing_changes: dict | None = None):
     """Move the stop and/or target of an ACTIVE (or PLANNED) operation under its row lock.
 
-    Appends ``STOP_SET`` (first stop) or ``STOP_MOVED`` (with the previous level) and
-    ``TARGET_SET``. Raises :class:`StateConflict` while CLOSING or once closed,
-    :class:`LevelError` for a level on the wrong side. Commits.
+    Appends ``TRAILING_SET`` (trailing columns changed), ``STOP_SET`` (first stop) or ``STOP_MOVED``
+    (with the previous level) and ``TARGET_SET``, in that order. Raises :class:`StateConflict` while
+    CLOSING or once closed, :class:`LevelError` for a level on the wrong side. Commits.
     """
     now = now or datetime.now(timezone.utc)
     with transaction.atomic():
@@ -128,28 +142,52 @@ def move_levels(operation_id: int, *, stop_price: Decimal | None = None, target_
         check_levels(op.side, op.entry_price, stop_price, target_price, op.symbol.tick_size)
         events = []
         if trailing_changes:
-            current = {**{c: getattr(op, c) for c in trailing.COLUMNS}, **trailing_changes}
-            settings = TrailingSettings.from_values(*(current[c] for c in trailing.COLUMNS))
-            check_trailing(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,
-                           settings, op.symbol.tick_size)
-            columns = _columns(settings)
-            if any(getattr(op, c) != v for c, v in columns.items()):
-                for column, value in columns.items():
-                    setattr(op, column, value)
-                events.append(trailing_event(columns))
-        if stop_price is not None and stop_price != op.stop_price:
-            if op.stop_price is None:
-                events.append(NewEvent(STOP_SET, {"stop_price": decimal_str(stop_price), "actor": actor}))
-            else:
-                events.append(NewEvent(STOP_MOVED, {"from": decimal_str(op.stop_price), "to": decimal_str(stop_price),
-                                                    "actor": actor}))
-            op.stop_price = stop_price
-        if target_price is not None and target_price != op.target_price:
-            events.append(NewEvent(TARGET_SET, {"target_price": decimal_str(target_price),
-                                                "previous": decimal_str(op.target_price), "actor": actor}))
-            op.target_price = target_price
+            events += _change_trailing(op, trailing_changes, stop_price)
+        events += _move_stop(op, stop_price, actor)
+        events += _move_target(op, target_price, actor)
         if events:
             version, _ = stream_head(op.pk)
             op.save(update_fields=["stop_price", "target_price", *trailing.COLUMNS, "updated_at"])
             append_events(op, version, events, source=source, venue=venue, now=now)
     return op
+
+
+def _change_trailing(op, changes: dict, stop_price: Decimal | None) -> list[NewEvent]:
+    """Merge ``changes`` into ``op``'s trailing columns, checked against the stop it will have
+    (``stop_price`` when given, else its current one); ``[TRAILING_SET]`` when a column changed,
+    else ``[]``. Sets the columns on ``op`` (not saved). Raises :class:`LevelError`."""
+    current = {**{c: getattr(op, c) for c in trailing.COLUMNS}, **changes}
+    settings = TrailingSettings.from_values(*(current[c] for c in trailing.COLUMNS))
+    check_trailing(op.side, op.entry_price, stop_price if stop_price is not None else op.stop_price,
+                   settings, op.symbol.tick_size)
+    columns = _columns(settings)
+    if not any(getattr(op, c) != v for c, v in columns.items()):
+        return []
+    for column, value in columns.items():
+        setattr(op, column, value)
+    return [trailing_event(columns)]
+
+
+def _move_stop(op, stop_price: Decimal | None, actor: str) -> list[NewEvent]:
+    """``[STOP_SET]`` (no stop yet) or ``[STOP_MOVED]`` (from the previous level) when ``stop_price``
+    is given and differs, setting it on ``op`` (not saved); else ``[]``."""
+    if stop_price is None or stop_price == op.stop_price:
+        return []
+    if op.stop_price is None:
+        event = NewEvent(STOP_SET, {"stop_price": decimal_str(stop_price), "actor": actor})
+    else:
+        event = NewEvent(STOP_MOVED, {"from": decimal_str(op.stop_price), "to": decimal_str(stop_price),
+                                      "actor": actor})
+    op.stop_price = stop_price
+    return [event]
+
+
+def _move_target(op, target_price: Decimal | None, actor: str) -> list[NewEvent]:
+    """``[TARGET_SET]`` (with the previous level) when ``target_price`` is given and differs, setting
+    it on ``op`` (not saved); else ``[]``."""
+    if target_price is None or target_price == op.target_price:
+        return []
+    event = NewEvent(TARGET_SET, {"target_price": decimal_str(target_price),
+                                  "previous": decimal_str(op.target_price), "actor": actor})
+    op.target_price = target_price
+    return [event]

@@ -124,10 +124,6 @@ def verify(operation_id: int | None = None) -> list[Difference]:
 
     Reads one snapshot (``REPEATABLE READ``, when it opens the transaction), so appends
     committed meanwhile do not show up as differences."""
-    from django.db.models import Exists, OuterRef
-
-    from api.models import StopMonitorEvent, StopMonitorExecution
-
     names = state_field_names()
     diffs: list[Difference] = []
     outermost = not connection.in_atomic_block
@@ -138,26 +134,45 @@ def verify(operation_id: int | None = None) -> list[Difference]:
         values = attrgetter(*names)
         for chunk in _chunks(_fold(operation_id)):
             stored = {row[0]: row for row in _stored_rows([state.execution_token for state in chunk])}
-            for state in chunk:
-                row = stored.get(state.execution_token)
-                if row is None:
-                    diffs.append(Difference(state.execution_token, "<missing>", None, state.status))
-                    continue
-                rebuilt_row = values(state)
-                if row == rebuilt_row:  # one comparison in C for the usual, equal row; field by field otherwise
-                    continue
-                for name, value, rebuilt in zip(names, row, rebuilt_row):
-                    if value != rebuilt:
-                        diffs.append(Difference(state.execution_token, name, value, rebuilt))
-        events = StopMonitorEvent.objects.filter(execution_token=OuterRef("execution_token"))
-        extra = StopMonitorExecution.objects.all()
-        if operation_id is not None:
-            events = events.filter(operation_id=operation_id)
-            extra = extra.filter(operation_id=operation_id)
-        extra = extra.filter(~Exists(events))  # an anti-join: stored rows that no event explains
-        diffs.extend(Difference(token, "<extra>", status, None)
-                     for token, status in extra.order_by("execution_token").values_list("execution_token", "status"))
+            diffs.extend(_chunk_differences(chunk, stored, names, values))
+        diffs.extend(_extra_rows(operation_id))
     return diffs
+
+
+def _chunk_differences(chunk: list[ExecutionState], stored: dict[str, tuple], names: list[str],
+                       values: attrgetter) -> list[Difference]:
+    """The differences between the folded ``chunk`` and its ``stored`` rows (``{token: row}``, rows in
+    ``names`` order; ``values`` reads a state's fields in that order): ``<missing>`` for a state without
+    a row, else one :class:`Difference` per field that differs."""
+    diffs: list[Difference] = []
+    for state in chunk:
+        row = stored.get(state.execution_token)
+        if row is None:
+            diffs.append(Difference(state.execution_token, "<missing>", None, state.status))
+            continue
+        rebuilt_row = values(state)
+        if row == rebuilt_row:  # one comparison in C for the usual, equal row; field by field otherwise
+            continue
+        for name, value, rebuilt in zip(names, row, rebuilt_row):
+            if value != rebuilt:
+                diffs.append(Difference(state.execution_token, name, value, rebuilt))
+    return diffs
+
+
+def _extra_rows(operation_id: int | None) -> list[Difference]:
+    """``<extra>`` for each stored row (in scope) whose token no event carries, in token order."""
+    from django.db.models import Exists, OuterRef
+
+    from api.models import StopMonitorEvent, StopMonitorExecution
+
+    events = StopMonitorEvent.objects.filter(execution_token=OuterRef("execution_token"))
+    extra = StopMonitorExecution.objects.all()
+    if operation_id is not None:
+        events = events.filter(operation_id=operation_id)
+        extra = extra.filter(operation_id=operation_id)
+    extra = extra.filter(~Exists(events))  # an anti-join: stored rows that no event explains
+    return [Difference(token, "<extra>", status, None)
+            for token, status in extra.order_by("execution_token").values_list("execution_token", "status")]
 
 
 def _stored_rows(tokens: list[str]) -> list[tuple]:
@@ -186,53 +201,85 @@ def rebuild(operation_id: int | None = None) -> int:
     one ``INSERT … ON CONFLICT DO UPDATE`` writes only the rows that differ, so a rebuild of a
     correct projection rewrites nothing (no dead rows, no index or foreign-key work) and readers
     see the old rows until the commit either way."""
-    from api.models import StopMonitorExecution
-
     _, executions = _tables()
-    written = 0
     with transaction.atomic():
         if connection.vendor != "postgresql":
-            qs = StopMonitorExecution.objects.all()
-            if operation_id is not None:
-                qs = qs.filter(operation_id=operation_id)
-            qs.delete()
-            for state in _fold(operation_id):
-                save_execution_state(state)
-                written += 1
-            return written
+            return _rebuild_by_orm(operation_id)
         scope, params = ("operation_id = %s", [operation_id]) if operation_id is not None else ("TRUE", [])
         columns = _columns()
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-            cursor.execute(f"SELECT EXISTS (SELECT FROM {executions} WHERE {scope})", params)
-            staged = cursor.fetchone()[0]
-            if staged:
-                cursor.execute(f"CREATE TEMPORARY TABLE {_STAGE} (LIKE {executions}) ON COMMIT DROP")
-            cursor.execute("SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "  # for a binary COPY
-                           "AND attnum > 0 AND NOT attisdropped", [executions])
-            oids = dict(cursor.fetchall())
-        types = [oids[column] for column in columns]
-        values = attrgetter(*state_field_names())
-        copy_sql = f"COPY {_STAGE if staged else executions} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
-        for chunk in _chunks(_fold(operation_id)):
-            with connection.connection.cursor() as cur, cur.copy(copy_sql) as copy:
-                copy.set_types(types)
-                for state in chunk:
-                    copy.write_row(values(state))
-            written += len(chunk)
+            staged = _open_stage(cursor, executions, scope, params)
+            types = _column_types(cursor, executions, columns)
+        target = _STAGE if staged else executions
+        written = _copy_fold(operation_id, f"COPY {target} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)", types)
         if staged:
-            key = StopMonitorExecution._meta.pk.column
-            rest = [column for column in columns if column != key]
-            with connection.cursor() as cursor:
-                cursor.execute(f"DELETE FROM {executions} e WHERE {scope} AND NOT EXISTS "
-                               f"(SELECT FROM {_STAGE} s WHERE s.{key} = e.{key})", params)
-                cursor.execute(
-                    f"INSERT INTO {executions} AS e ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {_STAGE} "
-                    f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in rest)} "
-                    f"WHERE ({', '.join(f'e.{c}' for c in rest)}) IS DISTINCT FROM "
-                    f"({', '.join(f'EXCLUDED.{c}' for c in rest)})")
-                cursor.execute(f"DROP TABLE {_STAGE}")
+            _merge_stage(executions, columns, scope, params)
     return written
+
+
+def _rebuild_by_orm(operation_id: int | None) -> int:
+    """Not PostgreSQL: delete the rows in scope and save each folded state; returns the rows written."""
+    from api.models import StopMonitorExecution
+
+    qs = StopMonitorExecution.objects.all()
+    if operation_id is not None:
+        qs = qs.filter(operation_id=operation_id)
+    qs.delete()
+    written = 0
+    for state in _fold(operation_id):
+        save_execution_state(state)
+        written += 1
+    return written
+
+
+def _open_stage(cursor, executions: str, scope: str, params: list) -> bool:
+    """True (and the temporary stage table created) when the projection already holds rows in
+    ``scope``; False for a first build, which copies straight into the projection."""
+    cursor.execute(f"SELECT EXISTS (SELECT FROM {executions} WHERE {scope})", params)
+    staged = cursor.fetchone()[0]
+    if staged:
+        cursor.execute(f"CREATE TEMPORARY TABLE {_STAGE} (LIKE {executions}) ON COMMIT DROP")
+    return staged
+
+
+def _column_types(cursor, executions: str, columns: list[str]) -> list[int]:
+    """The type oids of ``columns`` of the projection table, for a binary COPY."""
+    cursor.execute("SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass "
+                   "AND attnum > 0 AND NOT attisdropped", [executions])
+    oids = dict(cursor.fetchall())
+    return [oids[column] for column in columns]
+
+
+def _copy_fold(operation_id: int | None, copy_sql: str, types: list[int]) -> int:
+    """Write the fold by binary ``copy_sql``, one COPY per :data:`CHUNK` states; returns the rows written."""
+    values = attrgetter(*state_field_names())
+    written = 0
+    for chunk in _chunks(_fold(operation_id)):
+        with connection.connection.cursor() as cur, cur.copy(copy_sql) as copy:
+            copy.set_types(types)
+            for state in chunk:
+                copy.write_row(values(state))
+        written += len(chunk)
+    return written
+
+
+def _merge_stage(executions: str, columns: list[str], scope: str, params: list) -> None:
+    """From the stage: delete the stored rows in ``scope`` that no event explains, upsert only the
+    rows that differ, drop the stage."""
+    from api.models import StopMonitorExecution
+
+    key = StopMonitorExecution._meta.pk.column
+    rest = [column for column in columns if column != key]
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {executions} e WHERE {scope} AND NOT EXISTS "
+                       f"(SELECT FROM {_STAGE} s WHERE s.{key} = e.{key})", params)
+        cursor.execute(
+            f"INSERT INTO {executions} AS e ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {_STAGE} "
+            f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in rest)} "
+            f"WHERE ({', '.join(f'e.{c}' for c in rest)}) IS DISTINCT FROM "
+            f"({', '.join(f'EXCLUDED.{c}' for c in rest)})")
+        cursor.execute(f"DROP TABLE {_STAGE}")
 
 
 __all__ = ["CHUNK", "FETCH", "Difference", "execution_state_of", "rebuild", "verify"]

@@ -67,38 +67,72 @@ def setup(cursor, *, owner: str, runtime: str, create: bool = False, owner_passw
     database, schema = cursor.fetchone()
     if create:
         for role, password in ((owner, owner_password), (runtime, runtime_password)):
-            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
-            verb = "ALTER" if cursor.fetchone() else "CREATE"
-            attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION"
-            if password:
-                # a utility statement takes no parameters: quote the literal in the server
-                cursor.execute("SELECT quote_literal(%s)", [password])
-                literal = cursor.fetchone()[0]
-                run(f"{verb} ROLE {role} {attrs} PASSWORD {literal}", shown=f"{verb} ROLE {role} {attrs} PASSWORD '…'")
-            else:
-                run(f"{verb} ROLE {role} {attrs}")
-        cursor.execute("SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
-                       "JOIN pg_roles u ON u.oid = m.member WHERE r.rolname = %s AND u.rolname = %s", [owner, runtime])
-        if cursor.fetchone():
-            run(f"REVOKE {owner} FROM {runtime}")
+            _create_role(cursor, run, role, password)
+        _end_membership(cursor, run, owner, runtime)
         run(f'GRANT CONNECT, TEMPORARY ON DATABASE "{database}" TO {owner}, {runtime}')
         run(f'REVOKE CREATE ON SCHEMA "{schema}" FROM PUBLIC')
         run(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO {owner}')
-        for kind, sql in (
-            ("TABLE", "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                      "WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm') AND pg_get_userbyid(c.relowner) <> %s"),
-            ("SEQUENCE", "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                         "WHERE n.nspname = %s AND c.relkind = 'S' AND pg_get_userbyid(c.relowner) <> %s "
-                         "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i')"),
-            ("FUNCTION", "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-                         "WHERE n.nspname = %s AND pg_get_userbyid(p.proowner) <> %s "
-                         "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"),
-        ):
-            cursor.execute(sql, [schema, owner])
-            for (name,) in cursor.fetchall():
-                target = name if kind == "FUNCTION" else f'"{schema}"."{name}"'
-                run(f"ALTER {kind} {target} OWNER TO {owner}")
+        _transfer_ownership(cursor, run, schema, owner)
         run(f'GRANT USAGE ON SCHEMA "{schema}" TO {runtime}')
+    _grant_policy(cursor, run, schema, runtime)
+    run(f'ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA "{schema}" '
+        f"GRANT {', '.join(DEFAULT_PRIVILEGES)} ON TABLES TO {runtime}")
+    run(f'ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA "{schema}" GRANT USAGE, SELECT ON SEQUENCES TO {runtime}')
+    return steps
+
+
+_ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION"
+
+
+def _create_role(cursor, run, role: str, password: str | None) -> None:
+    """CREATE the role (ALTER when it exists) with :data:`_ROLE_ATTRIBUTES` and, when given, the
+    password (the recorded step shows ``'…'`` instead). ``run(sql, params, shown)`` runs and records."""
+    cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
+    verb = "ALTER" if cursor.fetchone() else "CREATE"
+    attrs = _ROLE_ATTRIBUTES
+    if password:
+        # a utility statement takes no parameters: quote the literal in the server
+        cursor.execute("SELECT quote_literal(%s)", [password])
+        literal = cursor.fetchone()[0]
+        run(f"{verb} ROLE {role} {attrs} PASSWORD {literal}", shown=f"{verb} ROLE {role} {attrs} PASSWORD '…'")
+    else:
+        run(f"{verb} ROLE {role} {attrs}")
+
+
+def _end_membership(cursor, run, owner: str, runtime: str) -> None:
+    """REVOKE the owner role from the runtime role when it is a member (it would act as the owner)."""
+    cursor.execute("SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+                   "JOIN pg_roles u ON u.oid = m.member WHERE r.rolname = %s AND u.rolname = %s", [owner, runtime])
+    if cursor.fetchone():
+        run(f"REVOKE {owner} FROM {runtime}")
+
+
+# object kind → the names of the schema's objects of that kind not owned by the role (params: schema, role);
+# sequences internal to another object (identity columns) and the functions of an extension are left out
+_NOT_OWNED = (
+    ("TABLE", "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+              "WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm') AND pg_get_userbyid(c.relowner) <> %s"),
+    ("SEQUENCE", "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                 "WHERE n.nspname = %s AND c.relkind = 'S' AND pg_get_userbyid(c.relowner) <> %s "
+                 "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i')"),
+    ("FUNCTION", "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                 "WHERE n.nspname = %s AND pg_get_userbyid(p.proowner) <> %s "
+                 "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"),
+)
+
+
+def _transfer_ownership(cursor, run, schema: str, owner: str) -> None:
+    """ALTER … OWNER TO the owner for every table, view, sequence and function of the schema it does not own."""
+    for kind, sql in _NOT_OWNED:
+        cursor.execute(sql, [schema, owner])
+        for (name,) in cursor.fetchall():
+            target = name if kind == "FUNCTION" else f'"{schema}"."{name}"'
+            run(f"ALTER {kind} {target} OWNER TO {owner}")
+
+
+def _grant_policy(cursor, run, schema: str, runtime: str) -> None:
+    """For every relation of the schema, in name order: REVOKE ALL from the runtime role, then grant
+    USAGE, SELECT on a sequence, or the table's :data:`TABLE_PRIVILEGES` (else :data:`DEFAULT_PRIVILEGES`)."""
     cursor.execute("SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                    "WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'S') ORDER BY 1", [schema])
     for name, relkind in cursor.fetchall():
@@ -108,10 +142,6 @@ def setup(cursor, *, owner: str, runtime: str, create: bool = False, owner_passw
             run(f"GRANT USAGE, SELECT ON SEQUENCE {target} TO {runtime}")
         else:
             run(f"GRANT {', '.join(TABLE_PRIVILEGES.get(name, DEFAULT_PRIVILEGES))} ON {target} TO {runtime}")
-    run(f'ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA "{schema}" '
-        f"GRANT {', '.join(DEFAULT_PRIVILEGES)} ON TABLES TO {runtime}")
-    run(f'ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA "{schema}" GRANT USAGE, SELECT ON SEQUENCES TO {runtime}')
-    return steps
 
 
 def runtime_findings(cursor) -> list[str]:

@@ -91,43 +91,76 @@ def validate(side: str, entry_price: Decimal | None, stop_price: Decimal | None,
 
     distance > 0 (absolute) or 0 < percent < 100; not both; activation and break-even levels on the
     profitable side of the entry (long: above, short: below) and on the tick; step > 0 and a whole
-    number of ticks; break-even needs an entry price; trailing needs a stop to move.
+    number of ticks; break-even needs an entry price; trailing needs a stop to move. The checks run
+    in that order and the first refusal is raised.
     """
+    _check_distance(settings)
+    _check_step(settings.step, entry_price, tick_size)
+    _check_fee(settings.break_even_fee_percent)
+    _check_has_stop(settings, stop_price)
+    for field, level in (("trail_activation_price", settings.activation_price),
+                         ("break_even_price", settings.break_even_price)):
+        _check_level(side, field, level, entry_price, tick_size)
+    if settings.activation_price is not None and not settings.trails:
+        raise InvalidTrailing("trail_activation_price", "needs trail_distance or trail_distance_percent")
+
+
+def _check_distance(settings: TrailingSettings) -> None:
+    """Exactly one trail distance at most: absolute > 0, or a percent strictly between 0 and 100."""
     if settings.distance is not None and settings.distance_percent is not None:
         raise InvalidTrailing("trail_distance_percent", "give trail_distance or trail_distance_percent, not both")
     if settings.distance is not None and settings.distance <= 0:
         raise InvalidTrailing("trail_distance", "must be greater than 0")
     if settings.distance_percent is not None and not (0 < settings.distance_percent < 100):
         raise InvalidTrailing("trail_distance_percent", "must be between 0 and 100 (exclusive)")
-    if settings.step is not None:
-        if settings.step <= 0:
-            raise InvalidTrailing("trail_step", "must be greater than 0")
-        if tick_size and settings.step % tick_size:
-            raise InvalidTrailing("trail_step", f"must be a multiple of tickSize {_plain(tick_size)}")
-        if entry_price is None:
-            raise InvalidTrailing("trail_step", "needs an entry_price (the ladder is anchored at the entry)")
-    if settings.break_even_fee_percent < 0 or settings.break_even_fee_percent >= 100:
+
+
+def _check_step(step: Decimal | None, entry_price: Decimal | None, tick_size: Decimal | None) -> None:
+    """A step is > 0, a whole number of ticks, and needs the entry price that anchors its ladder."""
+    if step is None:
+        return
+    if step <= 0:
+        raise InvalidTrailing("trail_step", "must be greater than 0")
+    if tick_size and step % tick_size:
+        raise InvalidTrailing("trail_step", f"must be a multiple of tickSize {_plain(tick_size)}")
+    if entry_price is None:
+        raise InvalidTrailing("trail_step", "needs an entry_price (the ladder is anchored at the entry)")
+
+
+def _check_fee(fee_percent: Decimal) -> None:
+    if fee_percent < 0 or fee_percent >= 100:
         raise InvalidTrailing("break_even_fee_percent", "must be between 0 and 100")
+
+
+def _check_has_stop(settings: TrailingSettings, stop_price: Decimal | None) -> None:
+    """Trailing and break-even both move a stop: there must be one."""
     if (settings.trails or settings.break_even_price is not None) and stop_price is None:
         field = "trail_distance" if settings.trails else "break_even_price"
         raise InvalidTrailing(field, "needs a stop_price to move")
-    for field, level in (("trail_activation_price", settings.activation_price),
-                         ("break_even_price", settings.break_even_price)):
-        if level is None:
-            continue
-        if level <= 0:
-            raise InvalidTrailing(field, "must be greater than 0")
-        if tick_size and level % tick_size:
-            raise InvalidTrailing(field, f"must be a multiple of tickSize {_plain(tick_size)}")
-        if entry_price is None:
-            if field == "break_even_price":
-                raise InvalidTrailing(field, "needs an entry_price")
-            continue
-        if (side == LONG and level <= entry_price) or (side == SHORT and level >= entry_price):
-            where = "above" if side == LONG else "below"
-            raise InvalidTrailing(field, f"must be {where} the entry price {_plain(entry_price)} (the profitable side)")
-    if settings.activation_price is not None and not settings.trails:
-        raise InvalidTrailing("trail_activation_price", "needs trail_distance or trail_distance_percent")
+
+
+def _check_level(side: str, field: str, level: Decimal | None, entry_price: Decimal | None,
+                 tick_size: Decimal | None) -> None:
+    """An activation or break-even level (None = unset): > 0, on the tick, on the profitable side of
+    the entry. Without an entry the side cannot be checked; break-even then has no level to move to."""
+    if level is None:
+        return
+    if level <= 0:
+        raise InvalidTrailing(field, "must be greater than 0")
+    if tick_size and level % tick_size:
+        raise InvalidTrailing(field, f"must be a multiple of tickSize {_plain(tick_size)}")
+    if entry_price is None:
+        if field == "break_even_price":
+            raise InvalidTrailing(field, "needs an entry_price")
+        return
+    _check_profitable_side(side, field, level, entry_price)
+
+
+def _check_profitable_side(side: str, field: str, level: Decimal, entry_price: Decimal) -> None:
+    """Long: ``level`` above the entry; short: below it."""
+    if (side == LONG and level <= entry_price) or (side == SHORT and level >= entry_price):
+        where = "above" if side == LONG else "below"
+        raise InvalidTrailing(field, f"must be {where} the entry price {_plain(entry_price)} (the profitable side)")
 
 
 def next_stop(side: str, stop: Decimal, entry_price: Decimal | None, settings: TrailingSettings,

@@ -42,25 +42,8 @@ def parse_symbol_filters(entry: dict) -> SymbolFilters:
     min_qty = decimal_field(lot["minQty"], "LOT_SIZE.minQty")
     max_qty = decimal_field(lot["maxQty"], "LOT_SIZE.maxQty")
 
-    market_step = market_min = market_max = None
-    market = filters.get("MARKET_LOT_SIZE")
-    if market is not None:
-        m_step = decimal_field(market["stepSize"], "MARKET_LOT_SIZE.stepSize")
-        m_min = decimal_field(market["minQty"], "MARKET_LOT_SIZE.minQty")
-        m_max = decimal_field(market["maxQty"], "MARKET_LOT_SIZE.maxQty")
-        market_step = m_step if m_step > 0 else step
-        market_min = max(min_qty, m_min)
-        market_max = min(max_qty, m_max) if m_max > 0 else max_qty
-
-    min_notional = Decimal("0")
-    notional = filters.get("NOTIONAL")
-    legacy = filters.get("MIN_NOTIONAL")
-    if notional is not None:
-        if notional.get("applyMinToMarket", True):
-            min_notional = decimal_field(notional["minNotional"], "NOTIONAL.minNotional")
-    elif legacy is not None:
-        if legacy.get("applyToMarket", True):
-            min_notional = decimal_field(legacy["minNotional"], "MIN_NOTIONAL.minNotional")
+    market_step, market_min, market_max = _market_lot(filters.get("MARKET_LOT_SIZE"), step, min_qty, max_qty)
+    min_notional = _min_notional(filters)
 
     return SymbolFilters(
         symbol=str(entry["symbol"]),
@@ -77,6 +60,34 @@ def parse_symbol_filters(entry: dict) -> SymbolFilters:
         status=str(entry.get("status", "TRADING")),
         **_resting_order_permissions(entry),
     )
+
+
+def _market_lot(market: dict | None, step: Decimal, min_qty: Decimal,
+                max_qty: Decimal) -> tuple[Decimal | None, Decimal | None, Decimal | None]:
+    """``(step, min, max)`` of a MARKET order from the MARKET_LOT_SIZE filter and LOT_SIZE's ``step``,
+    ``min_qty``, ``max_qty``: its stepSize unless 0 (then LOT_SIZE's), the larger minQty, the smaller
+    non-zero maxQty; ``(None, None, None)`` without the filter."""
+    if market is None:
+        return None, None, None
+    m_step = decimal_field(market["stepSize"], "MARKET_LOT_SIZE.stepSize")
+    m_min = decimal_field(market["minQty"], "MARKET_LOT_SIZE.minQty")
+    m_max = decimal_field(market["maxQty"], "MARKET_LOT_SIZE.maxQty")
+    return (m_step if m_step > 0 else step), max(min_qty, m_min), (min(max_qty, m_max) if m_max > 0 else max_qty)
+
+
+def _min_notional(filters: dict) -> Decimal:
+    """A MARKET order's minimum notional (quote asset): NOTIONAL's, else the older MIN_NOTIONAL's; 0 when
+    the filter present does not apply to MARKET orders (``applyMinToMarket``/``applyToMarket`` false) or
+    neither is there."""
+    notional = filters.get("NOTIONAL")
+    if notional is not None:
+        if notional.get("applyMinToMarket", True):
+            return decimal_field(notional["minNotional"], "NOTIONAL.minNotional")
+        return Decimal("0")
+    legacy = filters.get("MIN_NOTIONAL")
+    if legacy is not None and legacy.get("applyToMarket", True):
+        return decimal_field(legacy["minNotional"], "MIN_NOTIONAL.minNotional")
+    return Decimal("0")
 
 
 def _resting_order_permissions(entry: dict) -> dict:
