@@ -102,6 +102,7 @@ def fakes():
                 self.exchange_info["symbols"].append(entry)
                 self.set_quote(symbol(i), "100.00")
             self.order_times: list[tuple[float, str]] = []
+            self.account_times: list[float] = []  # signed GET /api/v3/account (the close's balances read)
 
         def set_quote(self, name, bid):
             ask = str(Decimal(bid) + Decimal("0.01"))
@@ -111,6 +112,8 @@ def fakes():
             # every MARKET order goes through the fake's account model: seen when it arrives
             if (rec.method, rec.path) == ("POST", "/api/v3/order"):
                 self.order_times.append((time.monotonic(), rec.params.get("symbol", "")))
+            elif (rec.method, rec.path) == ("GET", "/api/v3/account"):
+                self.account_times.append(time.monotonic())
             return super()._default(rec)
 
     rest = BenchFake().start()
@@ -205,12 +208,16 @@ def stream_phase(rest, ws, env) -> dict:
         quotes, crossings = future.result(timeout=SECONDS + 30)
         wall, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
         time.sleep(2.0)  # the last crossing's order
-        latencies = []
+        latencies, before_account = [], []
         for name, sends in sent.items():
             orders = [t for t, s in rest.order_times if s == name]
             latencies += [o - s for s, o in zip(sends, orders)]
+            for s, o in zip(sends, orders):  # the balances read this close made: the last one before its order
+                reads = [a for a in rest.account_times if s <= a <= o]
+                if reads:
+                    before_account.append(reads[-1] - s)
         return {"quotes": quotes, "crossings": crossings, "orders": len(rest.order_times), "latencies": latencies,
-                "wall": wall, "cpu": cpu, "lag_thirds": thirds}
+                "wall": wall, "cpu": cpu, "lag_thirds": thirds, "before_account": before_account}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -318,6 +325,9 @@ def main() -> None:
     print(f"stream  : {s['quotes']} quotes ({s['quotes'] / s['wall']:.0f}/s), {s['crossings']} crossings, "
           f"{len(ms)} orders matched; quote -> order p50 {pct(ms, .5):.1f} ms, p99 {pct(ms, .99):.1f} ms, "
           f"max {max(ms, default=float('nan')):.1f} ms")
+    split = [x * 1000 for x in s["before_account"]]
+    print(f"stream  : of which quote -> its balances read (GET /api/v3/account) p50 {pct(split, .5):.1f} ms, "
+          f"p99 {pct(split, .99):.1f} ms ({len(split)} closes); the rest is the answer, both transactions and the POST")
     print(f"stream  : CPU {s['cpu']:.2f} s over {s['wall']:.1f} s on one core ({100 * s['cpu'] / s['wall']:.0f} %), "
           f"{1e6 * s['cpu'] / max(1, s['quotes']):.0f} us per quote; mean lag per third "
           + ", ".join(f"{1000 * x:.2f} ms" for x in s["lag_thirds"]))
