@@ -5,8 +5,8 @@ Every function here that reaches the exchange does it outside any transaction an
 intent first (invariant 2: ``PROTECTION_REQUESTED`` before the order). Called by the pass
 (:func:`protection_pass`, once per pass, batched: one ``openOrders`` request for the account, or
 one per symbol when that weighs less), by the close (:func:`place_close`) and by the
-``protect_operations`` command. (It reads and writes its projection rows itself, like the store
-does: ``.importlinter`` lists it beside ``engine.store``.)
+``protect_operations`` command. Its reads of the projection rows are :mod:`stopmonitor.engine.store`'s
+(section "protection").
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from stopmonitor.execution import (
     NewEvent,
     decide_outcome,
 )
-from stopmonitor.engine.store import lock_operation
+from stopmonitor.engine import store
+from stopmonitor.engine.store import ALL_ACCOUNTS, lock_operation
 from stopmonitor.rules import STOP_LOSS, close_side, decimal_str
 
 #: openOrders weights (Binance "Current open orders"): one symbol, or every symbol in one request
@@ -94,27 +95,13 @@ def _append(op, events: list[NewEvent], *, source: str, venue: str, now: datetim
     append_events(op, version, events, source=source, venue=venue, now=now)
 
 
-ALL_ACCOUNTS = object()  # protection_pass over every account's operations (no tenant accounts in play)
-
-
 def protected_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -> list:
     """ACTIVE operations of ``venue`` (or of no recorded venue, as before migration 0026) with a
     stop whose tenant has protection on for ``venue``, oldest first, with their symbol, tenant
     settings and protection row (one query); only ``account``'s (an id, or None for the default
     account) when given."""
-    from django.db.models import Q
-
-    from api.models import Operation, recorded_venue
-
-    mine = recorded_venue(venue)
-    qs = (Operation.objects.filter(Q(venue=mine) | Q(venue__isnull=True), status="ACTIVE", stop_price__isnull=False)
-          .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
-    if operation_ids is not None:
-        qs = qs.filter(pk__in=list(operation_ids))
-    if account is not ALL_ACCOUNTS:
-        qs = qs.filter(account_id=account)
     out = []
-    for op in qs:
+    for op in store.stop_operations(venue, operation_ids, account):
         cfg = getattr(op.client, "risk_config", None)
         if p.protection_enabled(cfg.protection_enabled if cfg else None, venue):
             out.append(op)
@@ -124,15 +111,6 @@ def protected_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -
 def _buffer(op) -> int:
     cfg = getattr(op.client, "risk_config", None)
     return cfg.protection_buffer_bps if cfg is not None else p.DEFAULT_BUFFER_BPS
-
-
-def _protection_row(op):
-    from api.models import StopMonitorProtection
-
-    try:
-        return op.protection
-    except StopMonitorProtection.DoesNotExist:
-        return None
 
 
 # ---------------------------------------------------------------------------------------- arm (P1)
@@ -145,7 +123,7 @@ def arm(operation_id: int, exchange, filters, available: Decimal, last_price: De
     by client order id. Must be called outside any transaction."""
     with transaction.atomic():
         op = lock_operation(operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or (state and state.status in (p.REQUESTED, p.PLACED)):
             return
         plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price,
@@ -206,7 +184,7 @@ def record_exchange_fill(op, order: OrderResult, *, venue: str, now: datetime, s
     token = order.client_order_id
     take_profit = order.order_type == "LIMIT_MAKER"  # the OCO's take-profit leg filled, not its stop
     level = op.target_price if take_profit else op.stop_price
-    attempt = 1 + _attempts(op.pk)
+    attempt = 1 + store.attempts_so_far(op.pk)
     events.append(NewEvent(p.PROTECTION_TRIGGERED, p.order_payload(order)))
     events.append(NewEvent(STOP_TRIGGERED, {
         "trigger": "TAKE_PROFIT" if take_profit else STOP_LOSS, "level": decimal_str(level),
@@ -230,12 +208,6 @@ def record_exchange_fill(op, order: OrderResult, *, venue: str, now: datetime, s
     op.stop_execution_token = None
     op.save(update_fields=["closed_quantity", "status", "stop_execution_token", "updated_at"])
     _append(op, events, source="exchange", venue=venue, now=now)
-
-
-def _attempts(operation_id: int) -> int:
-    from api.models import StopMonitorEvent
-
-    return StopMonitorEvent.objects.filter(operation_id=operation_id, event_type=STOP_TRIGGERED).count()
 
 
 def protection_order(exchange, symbol: str, client_order_id: str, report: ProtectionReport | None = None):
@@ -278,21 +250,17 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
     MOVED (a lost answer); executed → the exchange's fill; gone (cancelled outside us, expired) →
     ``PROTECTION_CANCELLED`` (the next audit re-arms); not visible → nothing before the window,
     then ``UNPROTECTED(NOT_FOUND)``."""
-    from api.models import Operation
-
-    symbol = Operation.objects.select_related("symbol").get(pk=operation_id).symbol.symbol
+    symbol = store.get_operation(operation_id).symbol.symbol
     report.requests += 1
     report.weight += 4
     order, finding = protection_order(exchange, symbol, client_order_id, report)
-    from api.models import StopMonitorProtection
-
-    seen = _state_of(StopMonitorProtection.objects.filter(pk=operation_id).first())
+    seen = _state_of(store.protection_of(operation_id))
     if seen is not None and seen.client_order_id == client_order_id:
         order, finding = ask_moving(exchange, symbol, seen, order, finding, report)
     report.resolved += 1
     with transaction.atomic():
         op = lock_operation(operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         if state is None or state.client_order_id != client_order_id:
             return
         if order is not None and order.client_order_id != client_order_id:  # the OCO's take-profit leg, or the
@@ -342,25 +310,13 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
     (a close in flight) are neither expected nor left over: their protection rests until the close
     is known (the reconcile asks both ids). Must be called outside any transaction. Raises
     RateLimited/ExchangeUnavailable/ClockSkew when the open orders cannot be read (nothing was changed)."""
-    from api.models import StopMonitorProtection
-
     report = report or ProtectionReport()
     if not isinstance(exchange, ProtectionPort) and not hasattr(exchange, "open_orders"):
         return report
     ops = protected_operations(exchange.venue, operation_ids, account)
-    expected = {op.pk: _state_of(_protection_row(op)) for op in ops}
+    expected = {op.pk: _state_of(store.protection_row(op)) for op in ops}
     expected_ids = set(expected)
-    from django.db.models import Q
-
-    from api.models import recorded_venue
-
-    mine = recorded_venue(exchange.venue)
-    finished_rows = (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
-                     .filter(Q(operation__venue=mine) | Q(operation__venue__isnull=True))
-                     .exclude(operation_id__in=expected_ids).exclude(operation__status="CLOSING"))
-    if account is not ALL_ACCOUNTS:
-        finished_rows = finished_rows.filter(operation__account_id=account)
-    leftovers = [row for row in finished_rows.select_related("operation__symbol")
+    leftovers = [row for row in store.leftover_protections(exchange.venue, expected_ids, account)
                  if operation_ids is None or row.operation_id in set(operation_ids)]
     if not ops and not leftovers:
         return report
@@ -404,8 +360,6 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
 
 def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
     """Cancel one order of ours the audit found left over (P5; freqtrade #12528) and say so."""
-    from api.models import Operation
-
     report.requests += 1
     report.weight += 1
     try:
@@ -415,14 +369,14 @@ def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: 
     except (OrderOutcomeUnknown, RateLimited, ClockSkew) as exc:
         report.note("protection_cancel_unknown", action.operation_id, detail=str(exc)[:200])
         return
-    if not Operation.objects.filter(pk=action.operation_id).exists():
+    if not store.operation_exists(action.operation_id):
         return
     report.cancelled += 1
     report.note("protection_cancelled", action.operation_id, client_order_id=action.client_order_id,
                 reason=action.reason)
     with transaction.atomic():
         op = lock_operation(action.operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         events = []
         if cancelled.executed_qty > 0:
             report.note("protection_partly_executed", op.pk, executed_qty=decimal_str(cancelled.executed_qty))
@@ -474,7 +428,7 @@ def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
             arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], last, now=now, source=source, report=report)
     for op in resting:
         f = filters.get(op.symbol.symbol)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         if f is None or state is None or op.stop_price is None:
             continue
         wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
@@ -494,7 +448,7 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
 
     with transaction.atomic():
         op = lock_operation(operation_id)
-        current = _state_of(_protection_row(op))
+        current = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or current != state:
             return
         plan = p.ProtectionPlan(operation_id, move.generation, op.symbol.symbol, p.STOP_LOSS, state.side,
@@ -531,13 +485,9 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
 def plus_own_protection(operation_id: int, closing: str, available: Decimal | None) -> Decimal | None:
     """What a close may sell with its protection resting (P6): the free balance plus what the
     operation's own protection locks (its cancelReplace releases exactly that). None stays None."""
-    from api.models import StopMonitorProtection
-
     if available is None:
         return None
-    row = StopMonitorProtection.objects.filter(pk=operation_id, status__in=(p.PLACED, p.REQUESTED), side=closing,
-                                               ).values_list("quantity", flat=True).first()
-    return available + (row or Decimal(0))
+    return available + (store.own_protection_quantity(operation_id, closing) or Decimal(0))
 
 
 class ProtectionFired(OrderRejected):
@@ -560,9 +510,7 @@ def place_close(operation_id: int, request: OrderRequest, exchange, *, now: date
 
     Must be called outside any transaction.
     """
-    from api.models import StopMonitorProtection
-
-    row = StopMonitorProtection.objects.filter(pk=operation_id).first()
+    row = store.protection_of(operation_id)
     if row is None or row.status not in (p.PLACED, p.REQUESTED) or not hasattr(exchange, "cancel_replace"):
         return exchange.place_market_order(request)
     return _close_through(operation_id, request, exchange, row, row.client_order_id, now=now, source=source)
@@ -624,7 +572,7 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
     from stopmonitor.engine.accounts import AccountUnavailable
     from stopmonitor.engine.decisions import Decision
 
-    groups = _protection_accounts(exchange.venue)
+    groups = store.protection_accounts()
     if set(groups) <= {None}:
         runs = [(None, exchange, ALL_ACCOUNTS)]
     else:
@@ -652,21 +600,3 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
         requests += report.requests
     return requests
 
-
-def _protection_accounts(venue: str) -> dict:
-    """``{account id or None: operation ids}`` of the operations protection looks after on ``venue``:
-    ACTIVE ones with a stop and every one whose protection still rests (PLACED/REQUESTED). Only
-    ``{None: …}`` (or nothing) when no operation is on a tenant account: two queries, the second
-    only when some are."""
-    from api.models import Operation, StopMonitorProtection
-
-    if not Operation.objects.filter(account_id__isnull=False).exists():
-        return {None: set()}
-    groups: dict = {None: set()}  # the default account's audit always runs (its orders left over are its own)
-    for op_id, account_id in (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
-                              .values_list("pk", "account_id")):
-        groups.setdefault(account_id, set()).add(op_id)
-    for op_id, account_id in (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
-                              .values_list("operation_id", "operation__account_id")):
-        groups.setdefault(account_id, set()).add(op_id)
-    return groups
