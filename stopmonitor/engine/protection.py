@@ -296,6 +296,54 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
 
 # ---------------------------------------------------------------------------------------- the pass (P3, P5)
 
+@dataclass(frozen=True)
+class _Expected:
+    """What one audit compares with the exchange's open orders: the protected operations (``by_op``:
+    id -> ``Operation``), their folded protection (``expected``: id -> state or None), the finished
+    operations whose protection still rests in the projection (``finished``: id -> state) and
+    every one's symbol (``symbol_of``)."""
+
+    by_op: dict
+    expected: dict
+    finished: dict
+    symbol_of: dict
+
+
+def _expected(venue: str, operation_ids, account) -> _Expected:
+    """The audit's expectations for ``account`` on ``venue`` (two queries), only ``operation_ids`` when given."""
+    ops = protected_operations(venue, operation_ids, account)
+    expected = {op.pk: _state_of(store.protection_row(op)) for op in ops}
+    leftovers = [row for row in store.leftover_protections(venue, set(expected), account)
+                 if operation_ids is None or row.operation_id in set(operation_ids)]
+    symbol_of = {op.pk: op.symbol.symbol for op in ops} | {r.operation_id: r.operation.symbol.symbol for r in leftovers}
+    return _Expected({op.pk: op for op in ops}, expected, {row.operation_id: _state_of(row) for row in leftovers},
+                     symbol_of)
+
+
+def _read_open_orders(exchange, symbols: list[str], report: ProtectionReport) -> list[OrderResult]:
+    """The account's open orders: one request per symbol when that weighs less than one for all."""
+    if len(symbols) * OPEN_ORDERS_WEIGHT_SYMBOL < OPEN_ORDERS_WEIGHT_ALL:
+        open_orders = [o for s in symbols for o in exchange.open_orders(s)]
+        report.requests += len(symbols)
+        report.weight += OPEN_ORDERS_WEIGHT_SYMBOL * len(symbols)
+        return open_orders
+    open_orders = exchange.open_orders()
+    report.requests += 1
+    report.weight += OPEN_ORDERS_WEIGHT_ALL
+    return open_orders
+
+
+def _of_operations(open_orders: list[OrderResult], operation_ids) -> list[OrderResult]:
+    """The open orders whose client id is one of ours for one of ``operation_ids``."""
+    scope = set(operation_ids)
+    return [o for o in open_orders if (p.parse_client_id(o.client_order_id) or (0,))[0] in scope]
+
+
+def _actions(actions: list[p.AuditAction], *kinds: str) -> list[p.AuditAction]:
+    """The audit's actions of ``kinds``, in the audit's order."""
+    return [a for a in actions if a.action in kinds]
+
+
 def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionReport | None = None,
                     operation_ids=None, dry_run: bool = False, quotes: dict | None = None,
                     account=ALL_ACCOUNTS) -> ProtectionReport:
@@ -313,49 +361,40 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
     report = report or ProtectionReport()
     if not isinstance(exchange, ProtectionPort) and not hasattr(exchange, "open_orders"):
         return report
-    ops = protected_operations(exchange.venue, operation_ids, account)
-    expected = {op.pk: _state_of(store.protection_row(op)) for op in ops}
-    expected_ids = set(expected)
-    leftovers = [row for row in store.leftover_protections(exchange.venue, expected_ids, account)
-                 if operation_ids is None or row.operation_id in set(operation_ids)]
-    if not ops and not leftovers:
+    audited = _expected(exchange.venue, operation_ids, account)
+    if not audited.by_op and not audited.finished:
         return report
-    finished = {row.operation_id: _state_of(row) for row in leftovers}
-    symbol_of = {op.pk: op.symbol.symbol for op in ops} | {r.operation_id: r.operation.symbol.symbol for r in leftovers}
-    symbols = sorted(set(symbol_of.values()))
-    if len(symbols) * OPEN_ORDERS_WEIGHT_SYMBOL < OPEN_ORDERS_WEIGHT_ALL:
-        open_orders = [o for s in symbols for o in exchange.open_orders(s)]
-        report.requests += len(symbols)
-        report.weight += OPEN_ORDERS_WEIGHT_SYMBOL * len(symbols)
-    else:
-        open_orders = exchange.open_orders()
-        report.requests += 1
-        report.weight += OPEN_ORDERS_WEIGHT_ALL
+    open_orders = _read_open_orders(exchange, sorted(set(audited.symbol_of.values())), report)
     if operation_ids is not None:  # a scoped run (the command's batches) judges only its own operations' orders
-        scope = set(operation_ids)
-        open_orders = [o for o in open_orders if (p.parse_client_id(o.client_order_id) or (0,))[0] in scope]
-    by_op = {op.pk: op for op in ops}
-    actions = p.audit(expected, open_orders, now, _visibility(), symbol_of, finished)
+        open_orders = _of_operations(open_orders, operation_ids)
+    actions = p.audit(audited.expected, open_orders, now, _visibility(), audited.symbol_of, audited.finished)
     if dry_run:
         for a in actions:
             report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
         return report
-    for a in (a for a in actions if a.action == p.CANCEL):
+    _carry_out(actions, audited.by_op, exchange, now=now, source=source, report=report, quotes=quotes)
+    return report
+
+
+def _carry_out(actions: list[p.AuditAction], by_op: dict, exchange, *, now: datetime, source: str,
+               report: ProtectionReport, quotes: dict | None) -> None:
+    """Do what the audit found, in this order: cancel leftovers, resolve, then arm what is missing
+    and move what rests as expected (the operations the audit did not name)."""
+    for a in _actions(actions, p.CANCEL):
         _cancel_leftover(a, exchange, now=now, source=source, report=report)
     # WAIT (placed moments ago, absent) is asked too: a query that finds nothing records nothing
     # inside the visibility window, and one that finds it filled saves the close a cancelReplace
-    for a in (a for a in actions if a.action in (p.RESOLVE, p.WAIT)):
+    for a in _actions(actions, p.RESOLVE, p.WAIT):
         try:
             resolve(a.operation_id, a.client_order_id, exchange, now=now, source=source, report=report)
         except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
             report.note("protection_unresolved", a.operation_id, detail=str(exc)[:200])
-    report.waiting += sum(1 for a in actions if a.action == p.WAIT)
-    arming = [by_op[a.operation_id] for a in actions if a.action == p.ARM]
+    report.waiting += len(_actions(actions, p.WAIT))
+    arming = [by_op[a.operation_id] for a in _actions(actions, p.ARM)]
     resting_ids = set(by_op) - {a.operation_id for a in actions}  # not touched by the audit: resting as expected
     if arming or resting_ids:
         _arm_and_move(arming, [by_op[i] for i in sorted(resting_ids)], exchange, now=now, source=source, report=report,
                       quotes=quotes)
-    return report
 
 
 def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
