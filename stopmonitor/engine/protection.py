@@ -437,6 +437,16 @@ def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
     filters = exchange.symbol_filters(symbols)
     report.requests += 1
     report.weight += 2
+    if arming:
+        quotes = _arming_quotes(arming, exchange, quotes, report)
+        _arm_missing(arming, exchange, filters, quotes, now=now, source=source, report=report)
+    for op in resting:
+        _move_off_level(op, filters.get(op.symbol.symbol), exchange, now=now, source=source, report=report)
+
+
+def _arming_quotes(arming: list, exchange, quotes: dict | None, report: ProtectionReport) -> dict:
+    """The pass's ``quotes`` (symbol -> Quote) plus one bulk read of the arming symbols they lack;
+    that read failing is noted and the missing symbols arm without the last price."""
     quotes = dict(quotes or {})
     missing = sorted({op.symbol.symbol for op in arming} - set(quotes))
     if missing:
@@ -446,36 +456,59 @@ def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
             quotes.update(exchange.book_tickers(missing))
         except ExchangeUnavailable as exc:  # arm without the last price: Binance refuses a stop that would trigger (-2010)
             report.note("protection_quotes_unavailable", 0, detail=str(exc)[:200])
-    balances = exchange.free_balances() if arming else None
-    if arming:
-        report.requests += 1
-        report.weight += 20
-    # arming shares the free balance read now (after this pass's cancels); what other operations'
-    # resting protection locks stays theirs (a move or resize replaces in place, by cancelReplace/amend)
-    by_asset: dict[str, list] = {}
-    for op in arming:
-        f = filters.get(op.symbol.symbol)
-        if f is not None:
-            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
-    for asset, ops in by_asset.items():
+    return quotes
+
+
+def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: datetime, source: str,
+                 report: ProtectionReport) -> None:
+    """Arm each operation (oldest first within its asset) with its share of the free balance read
+    now, after this pass's cancels (P6); what other operations' resting protection locks stays
+    theirs (a move or resize replaces in place, by cancelReplace/amend). A short's close buys:
+    not limited by balance. An operation whose symbol has no filters is not armed."""
+    balances = exchange.free_balances()
+    report.requests += 1
+    report.weight += 20
+    for asset, ops in _by_closing_asset(arming, filters).items():
         free = None if balances is None else balances.get(asset, Decimal(0))
         shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops],
                             None if close_side(ops[0].side) == "BUY" else free, Decimal(0))
         for op in ops:
-            quote = quotes.get(op.symbol.symbol)
-            last = None if quote is None else (quote.bid if close_side(op.side) == "SELL" else quote.ask)
-            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], last, now=now, source=source, report=report)
-    for op in resting:
+            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], _last_price(op, quotes), now=now,
+                source=source, report=report)
+
+
+def _by_closing_asset(ops: list, filters: dict) -> dict[str, list]:
+    """``{asset: operations}``: the asset each operation's close spends (the base asset for a SELL,
+    the quote asset for a BUY), in the order given; operations without filters are left out."""
+    by_asset: dict[str, list] = {}
+    for op in ops:
         f = filters.get(op.symbol.symbol)
-        state = _state_of(store.protection_row(op))
-        if f is None or state is None or op.stop_price is None:
-            continue
-        wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
-        move = p.decide_move(state, wanted, f.tick_size, now, _interval())
-        if move.action == "replace" and state.kind == p.STOP_LOSS:
-            _move(op.pk, state, move, exchange, now=now, source=source, report=report)
-        elif move.action == "defer":
-            report.note("protection_move_deferred", op.pk, not_before=move.not_before.isoformat())
+        if f is not None:
+            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
+    return by_asset
+
+
+def _last_price(op, quotes: dict) -> Decimal | None:
+    """The latest price the operation's close would meet (bid for a SELL, ask for a BUY), None without a quote."""
+    quote = quotes.get(op.symbol.symbol)
+    if quote is None:
+        return None
+    return quote.bid if close_side(op.side) == "SELL" else quote.ask
+
+
+def _move_off_level(op, f, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
+    """Move one resting stop whose wanted level (the operation's stop plus its buffer, on the tick
+    of filters ``f``) differs, within the churn limit (P3); a deferred move is noted. An OCO is
+    not moved."""
+    state = _state_of(store.protection_row(op))
+    if f is None or state is None or op.stop_price is None:
+        return
+    wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
+    move = p.decide_move(state, wanted, f.tick_size, now, _interval())
+    if move.action == "replace" and state.kind == p.STOP_LOSS:
+        _move(op.pk, state, move, exchange, now=now, source=source, report=report)
+    elif move.action == "defer":
+        report.note("protection_move_deferred", op.pk, not_before=move.not_before.isoformat())
 
 
 def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *, now: datetime, source: str,
