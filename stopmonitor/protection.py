@@ -500,6 +500,11 @@ class Finding:
     final: bool = False
     events: tuple[NewEvent, ...] = ()
 
+    @property
+    def final_fill(self) -> bool:
+        """Whether it executed (all or part) and nothing more can come: the fill is the exchange's to record."""
+        return self.kind in ("FILLED", "PARTIAL") and self.final
+
 
 def interpret_protection_order(order: OrderResult | None) -> Finding:
     """Classify ``GET /api/v3/order`` of the protection's client id."""

@@ -222,7 +222,7 @@ def protection_order(exchange, symbol: str, client_order_id: str, report: Protec
             report.weight += 4
         leg = exchange.get_order(symbol, client_order_id + "t")
         leg_finding = p.interpret_protection_order(leg)
-        if leg_finding.kind in ("FILLED", "PARTIAL") and leg_finding.final:
+        if leg_finding.final_fill:
             return leg, leg_finding
     return order, finding
 
@@ -239,7 +239,7 @@ def ask_moving(exchange, symbol: str, protection, order, finding, report: Protec
         report.requests += 1
         report.weight += 4
     old, old_finding = protection_order(exchange, symbol, protection.replaces, report)
-    if old_finding.kind == "RESTING" or (old_finding.kind in ("FILLED", "PARTIAL") and old_finding.final):
+    if old_finding.kind == "RESTING" or old_finding.final_fill:
         return old, old_finding
     return order, finding
 
@@ -250,6 +250,25 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
     MOVED (a lost answer); executed → the exchange's fill; gone (cancelled outside us, expired) →
     ``PROTECTION_CANCELLED`` (the next audit re-arms); not visible → nothing before the window,
     then ``UNPROTECTED(NOT_FOUND)``."""
+    order, finding = _ask_protection(operation_id, client_order_id, exchange, report)
+    report.resolved += 1
+    with transaction.atomic():
+        op = lock_operation(operation_id)
+        state = _state_of(store.protection_row(op))
+        if state is None or state.client_order_id != client_order_id:
+            return
+        record = _Recorder(op, exchange.venue, now, source, report)
+        if order is not None and order.client_order_id != client_order_id:
+            record.other_order(state, order, finding)
+        else:
+            record.finding(state, client_order_id, order, finding)
+
+
+def _ask_protection(operation_id: int, client_order_id: str, exchange,
+                    report: ProtectionReport) -> tuple[OrderResult | None, p.Finding]:
+    """``(order, finding)`` of the protection ``client_order_id`` (outside any transaction): its
+    order (:func:`protection_order`), and when it is the current one, the order a move still
+    REQUESTED replaces (:func:`ask_moving`). Raises the port's read errors."""
     symbol = store.get_operation(operation_id).symbol.symbol
     report.requests += 1
     report.weight += 4
@@ -257,41 +276,53 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
     seen = _state_of(store.protection_of(operation_id))
     if seen is not None and seen.client_order_id == client_order_id:
         order, finding = ask_moving(exchange, symbol, seen, order, finding, report)
-    report.resolved += 1
-    with transaction.atomic():
-        op = lock_operation(operation_id)
-        state = _state_of(store.protection_row(op))
-        if state is None or state.client_order_id != client_order_id:
-            return
-        if order is not None and order.client_order_id != client_order_id:  # the OCO's take-profit leg, or the
-            if finding.kind in ("FILLED", "PARTIAL") and finding.final:     # stop a move meant to replace
-                record_exchange_fill(op, order, venue=exchange.venue, now=now)
-                report.exchange_fills += 1
-                report.note("exchange_fill", op.pk, client_order_id=order.client_order_id,
-                            executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
-            elif finding.kind == "RESTING" and state.updated_at <= now - _visibility():
-                # the move never reached the exchange: the stop it was to replace still protects
-                _append(op, [NewEvent(p.PROTECTION_MOVED, p.order_payload(
-                    order, generation=state.generation, kind=state.kind, reason="MOVE_NOT_MADE"))],
-                    source=source, venue=exchange.venue, now=now)
-            return
+    return order, finding
+
+
+@dataclass(frozen=True)
+class _Recorder:
+    """Records what :func:`resolve` found about ``op``'s protection (the caller holds its row lock)."""
+
+    op: object
+    venue: str
+    now: datetime
+    source: str
+    report: ProtectionReport
+
+    def other_order(self, state: p.ProtectionState, order: OrderResult, finding: p.Finding) -> None:
+        """The answer is another order than the one asked: the OCO's take-profit leg, or the stop
+        a move meant to replace. Executed → the exchange's fill; resting past the visibility
+        window → the move never reached the exchange: the stop it was to replace still protects."""
+        if finding.final_fill:
+            self.exchange_fill(order)
+        elif finding.kind == "RESTING" and state.updated_at <= self.now - _visibility():
+            self.append(NewEvent(p.PROTECTION_MOVED, p.order_payload(
+                order, generation=state.generation, kind=state.kind, reason="MOVE_NOT_MADE")))
+
+    def finding(self, state: p.ProtectionState, client_order_id: str, order: OrderResult | None,
+                finding: p.Finding) -> None:
+        """The answer about the order asked (``order`` None: the exchange does not show it)."""
         if finding.kind == "RESTING" and state.status == p.REQUESTED:
             kind = p.PROTECTION_MOVED if state.replaces else p.PROTECTION_PLACED
-            _append(op, [NewEvent(kind, p.order_payload(order, generation=state.generation, kind=state.kind,
-                                                         reason="FOUND"))], source=source, venue=exchange.venue, now=now)
-        elif finding.kind in ("FILLED", "PARTIAL") and finding.final:
-            record_exchange_fill(op, order, venue=exchange.venue, now=now)
-            report.exchange_fills += 1
-            report.note("exchange_fill", op.pk, client_order_id=client_order_id,
-                        executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+            self.append(NewEvent(kind, p.order_payload(order, generation=state.generation, kind=state.kind,
+                                                       reason="FOUND")))
+        elif finding.final_fill:
+            self.exchange_fill(order)
         elif finding.kind == "GONE":
-            _append(op, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
-                    source=source, venue=exchange.venue, now=now)
-        elif finding.kind == "NOT_VISIBLE" and state.updated_at <= now - _visibility():
-            _append(op, [p.Unprotectable("NOT_FOUND", f"{client_order_id} not on the exchange after "
-                                                      f"{_visibility().seconds}s").event()],
-                    source=source, venue=exchange.venue, now=now)
-            report.unprotected += 1
+            self.append(NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE")))
+        elif finding.kind == "NOT_VISIBLE" and state.updated_at <= self.now - _visibility():
+            self.append(p.Unprotectable("NOT_FOUND", f"{client_order_id} not on the exchange after "
+                                                     f"{_visibility().seconds}s").event())
+            self.report.unprotected += 1
+
+    def exchange_fill(self, order: OrderResult) -> None:
+        record_exchange_fill(self.op, order, venue=self.venue, now=self.now)
+        self.report.exchange_fills += 1
+        self.report.note("exchange_fill", self.op.pk, client_order_id=order.client_order_id,
+                         executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+
+    def append(self, event: NewEvent) -> None:
+        _append(self.op, [event], source=self.source, venue=self.venue, now=self.now)
 
 
 # ---------------------------------------------------------------------------------------- the pass (P3, P5)
@@ -612,7 +643,7 @@ def _close_through(operation_id: int, request: OrderRequest, exchange, row, clie
             order, finding = ask_moving(exchange, request.symbol, row, order, finding)
             if finding.kind == "RESTING" and order.client_order_id == row.replaces:  # the move never happened
                 return _close_through(operation_id, request, exchange, row, row.replaces, now=now, source=source)
-        if finding.kind in ("FILLED", "PARTIAL") and finding.final:
+        if finding.final_fill:
             with transaction.atomic():
                 op = lock_operation(operation_id)
                 record_exchange_fill(op, order, venue=exchange.venue, now=now, superseded_token=request.client_order_id)
