@@ -121,24 +121,49 @@ def arm(operation_id: int, exchange, filters, available: Decimal, last_price: De
     with the reason, once per reason), then place it, then record ``PROTECTION_PLACED`` — or
     ``UNPROTECTED`` on a definite refusal. An unknown answer leaves it REQUESTED for the audit to ask
     by client order id. Must be called outside any transaction."""
+    plan = _request_protection(operation_id, exchange, filters, available, last_price, now=now, source=source,
+                               report=report)
+    if plan is not None:
+        _place_protection(plan, exchange, now=now, source=source, report=report)
+
+
+def _request_protection(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *,
+                        now: datetime, source: str, report: ProtectionReport) -> p.ProtectionPlan | None:
+    """Under the operation's row lock: plan its protection (P1) and commit ``PROTECTION_REQUESTED``;
+    the plan to place, or None when it is not ACTIVE, already protected or unprotectable."""
     with transaction.atomic():
         op = lock_operation(operation_id)
         state = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or (state and state.status in (p.REQUESTED, p.PLACED)):
-            return
+            return None
         plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price,
                                  op.target_price, filters, _buffer(op), (state.generation if state else 0) + 1,
                                  last_price)
         if isinstance(plan, p.Unprotectable):
-            # PRICE_THROUGH_STOP is transient and the monitor's own trigger closes at market: no event
-            # (alternating reasons would also defeat the monitor's once-only BLOCKED dedupe)
-            if plan.reason != "PRICE_THROUGH_STOP" and not (
-                    state and state.status == p.UNPROTECTED_STATUS and state.reason == plan.reason):
-                _append(op, [plan.event()], source=source, venue=exchange.venue, now=now)
-                report.unprotected += 1
-                report.note("unprotected", op.pk, reason=plan.reason, detail=plan.detail)
-            return
+            _say_unprotectable(op, state, plan, venue=exchange.venue, now=now, source=source, report=report)
+            return None
         _append(op, [NewEvent(p.PROTECTION_REQUESTED, plan.payload())], source=source, venue=exchange.venue, now=now)
+    return plan
+
+
+def _say_unprotectable(op, state: p.ProtectionState | None, why: p.Unprotectable, *, venue: str, now: datetime,
+                       source: str, report: ProtectionReport) -> None:
+    """Append ``UNPROTECTED`` with ``why`` unless its last one already says it (caller holds the row lock)."""
+    # PRICE_THROUGH_STOP is transient and the monitor's own trigger closes at market: no event
+    # (alternating reasons would also defeat the monitor's once-only BLOCKED dedupe)
+    if why.reason == "PRICE_THROUGH_STOP" or (
+            state and state.status == p.UNPROTECTED_STATUS and state.reason == why.reason):
+        return
+    _append(op, [why.event()], source=source, venue=venue, now=now)
+    report.unprotected += 1
+    report.note("unprotected", op.pk, reason=why.reason, detail=why.detail)
+
+
+def _place_protection(plan: p.ProtectionPlan, exchange, *, now: datetime, source: str,
+                      report: ProtectionReport) -> None:
+    """Place the planned stop (or OCO) and record ``PROTECTION_PLACED``, or ``UNPROTECTED(REJECTED)``
+    on a definite refusal; an unknown answer is only noted (it stays REQUESTED)."""
+    operation_id = plan.operation_id
     try:
         report.requests += 1
         report.weight += 1
