@@ -42,6 +42,8 @@ from stopmonitor.execution import (
     decide_outcome,
 )
 from stopmonitor.engine import store
+from stopmonitor.engine.accounts import AccountUnavailable
+from stopmonitor.engine.decisions import Decision
 from stopmonitor.engine.store import ALL_ACCOUNTS, lock_operation
 from stopmonitor.rules import STOP_LOSS, close_side, decimal_str
 
@@ -697,24 +699,8 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
     account's client from ``clients`` (an :class:`~stopmonitor.engine.accounts.AccountClients`);
     each account's run is scoped to its own operations, and one account that cannot be read or
     built skips only its own step. Without tenant accounts, one unscoped run on ``exchange``."""
-    from stopmonitor.engine.accounts import AccountUnavailable
-    from stopmonitor.engine.decisions import Decision
-
-    groups = store.protection_accounts()
-    if set(groups) <= {None}:
-        runs = [(None, exchange, ALL_ACCOUNTS)]
-    else:
-        runs = []
-        for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
-            try:
-                client = exchange if clients is None or account_id is None else clients.for_account(account_id)
-            except AccountUnavailable as exc:
-                emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
-                              detail=f"account {account_id}: {exc}"[:300]))
-                continue
-            runs.append((account_id, client, account_id))
     requests = 0
-    for account_id, client, account in runs:
+    for account_id, client, account in _account_runs(exchange, clients, emit):
         try:
             report = protection_pass(client, now=now, source=source, quotes=quotes, account=account)
         except (RateLimited, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
@@ -728,3 +714,21 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
         requests += report.requests
     return requests
 
+
+def _account_runs(exchange, clients, emit) -> list[tuple]:
+    """``(account id, client, account scope)`` of each protection run: one unscoped run on
+    ``exchange`` without tenant accounts, else one per account (the default one first, then by id),
+    each on its own client; an account whose client cannot be built is emitted as skipped."""
+    groups = store.protection_accounts()
+    if set(groups) <= {None}:
+        return [(None, exchange, ALL_ACCOUNTS)]
+    runs = []
+    for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
+        try:
+            client = exchange if clients is None or account_id is None else clients.for_account(account_id)
+        except AccountUnavailable as exc:
+            emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
+                          detail=f"account {account_id}: {exc}"[:300]))
+            continue
+        runs.append((account_id, client, account_id))
+    return runs
