@@ -400,41 +400,70 @@ def audit(expected: Mapping[int, ProtectionState | None], open_orders: Iterable[
     the actions sorted by (action, operation).
     """
     symbols = symbols or {}
-    actions: list[AuditAction] = []
-    resting: dict[str, OrderResult] = {}
-    for order in open_orders:
-        parsed = parse_client_id(order.client_order_id)
-        if parsed is None:
-            continue
-        resting[order.client_order_id] = order
+    resting = _ours(open_orders)
+    actions = _leftovers(expected, resting)
+    for operation_id, state in expected.items():
+        action = _expected_action(operation_id, state, resting, symbols.get(operation_id, ""), now, visibility)
+        if action is not None:
+            actions.append(action)
+    actions += _finished_not_open(expected, finished or {}, resting, symbols)
+    return sorted(actions, key=lambda a: (a.action, a.operation_id, a.client_order_id))
+
+
+def _ours(open_orders: Iterable[OrderResult]) -> dict[str, OrderResult]:
+    """``{client order id: order}`` of the open orders whose client id is one of ours."""
+    return {order.client_order_id: order for order in open_orders if parse_client_id(order.client_order_id)}
+
+
+def _leftovers(expected: Mapping[int, ProtectionState | None], resting: Mapping[str, OrderResult]) -> list[AuditAction]:
+    """CANCEL for each resting order of ours that is not an expected operation's current protection
+    (ORPHANED: not expected; STALE_GENERATION: not its current id, nor the one a REQUESTED move
+    replaces). A list is judged once, by its stop leg."""
+    actions = []
     for cid, order in resting.items():
-        operation_id, generation, leg = parse_client_id(cid)
+        operation_id, _generation, leg = parse_client_id(cid)
         if leg and cid[:-1] in resting:
             continue  # the stop leg speaks for its list: cancelling one leg cancels the list
-        state = expected.get(operation_id)
-        base = cid[:-1] if leg else cid
         if operation_id not in expected:
             actions.append(AuditAction(CANCEL, operation_id, cid, order.symbol, "ORPHANED"))
-        elif state is None or state.status not in (PLACED, REQUESTED) or (
-                base != state.client_order_id and not (state.status == REQUESTED and base == state.replaces)):
+        elif not _is_current(expected[operation_id], cid[:-1] if leg else cid):
             actions.append(AuditAction(CANCEL, operation_id, cid, order.symbol, "STALE_GENERATION"))
-    for operation_id, state in expected.items():
-        symbol = symbols.get(operation_id, "")
-        if state is None or state.status in (CANCELLED, UNPROTECTED_STATUS):
-            if state is None or not any(parse_client_id(c)[0] == operation_id for c in resting):
-                actions.append(AuditAction(ARM, operation_id, "", symbol, "MISSING"))
-            continue
-        if state.client_order_id in resting:
-            continue
-        if state.status == PLACED and state.updated_at > now - visibility:
-            actions.append(AuditAction(WAIT, operation_id, state.client_order_id, symbol, "NOT_VISIBLE_YET"))
-        else:
-            actions.append(AuditAction(RESOLVE, operation_id, state.client_order_id, symbol, f"{state.status}_NOT_OPEN"))
-    for operation_id, state in (finished or {}).items():
-        if operation_id not in expected and state.client_order_id and state.client_order_id not in resting:
-            actions.append(AuditAction(RESOLVE, operation_id, state.client_order_id, symbols.get(operation_id, ""),
-                                       "FINISHED_NOT_OPEN"))
-    return sorted(actions, key=lambda a: (a.action, a.operation_id, a.client_order_id))
+    return actions
+
+
+def _is_current(state: ProtectionState | None, client_order_id: str) -> bool:
+    """Whether ``client_order_id`` (a stop's or a list's stop leg's) is the protection ``state``
+    rests: its current id, or while a move is REQUESTED the id that move replaces."""
+    return state is not None and state.status in (PLACED, REQUESTED) and (
+        client_order_id == state.client_order_id or (state.status == REQUESTED and client_order_id == state.replaces))
+
+
+def _expected_action(operation_id: int, state: ProtectionState | None, resting: Mapping[str, OrderResult],
+                     symbol: str, now: datetime, visibility: timedelta) -> AuditAction | None:
+    """What one expected operation needs: ARM (never armed; or cancelled/unprotected with nothing of
+    ours resting for it — what rests is cancelled first, a later audit arms), nothing (its current
+    protection rests), WAIT (PLACED less than ``visibility`` ago, absent) or RESOLVE (absent)."""
+    if state is None:
+        return AuditAction(ARM, operation_id, "", symbol, "MISSING")
+    if state.status in (CANCELLED, UNPROTECTED_STATUS):
+        if any(parse_client_id(c)[0] == operation_id for c in resting):
+            return None
+        return AuditAction(ARM, operation_id, "", symbol, "MISSING")
+    if state.client_order_id in resting:
+        return None
+    if state.status == PLACED and state.updated_at > now - visibility:
+        return AuditAction(WAIT, operation_id, state.client_order_id, symbol, "NOT_VISIBLE_YET")
+    return AuditAction(RESOLVE, operation_id, state.client_order_id, symbol, f"{state.status}_NOT_OPEN")
+
+
+def _finished_not_open(expected: Mapping[int, ProtectionState | None], finished: Mapping[int, ProtectionState],
+                       resting: Mapping[str, OrderResult], symbols: Mapping[int, str]) -> list[AuditAction]:
+    """RESOLVE for each finished operation's protection that no longer rests (it filled, or our
+    close's cancelReplace took it)."""
+    return [AuditAction(RESOLVE, operation_id, state.client_order_id, symbols.get(operation_id, ""),
+                        "FINISHED_NOT_OPEN")
+            for operation_id, state in finished.items()
+            if operation_id not in expected and state.client_order_id and state.client_order_id not in resting]
 
 
 # ------------------------------------------------------------------------------------ outcomes (P2, P4)
