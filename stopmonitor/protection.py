@@ -278,38 +278,61 @@ def apply_protection(state: ProtectionState | None, event: StoredEvent) -> Prote
     Never appends, never calls the exchange, never reads the clock. Raises ValueError for a
     protection event other than REQUESTED/UNPROTECTED on an operation without protection.
     """
-    kind, p, at = event.event_type, event.payload, event.created_at
+    kind = event.event_type
     if kind not in PROTECTION_EVENT_TYPES:
         return state
-    common = {"updated_at": at, "last_version": event.version}
     if kind == PROTECTION_REQUESTED:
-        return ProtectionState(
-            event.operation_id, REQUESTED, int(p["generation"]), p["client_order_id"], p["kind"], p["side"],
-            _d(p["quantity"]), _d(p["stop_price"]), _d(p.get("limit_price")), None, "",
-            p.get("replaces") or "", at, state.placed_at if state else None, state.replaced_at if state else None,
-            **common)
+        return _requested(state, event)
     if kind == UNPROTECTED and state is None:
         return ProtectionState(event.operation_id, UNPROTECTED_STATUS, 0, "", "", "", None, None, None, None,
-                               p.get("reason", ""), "", None, None, None, at, event.version)
+                               event.payload.get("reason", ""), "", None, None, None, event.created_at, event.version)
     if state is None:
         raise ValueError(f"{kind} v{event.version} for operation {event.operation_id} before any protection")
-    if kind == PROTECTION_PLACED:
-        return replace(state, status=PLACED, exchange_order_id=p.get("order_id"), placed_at=at,
-                       quantity=_d(p.get("quantity")) or state.quantity, replaces="", **common)
-    if kind == PROTECTION_MOVED:
-        return replace(state, status=PLACED, generation=int(p.get("generation", state.generation)),
-                       client_order_id=p.get("client_order_id", state.client_order_id),
-                       kind=p.get("kind", state.kind),
-                       quantity=_d(p.get("quantity")) or state.quantity,
-                       stop_price=_d(p.get("stop_price")) or state.stop_price,
-                       limit_price=_d(p["limit_price"]) if "limit_price" in p else state.limit_price,
-                       exchange_order_id=p.get("order_id", state.exchange_order_id),
-                       replaced_at=at, reason=p.get("reason", ""), replaces="", **common)
-    if kind == PROTECTION_CANCELLED:
-        return replace(state, status=CANCELLED, reason=p.get("reason", ""), **common)
-    if kind == PROTECTION_TRIGGERED:
-        return replace(state, status=TRIGGERED, reason=p.get("exchange_status", ""), **common)
+    return _FOLD_ONTO[kind](state, event.payload, updated_at=event.created_at, last_version=event.version)
+
+
+def _requested(state: ProtectionState | None, event: StoredEvent) -> ProtectionState:
+    """A new generation's intent: everything from the payload; the last placement and move times carry over."""
+    p, at = event.payload, event.created_at
+    return ProtectionState(
+        event.operation_id, REQUESTED, int(p["generation"]), p["client_order_id"], p["kind"], p["side"],
+        _d(p["quantity"]), _d(p["stop_price"]), _d(p.get("limit_price")), None, "",
+        p.get("replaces") or "", at, state.placed_at if state else None, state.replaced_at if state else None,
+        updated_at=at, last_version=event.version)
+
+
+def _placed(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=PLACED, exchange_order_id=p.get("order_id"), placed_at=common["updated_at"],
+                   quantity=_d(p.get("quantity")) or state.quantity, replaces="", **common)
+
+
+def _moved(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    """A cancelReplace (or a lost answer found): the payload's new order, what it does not say kept."""
+    return replace(state, status=PLACED, generation=int(p.get("generation", state.generation)),
+                   client_order_id=p.get("client_order_id", state.client_order_id),
+                   kind=p.get("kind", state.kind),
+                   quantity=_d(p.get("quantity")) or state.quantity,
+                   stop_price=_d(p.get("stop_price")) or state.stop_price,
+                   limit_price=_d(p["limit_price"]) if "limit_price" in p else state.limit_price,
+                   exchange_order_id=p.get("order_id", state.exchange_order_id),
+                   replaced_at=common["updated_at"], reason=p.get("reason", ""), replaces="", **common)
+
+
+def _cancelled(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=CANCELLED, reason=p.get("reason", ""), **common)
+
+
+def _triggered(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=TRIGGERED, reason=p.get("exchange_status", ""), **common)
+
+
+def _unprotected(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
     return replace(state, status=UNPROTECTED_STATUS, reason=p.get("reason", ""), **common)
+
+
+#: how each protection event after the first REQUESTED changes the state (``apply_protection``)
+_FOLD_ONTO = {PROTECTION_PLACED: _placed, PROTECTION_MOVED: _moved, PROTECTION_CANCELLED: _cancelled,
+              PROTECTION_TRIGGERED: _triggered, UNPROTECTED: _unprotected}
 
 
 def fold_protection(events: Iterable[StoredEvent]) -> dict[int, ProtectionState]:
