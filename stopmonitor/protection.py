@@ -205,13 +205,9 @@ def plan_protection(operation_id: int, opening_side: str, available: Decimal, st
     (the market is already beyond the resting stop: the monitor's trigger closes at market) and
     the close-quantity reasons (``INSUFFICIENT_BALANCE``, ``BELOW_MIN_QTY``, ``BELOW_MIN_NOTIONAL``).
     """
-    if stop_price is None:
-        return Unprotectable("NO_STOP", "no stop price set")
-    if filters.status != "TRADING":
-        return Unprotectable("SYMBOL_STATUS", f"{filters.symbol} is {filters.status}")
-    if not filters.stop_loss_allowed or not filters.cancel_replace_allowed:
-        missing = "STOP_LOSS orders" if not filters.stop_loss_allowed else "cancelReplace"
-        return Unprotectable("ORDER_TYPE_NOT_ALLOWED", f"{filters.symbol} does not allow {missing}")
+    refused = _cannot_rest(stop_price, filters)
+    if refused is not None:
+        return refused
     side = close_side(opening_side)
     stop = resting_stop_price(side, stop_price, buffer_bps, filters.tick_size)
     if last_price is not None and (last_price <= stop if side == "SELL" else last_price >= stop):
@@ -221,15 +217,34 @@ def plan_protection(operation_id: int, opening_side: str, available: Decimal, st
                          filters.max_qty)
     if qty.blocked_reason:
         return Unprotectable(qty.blocked_reason, qty.detail)
-    kind, limit = STOP_LOSS, None
-    if target_price is not None and filters.oco_allowed:
-        limit = resting_limit_price(side, target_price, buffer_bps, filters.tick_size)
-        if last_price is None or (limit > last_price > stop if side == "SELL" else limit < last_price < stop):
-            kind = OCO
-        else:
-            limit = None  # the take-profit is already crossed: the monitor takes it; rest the stop alone
-    return ProtectionPlan(operation_id, generation, filters.symbol, kind, side, qty.quantity, stop, limit,
-                          protection_client_id(operation_id, generation))
+    limit = _take_profit(side, target_price, filters, buffer_bps, stop, last_price)
+    return ProtectionPlan(operation_id, generation, filters.symbol, STOP_LOSS if limit is None else OCO, side,
+                          qty.quantity, stop, limit, protection_client_id(operation_id, generation))
+
+
+def _cannot_rest(stop_price: Decimal | None, filters: SymbolFilters) -> Unprotectable | None:
+    """Why no protection can rest whatever the price and balance (no stop, symbol not trading, order types), or None."""
+    if stop_price is None:
+        return Unprotectable("NO_STOP", "no stop price set")
+    if filters.status != "TRADING":
+        return Unprotectable("SYMBOL_STATUS", f"{filters.symbol} is {filters.status}")
+    if not filters.stop_loss_allowed or not filters.cancel_replace_allowed:
+        missing = "STOP_LOSS orders" if not filters.stop_loss_allowed else "cancelReplace"
+        return Unprotectable("ORDER_TYPE_NOT_ALLOWED", f"{filters.symbol} does not allow {missing}")
+    return None
+
+
+def _take_profit(side: str, target_price: Decimal | None, filters: SymbolFilters, buffer_bps: int, stop: Decimal,
+                 last_price: Decimal | None) -> Decimal | None:
+    """The OCO's take-profit limit when a target is set, the symbol allows OCO and the last price
+    (when known) lies between the limit and the resting ``stop``; None: rest the stop alone (a
+    take-profit already crossed is the monitor's to take)."""
+    if target_price is None or not filters.oco_allowed:
+        return None
+    limit = resting_limit_price(side, target_price, buffer_bps, filters.tick_size)
+    if last_price is None or (limit > last_price > stop if side == "SELL" else limit < last_price < stop):
+        return limit
+    return None
 
 
 # ------------------------------------------------------------------------------------ the fold
