@@ -554,15 +554,15 @@ def _last_price(op, quotes: dict) -> Decimal | None:
     return quote.bid if close_side(op.side) == "SELL" else quote.ask
 
 
-def _move_off_level(op, f, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
+def _move_off_level(op, filters, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
     """Move one resting stop whose wanted level (the operation's stop plus its buffer, on the tick
-    of filters ``f``) differs, within the churn limit (P3); a deferred move is noted. An OCO is
+    of ``filters``) differs, within the churn limit (P3); a deferred move is noted. An OCO is
     not moved."""
     state = _state_of(store.protection_row(op))
-    if f is None or state is None or op.stop_price is None:
+    if filters is None or state is None or op.stop_price is None:
         return
-    wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
-    move = p.decide_move(state, wanted, f.tick_size, now, _interval())
+    wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), filters.tick_size)
+    move = p.decide_move(state, wanted, filters.tick_size, now, _interval())
     if move.action == "replace" and state.kind == p.STOP_LOSS:
         _move(op.pk, state, move, exchange, now=now, source=source, report=report)
     elif move.action == "defer":
