@@ -205,13 +205,9 @@ def plan_protection(operation_id: int, opening_side: str, available: Decimal, st
     (the market is already beyond the resting stop: the monitor's trigger closes at market) and
     the close-quantity reasons (``INSUFFICIENT_BALANCE``, ``BELOW_MIN_QTY``, ``BELOW_MIN_NOTIONAL``).
     """
-    if stop_price is None:
-        return Unprotectable("NO_STOP", "no stop price set")
-    if filters.status != "TRADING":
-        return Unprotectable("SYMBOL_STATUS", f"{filters.symbol} is {filters.status}")
-    if not filters.stop_loss_allowed or not filters.cancel_replace_allowed:
-        missing = "STOP_LOSS orders" if not filters.stop_loss_allowed else "cancelReplace"
-        return Unprotectable("ORDER_TYPE_NOT_ALLOWED", f"{filters.symbol} does not allow {missing}")
+    refused = _cannot_rest(stop_price, filters)
+    if refused is not None:
+        return refused
     side = close_side(opening_side)
     stop = resting_stop_price(side, stop_price, buffer_bps, filters.tick_size)
     if last_price is not None and (last_price <= stop if side == "SELL" else last_price >= stop):
@@ -221,15 +217,34 @@ def plan_protection(operation_id: int, opening_side: str, available: Decimal, st
                          filters.max_qty)
     if qty.blocked_reason:
         return Unprotectable(qty.blocked_reason, qty.detail)
-    kind, limit = STOP_LOSS, None
-    if target_price is not None and filters.oco_allowed:
-        limit = resting_limit_price(side, target_price, buffer_bps, filters.tick_size)
-        if last_price is None or (limit > last_price > stop if side == "SELL" else limit < last_price < stop):
-            kind = OCO
-        else:
-            limit = None  # the take-profit is already crossed: the monitor takes it; rest the stop alone
-    return ProtectionPlan(operation_id, generation, filters.symbol, kind, side, qty.quantity, stop, limit,
-                          protection_client_id(operation_id, generation))
+    limit = _take_profit(side, target_price, filters, buffer_bps, stop, last_price)
+    return ProtectionPlan(operation_id, generation, filters.symbol, STOP_LOSS if limit is None else OCO, side,
+                          qty.quantity, stop, limit, protection_client_id(operation_id, generation))
+
+
+def _cannot_rest(stop_price: Decimal | None, filters: SymbolFilters) -> Unprotectable | None:
+    """Why no protection can rest whatever the price and balance (no stop, symbol not trading, order types), or None."""
+    if stop_price is None:
+        return Unprotectable("NO_STOP", "no stop price set")
+    if filters.status != "TRADING":
+        return Unprotectable("SYMBOL_STATUS", f"{filters.symbol} is {filters.status}")
+    if not filters.stop_loss_allowed or not filters.cancel_replace_allowed:
+        missing = "STOP_LOSS orders" if not filters.stop_loss_allowed else "cancelReplace"
+        return Unprotectable("ORDER_TYPE_NOT_ALLOWED", f"{filters.symbol} does not allow {missing}")
+    return None
+
+
+def _take_profit(side: str, target_price: Decimal | None, filters: SymbolFilters, buffer_bps: int, stop: Decimal,
+                 last_price: Decimal | None) -> Decimal | None:
+    """The OCO's take-profit limit when a target is set, the symbol allows OCO and the last price
+    (when known) lies between the limit and the resting ``stop``; None: rest the stop alone (a
+    take-profit already crossed is the monitor's to take)."""
+    if target_price is None or not filters.oco_allowed:
+        return None
+    limit = resting_limit_price(side, target_price, buffer_bps, filters.tick_size)
+    if last_price is None or (limit > last_price > stop if side == "SELL" else limit < last_price < stop):
+        return limit
+    return None
 
 
 # ------------------------------------------------------------------------------------ the fold
@@ -278,38 +293,61 @@ def apply_protection(state: ProtectionState | None, event: StoredEvent) -> Prote
     Never appends, never calls the exchange, never reads the clock. Raises ValueError for a
     protection event other than REQUESTED/UNPROTECTED on an operation without protection.
     """
-    kind, p, at = event.event_type, event.payload, event.created_at
+    kind = event.event_type
     if kind not in PROTECTION_EVENT_TYPES:
         return state
-    common = {"updated_at": at, "last_version": event.version}
     if kind == PROTECTION_REQUESTED:
-        return ProtectionState(
-            event.operation_id, REQUESTED, int(p["generation"]), p["client_order_id"], p["kind"], p["side"],
-            _d(p["quantity"]), _d(p["stop_price"]), _d(p.get("limit_price")), None, "",
-            p.get("replaces") or "", at, state.placed_at if state else None, state.replaced_at if state else None,
-            **common)
+        return _requested(state, event)
     if kind == UNPROTECTED and state is None:
         return ProtectionState(event.operation_id, UNPROTECTED_STATUS, 0, "", "", "", None, None, None, None,
-                               p.get("reason", ""), "", None, None, None, at, event.version)
+                               event.payload.get("reason", ""), "", None, None, None, event.created_at, event.version)
     if state is None:
         raise ValueError(f"{kind} v{event.version} for operation {event.operation_id} before any protection")
-    if kind == PROTECTION_PLACED:
-        return replace(state, status=PLACED, exchange_order_id=p.get("order_id"), placed_at=at,
-                       quantity=_d(p.get("quantity")) or state.quantity, replaces="", **common)
-    if kind == PROTECTION_MOVED:
-        return replace(state, status=PLACED, generation=int(p.get("generation", state.generation)),
-                       client_order_id=p.get("client_order_id", state.client_order_id),
-                       kind=p.get("kind", state.kind),
-                       quantity=_d(p.get("quantity")) or state.quantity,
-                       stop_price=_d(p.get("stop_price")) or state.stop_price,
-                       limit_price=_d(p["limit_price"]) if "limit_price" in p else state.limit_price,
-                       exchange_order_id=p.get("order_id", state.exchange_order_id),
-                       replaced_at=at, reason=p.get("reason", ""), replaces="", **common)
-    if kind == PROTECTION_CANCELLED:
-        return replace(state, status=CANCELLED, reason=p.get("reason", ""), **common)
-    if kind == PROTECTION_TRIGGERED:
-        return replace(state, status=TRIGGERED, reason=p.get("exchange_status", ""), **common)
+    return _FOLD_ONTO[kind](state, event.payload, updated_at=event.created_at, last_version=event.version)
+
+
+def _requested(state: ProtectionState | None, event: StoredEvent) -> ProtectionState:
+    """A new generation's intent: everything from the payload; the last placement and move times carry over."""
+    p, at = event.payload, event.created_at
+    return ProtectionState(
+        event.operation_id, REQUESTED, int(p["generation"]), p["client_order_id"], p["kind"], p["side"],
+        _d(p["quantity"]), _d(p["stop_price"]), _d(p.get("limit_price")), None, "",
+        p.get("replaces") or "", at, state.placed_at if state else None, state.replaced_at if state else None,
+        updated_at=at, last_version=event.version)
+
+
+def _placed(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=PLACED, exchange_order_id=p.get("order_id"), placed_at=common["updated_at"],
+                   quantity=_d(p.get("quantity")) or state.quantity, replaces="", **common)
+
+
+def _moved(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    """A cancelReplace (or a lost answer found): the payload's new order, what it does not say kept."""
+    return replace(state, status=PLACED, generation=int(p.get("generation", state.generation)),
+                   client_order_id=p.get("client_order_id", state.client_order_id),
+                   kind=p.get("kind", state.kind),
+                   quantity=_d(p.get("quantity")) or state.quantity,
+                   stop_price=_d(p.get("stop_price")) or state.stop_price,
+                   limit_price=_d(p["limit_price"]) if "limit_price" in p else state.limit_price,
+                   exchange_order_id=p.get("order_id", state.exchange_order_id),
+                   replaced_at=common["updated_at"], reason=p.get("reason", ""), replaces="", **common)
+
+
+def _cancelled(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=CANCELLED, reason=p.get("reason", ""), **common)
+
+
+def _triggered(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
+    return replace(state, status=TRIGGERED, reason=p.get("exchange_status", ""), **common)
+
+
+def _unprotected(state: ProtectionState, p: Mapping[str, Any], **common: Any) -> ProtectionState:
     return replace(state, status=UNPROTECTED_STATUS, reason=p.get("reason", ""), **common)
+
+
+#: how each protection event after the first REQUESTED changes the state (``apply_protection``)
+_FOLD_ONTO = {PROTECTION_PLACED: _placed, PROTECTION_MOVED: _moved, PROTECTION_CANCELLED: _cancelled,
+              PROTECTION_TRIGGERED: _triggered, UNPROTECTED: _unprotected}
 
 
 def fold_protection(events: Iterable[StoredEvent]) -> dict[int, ProtectionState]:
@@ -400,41 +438,70 @@ def audit(expected: Mapping[int, ProtectionState | None], open_orders: Iterable[
     the actions sorted by (action, operation).
     """
     symbols = symbols or {}
-    actions: list[AuditAction] = []
-    resting: dict[str, OrderResult] = {}
-    for order in open_orders:
-        parsed = parse_client_id(order.client_order_id)
-        if parsed is None:
-            continue
-        resting[order.client_order_id] = order
+    resting = _ours(open_orders)
+    actions = _leftovers(expected, resting)
+    for operation_id, state in expected.items():
+        action = _expected_action(operation_id, state, resting, symbols.get(operation_id, ""), now, visibility)
+        if action is not None:
+            actions.append(action)
+    actions += _finished_not_open(expected, finished or {}, resting, symbols)
+    return sorted(actions, key=lambda a: (a.action, a.operation_id, a.client_order_id))
+
+
+def _ours(open_orders: Iterable[OrderResult]) -> dict[str, OrderResult]:
+    """``{client order id: order}`` of the open orders whose client id is one of ours."""
+    return {order.client_order_id: order for order in open_orders if parse_client_id(order.client_order_id)}
+
+
+def _leftovers(expected: Mapping[int, ProtectionState | None], resting: Mapping[str, OrderResult]) -> list[AuditAction]:
+    """CANCEL for each resting order of ours that is not an expected operation's current protection
+    (ORPHANED: not expected; STALE_GENERATION: not its current id, nor the one a REQUESTED move
+    replaces). A list is judged once, by its stop leg."""
+    actions = []
     for cid, order in resting.items():
-        operation_id, generation, leg = parse_client_id(cid)
+        operation_id, _generation, leg = parse_client_id(cid)
         if leg and cid[:-1] in resting:
             continue  # the stop leg speaks for its list: cancelling one leg cancels the list
-        state = expected.get(operation_id)
-        base = cid[:-1] if leg else cid
         if operation_id not in expected:
             actions.append(AuditAction(CANCEL, operation_id, cid, order.symbol, "ORPHANED"))
-        elif state is None or state.status not in (PLACED, REQUESTED) or (
-                base != state.client_order_id and not (state.status == REQUESTED and base == state.replaces)):
+        elif not _is_current(expected[operation_id], cid[:-1] if leg else cid):
             actions.append(AuditAction(CANCEL, operation_id, cid, order.symbol, "STALE_GENERATION"))
-    for operation_id, state in expected.items():
-        symbol = symbols.get(operation_id, "")
-        if state is None or state.status in (CANCELLED, UNPROTECTED_STATUS):
-            if state is None or not any(parse_client_id(c)[0] == operation_id for c in resting):
-                actions.append(AuditAction(ARM, operation_id, "", symbol, "MISSING"))
-            continue
-        if state.client_order_id in resting:
-            continue
-        if state.status == PLACED and state.updated_at > now - visibility:
-            actions.append(AuditAction(WAIT, operation_id, state.client_order_id, symbol, "NOT_VISIBLE_YET"))
-        else:
-            actions.append(AuditAction(RESOLVE, operation_id, state.client_order_id, symbol, f"{state.status}_NOT_OPEN"))
-    for operation_id, state in (finished or {}).items():
-        if operation_id not in expected and state.client_order_id and state.client_order_id not in resting:
-            actions.append(AuditAction(RESOLVE, operation_id, state.client_order_id, symbols.get(operation_id, ""),
-                                       "FINISHED_NOT_OPEN"))
-    return sorted(actions, key=lambda a: (a.action, a.operation_id, a.client_order_id))
+    return actions
+
+
+def _is_current(state: ProtectionState | None, client_order_id: str) -> bool:
+    """Whether ``client_order_id`` (a stop's or a list's stop leg's) is the protection ``state``
+    rests: its current id, or while a move is REQUESTED the id that move replaces."""
+    return state is not None and state.status in (PLACED, REQUESTED) and (
+        client_order_id == state.client_order_id or (state.status == REQUESTED and client_order_id == state.replaces))
+
+
+def _expected_action(operation_id: int, state: ProtectionState | None, resting: Mapping[str, OrderResult],
+                     symbol: str, now: datetime, visibility: timedelta) -> AuditAction | None:
+    """What one expected operation needs: ARM (never armed; or cancelled/unprotected with nothing of
+    ours resting for it — what rests is cancelled first, a later audit arms), nothing (its current
+    protection rests), WAIT (PLACED less than ``visibility`` ago, absent) or RESOLVE (absent)."""
+    if state is None:
+        return AuditAction(ARM, operation_id, "", symbol, "MISSING")
+    if state.status in (CANCELLED, UNPROTECTED_STATUS):
+        if any(parse_client_id(c)[0] == operation_id for c in resting):
+            return None
+        return AuditAction(ARM, operation_id, "", symbol, "MISSING")
+    if state.client_order_id in resting:
+        return None
+    if state.status == PLACED and state.updated_at > now - visibility:
+        return AuditAction(WAIT, operation_id, state.client_order_id, symbol, "NOT_VISIBLE_YET")
+    return AuditAction(RESOLVE, operation_id, state.client_order_id, symbol, f"{state.status}_NOT_OPEN")
+
+
+def _finished_not_open(expected: Mapping[int, ProtectionState | None], finished: Mapping[int, ProtectionState],
+                       resting: Mapping[str, OrderResult], symbols: Mapping[int, str]) -> list[AuditAction]:
+    """RESOLVE for each finished operation's protection that no longer rests (it filled, or our
+    close's cancelReplace took it)."""
+    return [AuditAction(RESOLVE, operation_id, state.client_order_id, symbols.get(operation_id, ""),
+                        "FINISHED_NOT_OPEN")
+            for operation_id, state in finished.items()
+            if operation_id not in expected and state.client_order_id and state.client_order_id not in resting]
 
 
 # ------------------------------------------------------------------------------------ outcomes (P2, P4)
@@ -499,6 +566,11 @@ class Finding:
     executed_qty: Decimal = Decimal(0)
     final: bool = False
     events: tuple[NewEvent, ...] = ()
+
+    @property
+    def final_fill(self) -> bool:
+        """Whether it executed (all or part) and nothing more can come: the fill is the exchange's to record."""
+        return self.kind in ("FILLED", "PARTIAL") and self.final
 
 
 def interpret_protection_order(order: OrderResult | None) -> Finding:

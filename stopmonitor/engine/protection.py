@@ -5,8 +5,8 @@ Every function here that reaches the exchange does it outside any transaction an
 intent first (invariant 2: ``PROTECTION_REQUESTED`` before the order). Called by the pass
 (:func:`protection_pass`, once per pass, batched: one ``openOrders`` request for the account, or
 one per symbol when that weighs less), by the close (:func:`place_close`) and by the
-``protect_operations`` command. (It reads and writes its projection rows itself, like the store
-does: ``.importlinter`` lists it beside ``engine.store``.)
+``protect_operations`` command. Its reads of the projection rows are :mod:`stopmonitor.engine.store`'s
+(section "protection").
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ from stopmonitor.execution import (
     NewEvent,
     decide_outcome,
 )
-from stopmonitor.engine.store import lock_operation
+from stopmonitor.engine import store
+from stopmonitor.engine.accounts import AccountUnavailable
+from stopmonitor.engine.decisions import Decision
+from stopmonitor.engine.store import ALL_ACCOUNTS, lock_operation
 from stopmonitor.rules import STOP_LOSS, close_side, decimal_str
 
 #: openOrders weights (Binance "Current open orders"): one symbol, or every symbol in one request
@@ -94,27 +97,13 @@ def _append(op, events: list[NewEvent], *, source: str, venue: str, now: datetim
     append_events(op, version, events, source=source, venue=venue, now=now)
 
 
-ALL_ACCOUNTS = object()  # protection_pass over every account's operations (no tenant accounts in play)
-
-
 def protected_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -> list:
     """ACTIVE operations of ``venue`` (or of no recorded venue, as before migration 0026) with a
     stop whose tenant has protection on for ``venue``, oldest first, with their symbol, tenant
     settings and protection row (one query); only ``account``'s (an id, or None for the default
     account) when given."""
-    from django.db.models import Q
-
-    from api.models import Operation, recorded_venue
-
-    mine = recorded_venue(venue)
-    qs = (Operation.objects.filter(Q(venue=mine) | Q(venue__isnull=True), status="ACTIVE", stop_price__isnull=False)
-          .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
-    if operation_ids is not None:
-        qs = qs.filter(pk__in=list(operation_ids))
-    if account is not ALL_ACCOUNTS:
-        qs = qs.filter(account_id=account)
     out = []
-    for op in qs:
+    for op in store.stop_operations(venue, operation_ids, account):
         cfg = getattr(op.client, "risk_config", None)
         if p.protection_enabled(cfg.protection_enabled if cfg else None, venue):
             out.append(op)
@@ -126,15 +115,6 @@ def _buffer(op) -> int:
     return cfg.protection_buffer_bps if cfg is not None else p.DEFAULT_BUFFER_BPS
 
 
-def _protection_row(op):
-    from api.models import StopMonitorProtection
-
-    try:
-        return op.protection
-    except StopMonitorProtection.DoesNotExist:
-        return None
-
-
 # ---------------------------------------------------------------------------------------- arm (P1)
 
 def arm(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *, now: datetime,
@@ -143,24 +123,49 @@ def arm(operation_id: int, exchange, filters, available: Decimal, last_price: De
     with the reason, once per reason), then place it, then record ``PROTECTION_PLACED`` — or
     ``UNPROTECTED`` on a definite refusal. An unknown answer leaves it REQUESTED for the audit to ask
     by client order id. Must be called outside any transaction."""
+    plan = _request_protection(operation_id, exchange, filters, available, last_price, now=now, source=source,
+                               report=report)
+    if plan is not None:
+        _place_protection(plan, exchange, now=now, source=source, report=report)
+
+
+def _request_protection(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *,
+                        now: datetime, source: str, report: ProtectionReport) -> p.ProtectionPlan | None:
+    """Under the operation's row lock: plan its protection (P1) and commit ``PROTECTION_REQUESTED``;
+    the plan to place, or None when it is not ACTIVE, already protected or unprotectable."""
     with transaction.atomic():
         op = lock_operation(operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or (state and state.status in (p.REQUESTED, p.PLACED)):
-            return
+            return None
         plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price,
                                  op.target_price, filters, _buffer(op), (state.generation if state else 0) + 1,
                                  last_price)
         if isinstance(plan, p.Unprotectable):
-            # PRICE_THROUGH_STOP is transient and the monitor's own trigger closes at market: no event
-            # (alternating reasons would also defeat the monitor's once-only BLOCKED dedupe)
-            if plan.reason != "PRICE_THROUGH_STOP" and not (
-                    state and state.status == p.UNPROTECTED_STATUS and state.reason == plan.reason):
-                _append(op, [plan.event()], source=source, venue=exchange.venue, now=now)
-                report.unprotected += 1
-                report.note("unprotected", op.pk, reason=plan.reason, detail=plan.detail)
-            return
+            _say_unprotectable(op, state, plan, venue=exchange.venue, now=now, source=source, report=report)
+            return None
         _append(op, [NewEvent(p.PROTECTION_REQUESTED, plan.payload())], source=source, venue=exchange.venue, now=now)
+    return plan
+
+
+def _say_unprotectable(op, state: p.ProtectionState | None, why: p.Unprotectable, *, venue: str, now: datetime,
+                       source: str, report: ProtectionReport) -> None:
+    """Append ``UNPROTECTED`` with ``why`` unless its last one already says it (caller holds the row lock)."""
+    # PRICE_THROUGH_STOP is transient and the monitor's own trigger closes at market: no event
+    # (alternating reasons would also defeat the monitor's once-only BLOCKED dedupe)
+    if why.reason == "PRICE_THROUGH_STOP" or (
+            state and state.status == p.UNPROTECTED_STATUS and state.reason == why.reason):
+        return
+    _append(op, [why.event()], source=source, venue=venue, now=now)
+    report.unprotected += 1
+    report.note("unprotected", op.pk, reason=why.reason, detail=why.detail)
+
+
+def _place_protection(plan: p.ProtectionPlan, exchange, *, now: datetime, source: str,
+                      report: ProtectionReport) -> None:
+    """Place the planned stop (or OCO) and record ``PROTECTION_PLACED``, or ``UNPROTECTED(REJECTED)``
+    on a definite refusal; an unknown answer is only noted (it stays REQUESTED)."""
+    operation_id = plan.operation_id
     try:
         report.requests += 1
         report.weight += 1
@@ -206,7 +211,7 @@ def record_exchange_fill(op, order: OrderResult, *, venue: str, now: datetime, s
     token = order.client_order_id
     take_profit = order.order_type == "LIMIT_MAKER"  # the OCO's take-profit leg filled, not its stop
     level = op.target_price if take_profit else op.stop_price
-    attempt = 1 + _attempts(op.pk)
+    attempt = 1 + store.attempts_so_far(op.pk)
     events.append(NewEvent(p.PROTECTION_TRIGGERED, p.order_payload(order)))
     events.append(NewEvent(STOP_TRIGGERED, {
         "trigger": "TAKE_PROFIT" if take_profit else STOP_LOSS, "level": decimal_str(level),
@@ -232,12 +237,6 @@ def record_exchange_fill(op, order: OrderResult, *, venue: str, now: datetime, s
     _append(op, events, source="exchange", venue=venue, now=now)
 
 
-def _attempts(operation_id: int) -> int:
-    from api.models import StopMonitorEvent
-
-    return StopMonitorEvent.objects.filter(operation_id=operation_id, event_type=STOP_TRIGGERED).count()
-
-
 def protection_order(exchange, symbol: str, client_order_id: str, report: ProtectionReport | None = None):
     """``(order, finding)`` of a protection: its stop, or — when the stop is a leg of an OCO that
     ended with nothing executed — the take-profit leg if that one executed (the stop leg expires
@@ -250,7 +249,7 @@ def protection_order(exchange, symbol: str, client_order_id: str, report: Protec
             report.weight += 4
         leg = exchange.get_order(symbol, client_order_id + "t")
         leg_finding = p.interpret_protection_order(leg)
-        if leg_finding.kind in ("FILLED", "PARTIAL") and leg_finding.final:
+        if leg_finding.final_fill:
             return leg, leg_finding
     return order, finding
 
@@ -267,7 +266,7 @@ def ask_moving(exchange, symbol: str, protection, order, finding, report: Protec
         report.requests += 1
         report.weight += 4
     old, old_finding = protection_order(exchange, symbol, protection.replaces, report)
-    if old_finding.kind == "RESTING" or (old_finding.kind in ("FILLED", "PARTIAL") and old_finding.final):
+    if old_finding.kind == "RESTING" or old_finding.final_fill:
         return old, old_finding
     return order, finding
 
@@ -278,55 +277,130 @@ def resolve(operation_id: int, client_order_id: str, exchange, *, now: datetime,
     MOVED (a lost answer); executed → the exchange's fill; gone (cancelled outside us, expired) →
     ``PROTECTION_CANCELLED`` (the next audit re-arms); not visible → nothing before the window,
     then ``UNPROTECTED(NOT_FOUND)``."""
-    from api.models import Operation
-
-    symbol = Operation.objects.select_related("symbol").get(pk=operation_id).symbol.symbol
-    report.requests += 1
-    report.weight += 4
-    order, finding = protection_order(exchange, symbol, client_order_id, report)
-    from api.models import StopMonitorProtection
-
-    seen = _state_of(StopMonitorProtection.objects.filter(pk=operation_id).first())
-    if seen is not None and seen.client_order_id == client_order_id:
-        order, finding = ask_moving(exchange, symbol, seen, order, finding, report)
+    order, finding = _ask_protection(operation_id, client_order_id, exchange, report)
     report.resolved += 1
     with transaction.atomic():
         op = lock_operation(operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         if state is None or state.client_order_id != client_order_id:
             return
-        if order is not None and order.client_order_id != client_order_id:  # the OCO's take-profit leg, or the
-            if finding.kind in ("FILLED", "PARTIAL") and finding.final:     # stop a move meant to replace
-                record_exchange_fill(op, order, venue=exchange.venue, now=now)
-                report.exchange_fills += 1
-                report.note("exchange_fill", op.pk, client_order_id=order.client_order_id,
-                            executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
-            elif finding.kind == "RESTING" and state.updated_at <= now - _visibility():
-                # the move never reached the exchange: the stop it was to replace still protects
-                _append(op, [NewEvent(p.PROTECTION_MOVED, p.order_payload(
-                    order, generation=state.generation, kind=state.kind, reason="MOVE_NOT_MADE"))],
-                    source=source, venue=exchange.venue, now=now)
-            return
+        record = _Recorder(op, exchange.venue, now, source, report)
+        if order is not None and order.client_order_id != client_order_id:
+            record.other_order(state, order, finding)
+        else:
+            record.finding(state, client_order_id, order, finding)
+
+
+def _ask_protection(operation_id: int, client_order_id: str, exchange,
+                    report: ProtectionReport) -> tuple[OrderResult | None, p.Finding]:
+    """``(order, finding)`` of the protection ``client_order_id`` (outside any transaction): its
+    order (:func:`protection_order`), and when it is the current one, the order a move still
+    REQUESTED replaces (:func:`ask_moving`). Raises the port's read errors."""
+    symbol = store.get_operation(operation_id).symbol.symbol
+    report.requests += 1
+    report.weight += 4
+    order, finding = protection_order(exchange, symbol, client_order_id, report)
+    seen = _state_of(store.protection_of(operation_id))
+    if seen is not None and seen.client_order_id == client_order_id:
+        order, finding = ask_moving(exchange, symbol, seen, order, finding, report)
+    return order, finding
+
+
+@dataclass(frozen=True)
+class _Recorder:
+    """Records what :func:`resolve` found about ``op``'s protection (the caller holds its row lock)."""
+
+    op: object
+    venue: str
+    now: datetime
+    source: str
+    report: ProtectionReport
+
+    def other_order(self, state: p.ProtectionState, order: OrderResult, finding: p.Finding) -> None:
+        """The answer is another order than the one asked: the OCO's take-profit leg, or the stop
+        a move meant to replace. Executed → the exchange's fill; resting past the visibility
+        window → the move never reached the exchange: the stop it was to replace still protects."""
+        if finding.final_fill:
+            self.exchange_fill(order)
+        elif finding.kind == "RESTING" and state.updated_at <= self.now - _visibility():
+            self.append(NewEvent(p.PROTECTION_MOVED, p.order_payload(
+                order, generation=state.generation, kind=state.kind, reason="MOVE_NOT_MADE")))
+
+    def finding(self, state: p.ProtectionState, client_order_id: str, order: OrderResult | None,
+                finding: p.Finding) -> None:
+        """The answer about the order asked (``order`` None: the exchange does not show it)."""
         if finding.kind == "RESTING" and state.status == p.REQUESTED:
             kind = p.PROTECTION_MOVED if state.replaces else p.PROTECTION_PLACED
-            _append(op, [NewEvent(kind, p.order_payload(order, generation=state.generation, kind=state.kind,
-                                                         reason="FOUND"))], source=source, venue=exchange.venue, now=now)
-        elif finding.kind in ("FILLED", "PARTIAL") and finding.final:
-            record_exchange_fill(op, order, venue=exchange.venue, now=now)
-            report.exchange_fills += 1
-            report.note("exchange_fill", op.pk, client_order_id=client_order_id,
-                        executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+            self.append(NewEvent(kind, p.order_payload(order, generation=state.generation, kind=state.kind,
+                                                       reason="FOUND")))
+        elif finding.final_fill:
+            self.exchange_fill(order)
         elif finding.kind == "GONE":
-            _append(op, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
-                    source=source, venue=exchange.venue, now=now)
-        elif finding.kind == "NOT_VISIBLE" and state.updated_at <= now - _visibility():
-            _append(op, [p.Unprotectable("NOT_FOUND", f"{client_order_id} not on the exchange after "
-                                                      f"{_visibility().seconds}s").event()],
-                    source=source, venue=exchange.venue, now=now)
-            report.unprotected += 1
+            self.append(NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE")))
+        elif finding.kind == "NOT_VISIBLE" and state.updated_at <= self.now - _visibility():
+            self.append(p.Unprotectable("NOT_FOUND", f"{client_order_id} not on the exchange after "
+                                                     f"{_visibility().seconds}s").event())
+            self.report.unprotected += 1
+
+    def exchange_fill(self, order: OrderResult) -> None:
+        record_exchange_fill(self.op, order, venue=self.venue, now=self.now)
+        self.report.exchange_fills += 1
+        self.report.note("exchange_fill", self.op.pk, client_order_id=order.client_order_id,
+                         executed_qty=decimal_str(order.executed_qty), exchange_status=order.status)
+
+    def append(self, event: NewEvent) -> None:
+        _append(self.op, [event], source=self.source, venue=self.venue, now=self.now)
 
 
 # ---------------------------------------------------------------------------------------- the pass (P3, P5)
+
+@dataclass(frozen=True)
+class _Expected:
+    """What one audit compares with the exchange's open orders: the protected operations (``by_op``:
+    id -> ``Operation``), their folded protection (``expected``: id -> state or None), the finished
+    operations whose protection still rests in the projection (``finished``: id -> state) and
+    every one's symbol (``symbol_of``)."""
+
+    by_op: dict
+    expected: dict
+    finished: dict
+    symbol_of: dict
+
+
+def _expected(venue: str, operation_ids, account) -> _Expected:
+    """The audit's expectations for ``account`` on ``venue`` (two queries), only ``operation_ids`` when given."""
+    ops = protected_operations(venue, operation_ids, account)
+    expected = {op.pk: _state_of(store.protection_row(op)) for op in ops}
+    leftovers = [row for row in store.leftover_protections(venue, set(expected), account)
+                 if operation_ids is None or row.operation_id in set(operation_ids)]
+    symbol_of = {op.pk: op.symbol.symbol for op in ops} | {r.operation_id: r.operation.symbol.symbol for r in leftovers}
+    return _Expected({op.pk: op for op in ops}, expected, {row.operation_id: _state_of(row) for row in leftovers},
+                     symbol_of)
+
+
+def _read_open_orders(exchange, symbols: list[str], report: ProtectionReport) -> list[OrderResult]:
+    """The account's open orders: one request per symbol when that weighs less than one for all."""
+    if len(symbols) * OPEN_ORDERS_WEIGHT_SYMBOL < OPEN_ORDERS_WEIGHT_ALL:
+        open_orders = [o for s in symbols for o in exchange.open_orders(s)]
+        report.requests += len(symbols)
+        report.weight += OPEN_ORDERS_WEIGHT_SYMBOL * len(symbols)
+        return open_orders
+    open_orders = exchange.open_orders()
+    report.requests += 1
+    report.weight += OPEN_ORDERS_WEIGHT_ALL
+    return open_orders
+
+
+def _of_operations(open_orders: list[OrderResult], operation_ids) -> list[OrderResult]:
+    """The open orders whose client id is one of ours for one of ``operation_ids``."""
+    scope = set(operation_ids)
+    return [o for o in open_orders if (p.parse_client_id(o.client_order_id) or (0,))[0] in scope]
+
+
+def _actions(actions: list[p.AuditAction], *kinds: str) -> list[p.AuditAction]:
+    """The audit's actions of ``kinds``, in the audit's order."""
+    return [a for a in actions if a.action in kinds]
+
 
 def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionReport | None = None,
                     operation_ids=None, dry_run: bool = False, quotes: dict | None = None,
@@ -342,70 +416,47 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
     (a close in flight) are neither expected nor left over: their protection rests until the close
     is known (the reconcile asks both ids). Must be called outside any transaction. Raises
     RateLimited/ExchangeUnavailable/ClockSkew when the open orders cannot be read (nothing was changed)."""
-    from api.models import StopMonitorProtection
-
     report = report or ProtectionReport()
     if not isinstance(exchange, ProtectionPort) and not hasattr(exchange, "open_orders"):
         return report
-    ops = protected_operations(exchange.venue, operation_ids, account)
-    expected = {op.pk: _state_of(_protection_row(op)) for op in ops}
-    expected_ids = set(expected)
-    from django.db.models import Q
-
-    from api.models import recorded_venue
-
-    mine = recorded_venue(exchange.venue)
-    finished_rows = (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
-                     .filter(Q(operation__venue=mine) | Q(operation__venue__isnull=True))
-                     .exclude(operation_id__in=expected_ids).exclude(operation__status="CLOSING"))
-    if account is not ALL_ACCOUNTS:
-        finished_rows = finished_rows.filter(operation__account_id=account)
-    leftovers = [row for row in finished_rows.select_related("operation__symbol")
-                 if operation_ids is None or row.operation_id in set(operation_ids)]
-    if not ops and not leftovers:
+    audited = _expected(exchange.venue, operation_ids, account)
+    if not audited.by_op and not audited.finished:
         return report
-    finished = {row.operation_id: _state_of(row) for row in leftovers}
-    symbol_of = {op.pk: op.symbol.symbol for op in ops} | {r.operation_id: r.operation.symbol.symbol for r in leftovers}
-    symbols = sorted(set(symbol_of.values()))
-    if len(symbols) * OPEN_ORDERS_WEIGHT_SYMBOL < OPEN_ORDERS_WEIGHT_ALL:
-        open_orders = [o for s in symbols for o in exchange.open_orders(s)]
-        report.requests += len(symbols)
-        report.weight += OPEN_ORDERS_WEIGHT_SYMBOL * len(symbols)
-    else:
-        open_orders = exchange.open_orders()
-        report.requests += 1
-        report.weight += OPEN_ORDERS_WEIGHT_ALL
+    open_orders = _read_open_orders(exchange, sorted(set(audited.symbol_of.values())), report)
     if operation_ids is not None:  # a scoped run (the command's batches) judges only its own operations' orders
-        scope = set(operation_ids)
-        open_orders = [o for o in open_orders if (p.parse_client_id(o.client_order_id) or (0,))[0] in scope]
-    by_op = {op.pk: op for op in ops}
-    actions = p.audit(expected, open_orders, now, _visibility(), symbol_of, finished)
+        open_orders = _of_operations(open_orders, operation_ids)
+    actions = p.audit(audited.expected, open_orders, now, _visibility(), audited.symbol_of, audited.finished)
     if dry_run:
         for a in actions:
             report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
         return report
-    for a in (a for a in actions if a.action == p.CANCEL):
+    _carry_out(actions, audited.by_op, exchange, now=now, source=source, report=report, quotes=quotes)
+    return report
+
+
+def _carry_out(actions: list[p.AuditAction], by_op: dict, exchange, *, now: datetime, source: str,
+               report: ProtectionReport, quotes: dict | None) -> None:
+    """Do what the audit found, in this order: cancel leftovers, resolve, then arm what is missing
+    and move what rests as expected (the operations the audit did not name)."""
+    for a in _actions(actions, p.CANCEL):
         _cancel_leftover(a, exchange, now=now, source=source, report=report)
     # WAIT (placed moments ago, absent) is asked too: a query that finds nothing records nothing
     # inside the visibility window, and one that finds it filled saves the close a cancelReplace
-    for a in (a for a in actions if a.action in (p.RESOLVE, p.WAIT)):
+    for a in _actions(actions, p.RESOLVE, p.WAIT):
         try:
             resolve(a.operation_id, a.client_order_id, exchange, now=now, source=source, report=report)
         except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
             report.note("protection_unresolved", a.operation_id, detail=str(exc)[:200])
-    report.waiting += sum(1 for a in actions if a.action == p.WAIT)
-    arming = [by_op[a.operation_id] for a in actions if a.action == p.ARM]
+    report.waiting += len(_actions(actions, p.WAIT))
+    arming = [by_op[a.operation_id] for a in _actions(actions, p.ARM)]
     resting_ids = set(by_op) - {a.operation_id for a in actions}  # not touched by the audit: resting as expected
     if arming or resting_ids:
         _arm_and_move(arming, [by_op[i] for i in sorted(resting_ids)], exchange, now=now, source=source, report=report,
                       quotes=quotes)
-    return report
 
 
 def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
     """Cancel one order of ours the audit found left over (P5; freqtrade #12528) and say so."""
-    from api.models import Operation
-
     report.requests += 1
     report.weight += 1
     try:
@@ -415,14 +466,14 @@ def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: 
     except (OrderOutcomeUnknown, RateLimited, ClockSkew) as exc:
         report.note("protection_cancel_unknown", action.operation_id, detail=str(exc)[:200])
         return
-    if not Operation.objects.filter(pk=action.operation_id).exists():
+    if not store.operation_exists(action.operation_id):
         return
     report.cancelled += 1
     report.note("protection_cancelled", action.operation_id, client_order_id=action.client_order_id,
                 reason=action.reason)
     with transaction.atomic():
         op = lock_operation(action.operation_id)
-        state = _state_of(_protection_row(op))
+        state = _state_of(store.protection_row(op))
         events = []
         if cancelled.executed_qty > 0:
             report.note("protection_partly_executed", op.pk, executed_qty=decimal_str(cancelled.executed_qty))
@@ -444,6 +495,16 @@ def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
     filters = exchange.symbol_filters(symbols)
     report.requests += 1
     report.weight += 2
+    if arming:
+        quotes = _arming_quotes(arming, exchange, quotes, report)
+        _arm_missing(arming, exchange, filters, quotes, now=now, source=source, report=report)
+    for op in resting:
+        _move_off_level(op, filters.get(op.symbol.symbol), exchange, now=now, source=source, report=report)
+
+
+def _arming_quotes(arming: list, exchange, quotes: dict | None, report: ProtectionReport) -> dict:
+    """The pass's ``quotes`` (symbol -> Quote) plus one bulk read of the arming symbols they lack;
+    that read failing is noted and the missing symbols arm without the last price."""
     quotes = dict(quotes or {})
     missing = sorted({op.symbol.symbol for op in arming} - set(quotes))
     if missing:
@@ -453,36 +514,59 @@ def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
             quotes.update(exchange.book_tickers(missing))
         except ExchangeUnavailable as exc:  # arm without the last price: Binance refuses a stop that would trigger (-2010)
             report.note("protection_quotes_unavailable", 0, detail=str(exc)[:200])
-    balances = exchange.free_balances() if arming else None
-    if arming:
-        report.requests += 1
-        report.weight += 20
-    # arming shares the free balance read now (after this pass's cancels); what other operations'
-    # resting protection locks stays theirs (a move or resize replaces in place, by cancelReplace/amend)
-    by_asset: dict[str, list] = {}
-    for op in arming:
-        f = filters.get(op.symbol.symbol)
-        if f is not None:
-            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
-    for asset, ops in by_asset.items():
+    return quotes
+
+
+def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: datetime, source: str,
+                 report: ProtectionReport) -> None:
+    """Arm each operation (oldest first within its asset) with its share of the free balance read
+    now, after this pass's cancels (P6); what other operations' resting protection locks stays
+    theirs (a move or resize replaces in place, by cancelReplace/amend). A short's close buys:
+    not limited by balance. An operation whose symbol has no filters is not armed."""
+    balances = exchange.free_balances()
+    report.requests += 1
+    report.weight += 20
+    for asset, ops in _by_closing_asset(arming, filters).items():
         free = None if balances is None else balances.get(asset, Decimal(0))
         shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops],
                             None if close_side(ops[0].side) == "BUY" else free, Decimal(0))
         for op in ops:
-            quote = quotes.get(op.symbol.symbol)
-            last = None if quote is None else (quote.bid if close_side(op.side) == "SELL" else quote.ask)
-            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], last, now=now, source=source, report=report)
-    for op in resting:
+            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], _last_price(op, quotes), now=now,
+                source=source, report=report)
+
+
+def _by_closing_asset(ops: list, filters: dict) -> dict[str, list]:
+    """``{asset: operations}``: the asset each operation's close spends (the base asset for a SELL,
+    the quote asset for a BUY), in the order given; operations without filters are left out."""
+    by_asset: dict[str, list] = {}
+    for op in ops:
         f = filters.get(op.symbol.symbol)
-        state = _state_of(_protection_row(op))
-        if f is None or state is None or op.stop_price is None:
-            continue
-        wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), f.tick_size)
-        move = p.decide_move(state, wanted, f.tick_size, now, _interval())
-        if move.action == "replace" and state.kind == p.STOP_LOSS:
-            _move(op.pk, state, move, exchange, now=now, source=source, report=report)
-        elif move.action == "defer":
-            report.note("protection_move_deferred", op.pk, not_before=move.not_before.isoformat())
+        if f is not None:
+            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
+    return by_asset
+
+
+def _last_price(op, quotes: dict) -> Decimal | None:
+    """The latest price the operation's close would meet (bid for a SELL, ask for a BUY), None without a quote."""
+    quote = quotes.get(op.symbol.symbol)
+    if quote is None:
+        return None
+    return quote.bid if close_side(op.side) == "SELL" else quote.ask
+
+
+def _move_off_level(op, filters, exchange, *, now: datetime, source: str, report: ProtectionReport) -> None:
+    """Move one resting stop whose wanted level (the operation's stop plus its buffer, on the tick
+    of ``filters``) differs, within the churn limit (P3); a deferred move is noted. An OCO is
+    not moved."""
+    state = _state_of(store.protection_row(op))
+    if filters is None or state is None or op.stop_price is None:
+        return
+    wanted = p.resting_stop_price(close_side(op.side), op.stop_price, _buffer(op), filters.tick_size)
+    move = p.decide_move(state, wanted, filters.tick_size, now, _interval())
+    if move.action == "replace" and state.kind == p.STOP_LOSS:
+        _move(op.pk, state, move, exchange, now=now, source=source, report=report)
+    elif move.action == "defer":
+        report.note("protection_move_deferred", op.pk, not_before=move.not_before.isoformat())
 
 
 def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *, now: datetime, source: str,
@@ -494,7 +578,7 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
 
     with transaction.atomic():
         op = lock_operation(operation_id)
-        current = _state_of(_protection_row(op))
+        current = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or current != state:
             return
         plan = p.ProtectionPlan(operation_id, move.generation, op.symbol.symbol, p.STOP_LOSS, state.side,
@@ -531,13 +615,9 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
 def plus_own_protection(operation_id: int, closing: str, available: Decimal | None) -> Decimal | None:
     """What a close may sell with its protection resting (P6): the free balance plus what the
     operation's own protection locks (its cancelReplace releases exactly that). None stays None."""
-    from api.models import StopMonitorProtection
-
     if available is None:
         return None
-    row = StopMonitorProtection.objects.filter(pk=operation_id, status__in=(p.PLACED, p.REQUESTED), side=closing,
-                                               ).values_list("quantity", flat=True).first()
-    return available + (row or Decimal(0))
+    return available + (store.own_protection_quantity(operation_id, closing) or Decimal(0))
 
 
 class ProtectionFired(OrderRejected):
@@ -560,9 +640,7 @@ def place_close(operation_id: int, request: OrderRequest, exchange, *, now: date
 
     Must be called outside any transaction.
     """
-    from api.models import StopMonitorProtection
-
-    row = StopMonitorProtection.objects.filter(pk=operation_id).first()
+    row = store.protection_of(operation_id)
     if row is None or row.status not in (p.PLACED, p.REQUESTED) or not hasattr(exchange, "cancel_replace"):
         return exchange.place_market_order(request)
     return _close_through(operation_id, request, exchange, row, row.client_order_id, now=now, source=source)
@@ -592,7 +670,7 @@ def _close_through(operation_id: int, request: OrderRequest, exchange, row, clie
             order, finding = ask_moving(exchange, request.symbol, row, order, finding)
             if finding.kind == "RESTING" and order.client_order_id == row.replaces:  # the move never happened
                 return _close_through(operation_id, request, exchange, row, row.replaces, now=now, source=source)
-        if finding.kind in ("FILLED", "PARTIAL") and finding.final:
+        if finding.final_fill:
             with transaction.atomic():
                 op = lock_operation(operation_id)
                 record_exchange_fill(op, order, venue=exchange.venue, now=now, superseded_token=request.client_order_id)
@@ -621,24 +699,8 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
     account's client from ``clients`` (an :class:`~stopmonitor.engine.accounts.AccountClients`);
     each account's run is scoped to its own operations, and one account that cannot be read or
     built skips only its own step. Without tenant accounts, one unscoped run on ``exchange``."""
-    from stopmonitor.engine.accounts import AccountUnavailable
-    from stopmonitor.engine.decisions import Decision
-
-    groups = _protection_accounts(exchange.venue)
-    if set(groups) <= {None}:
-        runs = [(None, exchange, ALL_ACCOUNTS)]
-    else:
-        runs = []
-        for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
-            try:
-                client = exchange if clients is None or account_id is None else clients.for_account(account_id)
-            except AccountUnavailable as exc:
-                emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
-                              detail=f"account {account_id}: {exc}"[:300]))
-                continue
-            runs.append((account_id, client, account_id))
     requests = 0
-    for account_id, client, account in runs:
+    for account_id, client, account in _account_runs(exchange, clients, emit):
         try:
             report = protection_pass(client, now=now, source=source, quotes=quotes, account=account)
         except (RateLimited, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
@@ -653,20 +715,20 @@ def protection_step(exchange, *, now: datetime, source: str, emit, quotes: dict 
     return requests
 
 
-def _protection_accounts(venue: str) -> dict:
-    """``{account id or None: operation ids}`` of the operations protection looks after on ``venue``:
-    ACTIVE ones with a stop and every one whose protection still rests (PLACED/REQUESTED). Only
-    ``{None: …}`` (or nothing) when no operation is on a tenant account: two queries, the second
-    only when some are."""
-    from api.models import Operation, StopMonitorProtection
-
-    if not Operation.objects.filter(account_id__isnull=False).exists():
-        return {None: set()}
-    groups: dict = {None: set()}  # the default account's audit always runs (its orders left over are its own)
-    for op_id, account_id in (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
-                              .values_list("pk", "account_id")):
-        groups.setdefault(account_id, set()).add(op_id)
-    for op_id, account_id in (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
-                              .values_list("operation_id", "operation__account_id")):
-        groups.setdefault(account_id, set()).add(op_id)
-    return groups
+def _account_runs(exchange, clients, emit) -> list[tuple]:
+    """``(account id, client, account scope)`` of each protection run: one unscoped run on
+    ``exchange`` without tenant accounts, else one per account (the default one first, then by id),
+    each on its own client; an account whose client cannot be built is emitted as skipped."""
+    groups = store.protection_accounts()
+    if set(groups) <= {None}:
+        return [(None, exchange, ALL_ACCOUNTS)]
+    runs = []
+    for account_id in sorted(groups, key=lambda a: (a is not None, a or 0)):
+        try:
+            client = exchange if clients is None or account_id is None else clients.for_account(account_id)
+        except AccountUnavailable as exc:
+            emit(Decision("skipped", 0, reason="PROTECTION_UNAVAILABLE",
+                          detail=f"account {account_id}: {exc}"[:300]))
+            continue
+        runs.append((account_id, client, account_id))
+    return runs

@@ -22,10 +22,13 @@ from api.models import (
     Operation,
     StopMonitorEvent,
     StopMonitorExecution,
+    StopMonitorProtection,
     TenantConfig,
     current_venue,
+    recorded_venue,
 )
 from stopmonitor import guardrails as g
+from stopmonitor import protection as p
 from stopmonitor.execution import STOP_TRIGGERED
 from stopmonitor import trailing
 from stopmonitor.trailing import TrailingSettings
@@ -361,6 +364,80 @@ def account_credentials(account_id: int) -> AccountCredentials:
 def enabled_account_ids(venue: str) -> list[int]:
     """Ids of the enabled exchange accounts on ``venue``, oldest first."""
     return list(ExchangeAccount.objects.filter(venue=venue, enabled=True).order_by("pk").values_list("pk", flat=True))
+
+
+# --- protection ---
+
+
+ALL_ACCOUNTS = object()  # a protection query over every account's operations (no tenant accounts in play)
+
+
+def stop_operations(venue: str, operation_ids=None, account=ALL_ACCOUNTS) -> list[Operation]:
+    """ACTIVE operations of ``venue`` (or of no recorded venue, as before migration 0026) with a
+    stop, oldest first, with their symbol, tenant settings and protection row (one query); only
+    ``operation_ids`` and only ``account``'s (an id, or None for the default account) when given."""
+    qs = (Operation.objects.filter(Q(venue=recorded_venue(venue)) | Q(venue__isnull=True), status="ACTIVE",
+                                   stop_price__isnull=False)
+          .select_related("symbol", "client__risk_config", "protection").order_by("pk"))
+    if operation_ids is not None:
+        qs = qs.filter(pk__in=list(operation_ids))
+    if account is not ALL_ACCOUNTS:
+        qs = qs.filter(account_id=account)
+    return list(qs)
+
+
+def protection_row(op: Operation) -> StopMonitorProtection | None:
+    """The operation's protection projection row (loaded with it, or one query), None when never armed."""
+    try:
+        return op.protection
+    except StopMonitorProtection.DoesNotExist:
+        return None
+
+
+def protection_of(operation_id: int) -> StopMonitorProtection | None:
+    """The protection projection row of ``operation_id``, not locked; None when never armed."""
+    return StopMonitorProtection.objects.filter(pk=operation_id).first()
+
+
+def leftover_protections(venue: str, expected_ids: set[int], account=ALL_ACCOUNTS) -> list[StopMonitorProtection]:
+    """Protection rows still PLACED/REQUESTED of ``venue``'s operations (or of no recorded venue)
+    outside ``expected_ids`` and not CLOSING (a close in flight), with their operation's symbol;
+    only ``account``'s operations (an id, or None for the default account) when given."""
+    rows = (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
+            .filter(Q(operation__venue=recorded_venue(venue)) | Q(operation__venue__isnull=True))
+            .exclude(operation_id__in=expected_ids).exclude(operation__status="CLOSING"))
+    if account is not ALL_ACCOUNTS:
+        rows = rows.filter(operation__account_id=account)
+    return list(rows.select_related("operation__symbol"))
+
+
+def operation_exists(operation_id: int) -> bool:
+    """Whether the operation row exists (not locked)."""
+    return Operation.objects.filter(pk=operation_id).exists()
+
+
+def own_protection_quantity(operation_id: int, closing: str) -> Decimal | None:
+    """The quantity the operation's own protection on the ``closing`` side holds while PLACED or
+    REQUESTED in the projection; None when none does."""
+    return (StopMonitorProtection.objects.filter(pk=operation_id, status__in=(p.PLACED, p.REQUESTED), side=closing)
+            .values_list("quantity", flat=True).first())
+
+
+def protection_accounts() -> dict:
+    """``{account id or None: operation ids}`` of the operations protection looks after (every
+    venue): ACTIVE ones with a stop and every one whose protection still rests (PLACED/REQUESTED).
+    Only ``{None: …}`` (or nothing) when no operation is on a tenant account: two queries, the
+    second only when some are."""
+    if not Operation.objects.filter(account_id__isnull=False).exists():
+        return {None: set()}
+    groups: dict = {None: set()}  # the default account's audit always runs (its orders left over are its own)
+    for op_id, account_id in (Operation.objects.filter(status="ACTIVE", stop_price__isnull=False)
+                              .values_list("pk", "account_id")):
+        groups.setdefault(account_id, set()).add(op_id)
+    for op_id, account_id in (StopMonitorProtection.objects.filter(status__in=(p.PLACED, p.REQUESTED))
+                              .values_list("operation_id", "operation__account_id")):
+        groups.setdefault(account_id, set()).add(op_id)
+    return groups
 
 
 def account_enabled(account_id: int | None) -> tuple[bool, str]:
