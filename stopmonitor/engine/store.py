@@ -272,9 +272,6 @@ def reserved_for_others(op: Operation, closing_too=()) -> tuple[Decimal, Decimal
     in ``closing_too`` (triggered in the same pass: each is closing from this balance next) are not
     reserved: the account's coins go to the closes in order, the last one short. (0, 0) for a short.
     Invariant 5: a close never sells what another operation needs."""
-    from api.models import StopMonitorProtection
-    from stopmonitor import protection as p
-
     if op.side != "BUY":
         return Decimal("0"), Decimal("0")
     rows = list(Operation.objects.filter(account_id=op.account_id, status=OperationStatus.ACTIVE, side="BUY",
@@ -366,7 +363,18 @@ def enabled_account_ids(venue: str) -> list[int]:
     return list(ExchangeAccount.objects.filter(venue=venue, enabled=True).order_by("pk").values_list("pk", flat=True))
 
 
-# --- protection ---
+def account_enabled(account_id: int | None) -> tuple[bool, str]:
+    """Whether the account may place orders (the default account always may) and, if not, why."""
+    if account_id is None:
+        return True, ""
+    row = ExchangeAccount.objects.filter(pk=account_id).values_list("enabled", "disabled_reason", "label").first()
+    if row is None:
+        return False, f"account {account_id} does not exist"
+    enabled, reason, label = row
+    return enabled, "" if enabled else f"account {label!r} is disabled" + (f": {reason}" if reason else "")
+
+
+# ----------------------------------------------------------------------------- protection (issue #13)
 
 
 ALL_ACCOUNTS = object()  # a protection query over every account's operations (no tenant accounts in play)
@@ -438,14 +446,3 @@ def protection_accounts() -> dict:
                               .values_list("operation_id", "operation__account_id")):
         groups.setdefault(account_id, set()).add(op_id)
     return groups
-
-
-def account_enabled(account_id: int | None) -> tuple[bool, str]:
-    """Whether the account may place orders (the default account always may) and, if not, why."""
-    if account_id is None:
-        return True, ""
-    row = ExchangeAccount.objects.filter(pk=account_id).values_list("enabled", "disabled_reason", "label").first()
-    if row is None:
-        return False, f"account {account_id} does not exist"
-    enabled, reason, label = row
-    return enabled, "" if enabled else f"account {label!r} is disabled" + (f": {reason}" if reason else "")
