@@ -282,6 +282,23 @@ def load_private_key(pem: str, passphrase: str | None = None):
                              "(wrong passphrase or not PEM)") from first
 
 
+def _use_private_key(client: _Client, private_key: str | None, passphrase: str | None) -> str:
+    """Give ``client`` the Ed25519/RSA ``private_key`` (PEM text) when there is one; returns the
+    key type that signs: ``"HMAC"`` (no private key), ``"Ed25519"`` or ``"RSA"``. Raises
+    ValueError (:func:`load_private_key`)."""
+    if not private_key:
+        return "HMAC"
+    client.PRIVATE_KEY, client._is_rsa = load_private_key(private_key, passphrase)
+    return "RSA" if client._is_rsa else "Ed25519"
+
+
+def _rest_base(api_url: str) -> str:
+    """The REST base for ``api_url``: ``https://host/api`` from the host root (``BINANCE_API_URL``
+    as the doctor command uses it) or from the REST base itself, with or without a trailing slash."""
+    base = api_url.rstrip("/")
+    return base if base.endswith("/api") else base + "/api"
+
+
 class BinanceExchange:
     """The :class:`~stopmonitor.exchange.base.Exchange` port on Binance spot (live or testnet).
 
@@ -319,14 +336,10 @@ class BinanceExchange:
         self._secrets = tuple(s for s in (api_key, api_secret, private_key, private_key_passphrase) if s)
         self._client = _Client(api_key, None if private_key else api_secret, testnet=testnet, ping=False,
                                requests_params={"timeout": timeout})
-        if private_key:
-            self._client.PRIVATE_KEY, self._client._is_rsa = load_private_key(private_key, private_key_passphrase)
+        self.key_type = _use_private_key(self._client, private_key, private_key_passphrase)
         self._client.REQUEST_RECVWINDOW = int(recv_window_ms)
-        self.key_type = ("RSA" if self._client._is_rsa else "Ed25519") if private_key else "HMAC"
         if api_url:
-            base = api_url.rstrip("/")
-            if not base.endswith("/api"):
-                base += "/api"  # accept the host root too (BINANCE_API_URL as the doctor command uses it)
+            base = _rest_base(api_url)
             self._client.API_URL = base
             self._client.API_TESTNET_URL = base
         offset = self.state.get_time_offset_ms()
@@ -674,11 +687,7 @@ class BinanceExchange:
         STOP_ON_FAILURE: 400 = cancel FAILURE / new NOT_ATTEMPTED, 409 = cancel SUCCESS / new FAILURE)."""
         if e.code not in (CANCEL_REPLACE_FAILED, CANCEL_REPLACE_PARTIALLY_FAILED):
             return e
-        cause = e.__cause__
-        try:
-            data = cause.response.json().get("data") or {}
-        except (AttributeError, ValueError, TypeError):
-            data = {}
+        data = _cancel_replace_data(e)
         cancel, new = data.get("cancelResult"), data.get("newOrderResult")
         cancel_body = data.get("cancelResponse") or {}
         new_body = data.get("newOrderResponse") or {}
@@ -686,12 +695,8 @@ class BinanceExchange:
             return CancelReplaceCancelFailed(f"{context}: cancel failed, new order not attempted: {e}",
                                              cancel_code=cancel_body.get("code"))
         if e.code == CANCEL_REPLACE_PARTIALLY_FAILED and cancel == "SUCCESS" and new == "FAILURE":
-            try:
-                cancelled = parse_cancelled(cancel_body)
-            except (KeyError, TypeError, ValueError):
-                cancelled = None
-            return CancelReplaceNewFailed(f"{context}: protection cancelled, new order failed: {e}", cancelled,
-                                          new_code=new_body.get("code"))
+            return CancelReplaceNewFailed(f"{context}: protection cancelled, new order failed: {e}",
+                                          _cancelled_or_none(cancel_body), new_code=new_body.get("code"))
         return CancelReplaceUnknown(f"{context}: cancelReplace answer not in Binance's STOP_ON_FAILURE table: {e}",
                                     cancel_id, new_id, e.code)
 
@@ -746,29 +751,31 @@ class BinanceExchange:
             raise ExchangeUnavailable(detail) from e
 
     def _map_api_error(self, e: BinanceAPIException, context: str, placing: bool) -> ExchangeError:
+        """Our error for one refused request, in the order of the module's table (the HTTP
+        status first, then the Binance ``code``)."""
         status = int(e.status_code)
         code = e.code if isinstance(e.code, int) and e.code != 0 else None
         text = self._scrub(str(e.message or ""))[:200]
         detail = f"{context}: HTTP {status} code {code}: {text}"
 
         if status in (418, 429):
-            banned = status == 418
-            retry_after = self._retry_after(e, DEFAULT_RETRY_AFTER_418 if banned else DEFAULT_RETRY_AFTER_429)
-            self.state.set_no_calls_until(retry_after)
-            return RateLimited(detail + f"; no calls until {retry_after.isoformat()}", retry_after=retry_after, code=code, banned=banned)
+            return self._banned(e, detail, code, banned=status == 418)
         if code == INVALID_TIMESTAMP:
             return ClockSkew(detail)
         if status >= 500 or code in UNKNOWN_OUTCOME_CODES:
-            return OrderOutcomeUnknown(detail + " (the order may exist)", code) if placing else ExchangeUnavailable(detail, code)
+            return _no_answer(detail, code, placing)
         if code in RATE_LIMIT_CODES:
             return RateLimited(detail, retry_after=self._retry_after(e, DEFAULT_RETRY_AFTER_429), code=code)
         if code is None:  # a 4XX page from something that is not Binance's matching engine
-            return OrderOutcomeUnknown(detail + " (the order may exist)") if placing else ExchangeUnavailable(detail)
-        if not placing:
-            return ExchangeUnavailable(detail, code)
-        if code == NEW_ORDER_REJECTED:
-            return OrderRejectedMaybeFilled(detail + " (an earlier order with this id may have filled)", code)
-        return OrderRejected(detail, code)
+            return _no_answer(detail, None, placing)
+        return _refusal(detail, code, placing)
+
+    def _banned(self, e: BinanceAPIException, detail: str, code: int | None, *, banned: bool) -> RateLimited:
+        """HTTP 429 (or 418, ``banned``): the horizon (Retry-After, else 60 s / 120 s) is saved in
+        ``state`` so that no call goes out before it, from any process sharing the state."""
+        retry_after = self._retry_after(e, DEFAULT_RETRY_AFTER_418 if banned else DEFAULT_RETRY_AFTER_429)
+        self.state.set_no_calls_until(retry_after)
+        return RateLimited(detail + f"; no calls until {retry_after.isoformat()}", retry_after=retry_after, code=code, banned=banned)
 
     @staticmethod
     def _retry_after(e: BinanceAPIException, default_seconds: int) -> datetime:
@@ -794,3 +801,37 @@ class BinanceExchange:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _no_answer(detail: str, code: int | None, placing: bool) -> ExchangeError:
+    """No definite answer (5XX, -1000/-1006/-1007, a 4XX without a Binance code): an order may
+    exist (OrderOutcomeUnknown); a read is ExchangeUnavailable."""
+    if placing:
+        return OrderOutcomeUnknown(detail + " (the order may exist)", code)
+    return ExchangeUnavailable(detail, code)
+
+
+def _refusal(detail: str, code: int, placing: bool) -> ExchangeError:
+    """Any other 4XX Binance ``code``: a refused order is OrderRejected (nothing exists), except
+    -2010, OrderRejectedMaybeFilled; a refused read is ExchangeUnavailable."""
+    if not placing:
+        return ExchangeUnavailable(detail, code)
+    if code == NEW_ORDER_REJECTED:
+        return OrderRejectedMaybeFilled(detail + " (an earlier order with this id may have filled)", code)
+    return OrderRejected(detail, code)
+
+
+def _cancel_replace_data(e: OrderRejected) -> dict:
+    """The ``data`` object of a refused cancelReplace's body (``{}`` when there is none)."""
+    try:
+        return e.__cause__.response.json().get("data") or {}
+    except (AttributeError, ValueError, TypeError):
+        return {}
+
+
+def _cancelled_or_none(cancel_body: dict) -> OrderResult | None:
+    """The cancelled order of a cancelReplace's ``cancelResponse``, or None when it cannot be read."""
+    try:
+        return parse_cancelled(cancel_body)
+    except (KeyError, TypeError, ValueError):
+        return None
