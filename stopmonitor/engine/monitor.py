@@ -3,7 +3,6 @@ close each trigger with its failure contained, summary (stop-execution.md, "The 
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from stopmonitor.engine.protection import protection_step
 from stopmonitor.engine.reconcile import reconcile_submitted
 from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, KeysMissing, Quote, RateLimited
 from stopmonitor.rules import Trigger, decimal_str, evaluate_trigger
-
-log = logging.getLogger("stopmonitor.engine")
 
 
 def run_pass(exchange, *, source: str = "cron", dry_run: bool = False, now: datetime | None = None,
@@ -258,36 +255,17 @@ def evaluate_quotes(exchange, watched: list[store.Watched], quotes: dict[str, Qu
     return run.summary
 
 
-INVALID_SYMBOL = -1121
-
-
 def fetch_quotes(exchange, symbols: list[str]) -> tuple[dict[str, Quote], int]:
-    """Best bid/ask for ``symbols`` in one request (invariant 9); returns quotes and requests made.
+    """Best bid/ask for ``symbols`` in one request (invariant 9); returns quotes and the
+    requests the adapter sent for them (its :class:`~stopmonitor.exchange.base.Quotes`
+    ``requests``; a plain dict is one request).
 
-    Binance refuses the whole bulk request with -1121 when one symbol is unknown (delisted,
-    renamed). Rather than leave every position unprotected, the pass then asks symbol by
-    symbol once; the unknown ones are simply absent (their operations get MISSING_PRICE).
-    Raises :class:`EngineUnavailable` when quotes cannot be read at all.
+    A symbol the exchange does not know (delisted, renamed) is absent, its operations get
+    MISSING_PRICE; the adapter deals with Binance refusing the whole list for it (-1121).
+    Raises :class:`EngineUnavailable` when quotes cannot be read.
     """
     try:
-        return exchange.book_tickers(symbols), 1
-    except ExchangeUnavailable as exc:
-        if exc.code != INVALID_SYMBOL or len(symbols) == 1:
-            raise EngineUnavailable(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
-        first_error = exc
-    except (RateLimited, ClockSkew) as exc:
+        quotes = exchange.book_tickers(symbols)
+    except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
         raise EngineUnavailable(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
-    log.warning("bulk book ticker refused with -1121; asking symbol by symbol",
-                extra={"symbols": len(symbols), "error": str(first_error)[:200]})
-    quotes: dict[str, Quote] = {}
-    requests = 1
-    for symbol in symbols:
-        requests += 1
-        try:
-            quotes.update(exchange.book_tickers([symbol]))
-        except ExchangeUnavailable as exc:
-            if exc.code != INVALID_SYMBOL:
-                raise EngineUnavailable(f"best bid/ask unavailable for {symbol}: {exc}") from exc
-        except (RateLimited, ClockSkew) as exc:
-            raise EngineUnavailable(f"best bid/ask unavailable for {symbol}: {exc}") from exc
-    return quotes, requests
+    return quotes, getattr(quotes, "requests", 1)

@@ -22,14 +22,19 @@ any other 4XX ``code`` (-1013, -1121, …)     OrderRejected(code)         Excha
 
 ``-2010`` (NEW_ORDER_REJECTED) on an order is :class:`OrderRejectedMaybeFilled`, the one
 rejection that is not proof of nothing: the balance it lacked may have gone to an earlier
-order with the same client order id. ``get_order`` returns None on ``-2013``. ``book_tickers`` with one unknown symbol gets
-``-1121`` for the whole request (Binance refuses the list): ExchangeUnavailable(code=-1121);
-the caller should drop symbols that ``symbol_filters`` does not know and ask again.
+order with the same client order id. ``get_order`` returns None on ``-2013``.
+
+``-1121`` (Invalid symbol) on ``book_tickers`` and ``symbol_filters``: Binance refuses the whole
+``symbols=[…]`` request when one symbol in it is unknown (delisted, renamed). The adapter then
+asks symbol by symbol, once (1 + one request per symbol; a warning line says how many symbols
+were unknown); the unknown ones are absent from the answer, and a request whose only symbol is
+unknown answers nothing — never an error. Any other error of a per-symbol ask is raised as above.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -61,6 +66,7 @@ from .base import (
     OcoRequest,
     OrderResult,
     Quote,
+    Quotes,
     RateLimited,
     StopOrderRequest,
     SymbolFilters,
@@ -72,8 +78,11 @@ from .state import FILTERS_TTL_SECONDS, CacheState, ExchangeState, MemoryState
 __all__ = ["BinanceExchange", "CacheState", "MemoryState", "ExchangeState", "format_decimal"]
 
 T = TypeVar("T")
+log = logging.getLogger("stopmonitor.exchange.binance")
 
 INVALID_TIMESTAMP = -1021
+#: Invalid symbol: Binance refuses a whole ``symbols=[…]`` list for one unknown symbol in it.
+INVALID_SYMBOL = -1121
 NO_SUCH_ORDER = -2013
 #: NEW_ORDER_REJECTED (insufficient balance, …): on a close, "maybe it already filled".
 NEW_ORDER_REJECTED = -2010
@@ -359,17 +368,23 @@ class BinanceExchange:
 
     # ------------------------------------------------------------------ reads
 
-    def book_tickers(self, symbols: Iterable[str]) -> dict[str, Quote]:
+    def book_tickers(self, symbols: Iterable[str]) -> Quotes:
         """Best bid/ask (quote asset) and their sizes (base asset) per symbol, from ONE
         ``GET /api/v3/ticker/bookTicker?symbols=[…]`` (invariant 9); ``observed_at`` is now (UTC).
 
         Symbols missing from the answer are absent from the result. One unknown symbol makes
-        Binance refuse the whole list: ExchangeUnavailable(code=-1121). Raises RateLimited,
-        ExchangeUnavailable.
+        Binance refuse the whole list (-1121): then one request per symbol, the unknown ones
+        absent (:meth:`_per_symbol_after_1121`); ``requests`` of the answer says how many were
+        sent. Raises RateLimited, ExchangeUnavailable.
         """
         wanted = sorted({s.upper() for s in symbols})
         if not wanted:
-            return {}
+            return Quotes(requests=0)
+        quotes, requests = self._per_symbol_after_1121(self._book_tickers_request, wanted, "book ticker")
+        return Quotes(quotes, requests=requests)
+
+    def _book_tickers_request(self, wanted: list[str]) -> dict[str, Quote]:
+        """One ``GET /api/v3/ticker/bookTicker?symbols=[…]`` for ``wanted`` (upper case, sorted)."""
         payload = json.dumps(wanted, separators=(",", ":"))
         context = f"bookTicker symbols={payload}"
         answer = self._call(lambda: self._client.get_orderbook_tickers(symbols=payload), context, placing=False)
@@ -399,9 +414,9 @@ class BinanceExchange:
         ``fresh`` asks every symbol again (a symbol's ``status`` — HALT, BREAK, CANCEL_ONLY —
         can change within the hour) and refreshes the cache.
 
-        Symbols Binance does not list are absent; an unknown symbol in the request makes
-        Binance refuse it (ExchangeUnavailable code -1121). Raises RateLimited,
-        ExchangeUnavailable.
+        Symbols Binance does not list are absent: an unknown symbol in the request makes Binance
+        refuse it (-1121), and the uncached symbols are then asked one by one
+        (:meth:`_per_symbol_after_1121`). Raises RateLimited, ExchangeUnavailable.
         """
         wanted = sorted({s.upper() for s in symbols})
         entries: dict[str, dict] = {}
@@ -413,22 +428,59 @@ class BinanceExchange:
             else:
                 entries[symbol] = info
         if missing:
-            payload = json.dumps(missing, separators=(",", ":"))
-            context = f"exchangeInfo symbols={payload}"
-            answer = self._call(
-                lambda: self._client._get("exchangeInfo", data={"symbols": payload}, version=Client.PRIVATE_API_VERSION),
-                context,
-                placing=False,
-            )
-            try:
-                for entry in answer["symbols"]:
-                    if entry["symbol"] in missing:
-                        parse_symbol_filters(entry)  # refuse to cache what cannot be parsed
-                        self.state.set_symbol_info(entry["symbol"], entry, FILTERS_TTL_SECONDS)
-                        entries[entry["symbol"]] = entry
-            except (KeyError, TypeError, ValueError) as e:
-                raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+            asked, _ = self._per_symbol_after_1121(self._exchange_info_request, missing, "exchangeInfo")
+            entries.update(asked)
         return {symbol: parse_symbol_filters(entry) for symbol, entry in entries.items()}
+
+    def _exchange_info_request(self, missing: list[str]) -> dict[str, dict]:
+        """One ``GET /api/v3/exchangeInfo?symbols=[…]`` for ``missing``: each readable entry is
+        cached in ``state`` for ``FILTERS_TTL_SECONDS`` and returned by symbol."""
+        payload = json.dumps(missing, separators=(",", ":"))
+        context = f"exchangeInfo symbols={payload}"
+        answer = self._call(
+            lambda: self._client._get("exchangeInfo", data={"symbols": payload}, version=Client.PRIVATE_API_VERSION),
+            context,
+            placing=False,
+        )
+        entries: dict[str, dict] = {}
+        try:
+            for entry in answer["symbols"]:
+                if entry["symbol"] in missing:
+                    parse_symbol_filters(entry)  # refuse to cache what cannot be parsed
+                    self.state.set_symbol_info(entry["symbol"], entry, FILTERS_TTL_SECONDS)
+                    entries[entry["symbol"]] = entry
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+        return entries
+
+    @staticmethod
+    def _per_symbol_after_1121(read: Callable[[list[str]], dict[str, T]], wanted: list[str],
+                               what: str) -> tuple[dict[str, T], int]:
+        """``read(wanted)`` in one request; when Binance refuses the list for an unknown symbol
+        (-1121), ``read([symbol])`` once per symbol, the unknown ones absent (one warning line:
+        how many of how many were unknown). A request whose only symbol is unknown answers
+        ``{}``. Returns the answer and the number of requests sent. Any other error propagates,
+        also from a per-symbol ask."""
+        try:
+            return read(wanted), 1
+        except ExchangeUnavailable as exc:
+            if exc.code != INVALID_SYMBOL:
+                raise
+            refused = exc
+        if len(wanted) == 1:
+            return {}, 1
+        answer: dict[str, T] = {}
+        unknown = 0
+        for symbol in wanted:
+            try:
+                answer.update(read([symbol]))
+            except ExchangeUnavailable as exc:
+                if exc.code != INVALID_SYMBOL:
+                    raise
+                unknown += 1
+        log.warning(f"bulk {what} refused with -1121; asked symbol by symbol",
+                    extra={"symbols": len(wanted), "unknown": unknown, "error": str(refused)[:200]})
+        return answer, 1 + len(wanted)
 
     def free_balances(self) -> Balances:
         """Free (not locked) balance per asset, in that asset's units, from signed

@@ -7,8 +7,8 @@ stepSize, minQty, minNotional; active when the status is TRADING). A symbol alre
 that the exchange does not list is marked inactive; a named symbol it does not list is
 reported and not created. Prints one line per symbol and a summary line.
 
-Binance refuses the whole request when one symbol is unknown (-1121); the command then asks
-symbol by symbol. Exit status: 0 when the sync ran; 1 when the exchange could not be read (nothing changed).
+A symbol the exchange does not know is simply absent from its answer (the Binance adapter asks
+symbol by symbol when Binance refuses the list for it, -1121). Exit status: 0 when the sync ran; 1 when the exchange could not be read (nothing changed).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Command(BaseCommand):
         wanted = self._wanted(opts["symbols"])
         exchange = self._exchange(opts["venue"])
         try:
-            filters = self._read_filters(exchange, wanted)
+            filters = exchange.symbol_filters(wanted)
         except ExchangeError as exc:
             raise CommandError(f"exchangeInfo unavailable for {len(wanted)} symbols: {exc}") from None
         with transaction.atomic():
@@ -115,28 +115,6 @@ class Command(BaseCommand):
             return "updated"
         self.stdout.write(f"{name}: unchanged")
         return "unchanged"
-
-    @staticmethod
-    def _read_filters(exchange, wanted: list[str]) -> dict:
-        """One request for all; when Binance refuses it for an unknown symbol (-1121), one
-        request per symbol so the listed ones still sync. Raises ExchangeError otherwise."""
-        from stopmonitor.exchange.base import ExchangeError
-
-        try:
-            return exchange.symbol_filters(wanted)
-        except ExchangeError as exc:
-            if exc.code != -1121 or len(wanted) == 1:
-                if exc.code == -1121:
-                    return {}
-                raise
-        filters = {}
-        for name in wanted:
-            try:
-                filters.update(exchange.symbol_filters([name]))
-            except ExchangeError as exc:
-                if exc.code != -1121:
-                    raise
-        return filters
 
 
 def _row_values(f) -> dict:
