@@ -3,7 +3,6 @@ close each trigger with its failure contained, summary (stop-execution.md, "The 
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from stopmonitor.engine.protection import protection_step
 from stopmonitor.engine.reconcile import reconcile_submitted
 from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, KeysMissing, Quote, RateLimited
 from stopmonitor.rules import Trigger, decimal_str, evaluate_trigger
-
-log = logging.getLogger("stopmonitor.engine")
 
 
 def run_pass(exchange, *, source: str = "cron", dry_run: bool = False, now: datetime | None = None,
@@ -96,27 +93,9 @@ class PassRun:
         if not self.dry_run:
             reconcile_submitted(self.clients, self.ctx, emit=self.record)
         watched = store.load_watched(self.exchange.venue)
-        symbols = sorted({w.symbol for w in watched})
-        quotes: dict[str, Quote] = {}
-        unreadable = None
-        if symbols:
-            try:
-                quotes, requests = fetch_quotes(self.exchange, symbols)
-                self.summary.exchange_requests += requests
-            except EngineUnavailable as exc:
-                unreadable = exc
+        quotes, unreadable = self.read_quotes(watched)
         if not self.dry_run:
-            filled = []
-
-            def record(decision: Decision) -> None:
-                if decision.action == "exchange_fill":
-                    filled.append(decision.operation_id)
-                self.record(decision)
-
-            self.summary.exchange_requests += protection_step(self.exchange, now=self.ctx.now, source=self.ctx.source,
-                                                              emit=record, quotes=quotes, clients=self.clients)
-            if filled:  # the exchange sold for some: read them again (closed, or less remaining)
-                watched = store.load_watched(self.exchange.venue)
+            watched = self.protect(watched, quotes)
         self.summary.watched, self.summary.symbols = len(watched), len({w.symbol for w in watched})
         if unreadable is not None:
             raise unreadable
@@ -131,6 +110,33 @@ class PassRun:
                 self.close_all(found.triggered)
         if not self.dry_run:
             self.move_stops(watched, quotes, {w.operation_id for w, _, _ in found.triggered})
+
+    def read_quotes(self, watched: list[store.Watched]) -> tuple[dict[str, Quote], EngineUnavailable | None]:
+        """The one quote read of the pass for the watched symbols (none when nothing is watched):
+        the quotes, or no quotes and the error when they cannot be read. Its requests are counted."""
+        symbols = sorted({w.symbol for w in watched})
+        if not symbols:
+            return {}, None
+        try:
+            quotes, requests = fetch_quotes(self.exchange, symbols)
+        except EngineUnavailable as exc:
+            return {}, exc
+        self.summary.exchange_requests += requests
+        return quotes, None
+
+    def protect(self, watched: list[store.Watched], quotes: dict[str, Quote]) -> list[store.Watched]:
+        """The protection step on this pass's quotes (its requests counted); returns the watched
+        operations, read again when the exchange sold for some (closed, or less remaining)."""
+        filled = []
+
+        def record(decision: Decision) -> None:
+            if decision.action == "exchange_fill":
+                filled.append(decision.operation_id)
+            self.record(decision)
+
+        self.summary.exchange_requests += protection_step(self.exchange, now=self.ctx.now, source=self.ctx.source,
+                                                          emit=record, quotes=quotes, clients=self.clients)
+        return store.load_watched(self.exchange.venue) if filled else watched
 
     def block_unquoted(self, quote_blocks: list[tuple[store.Watched, g.Block]]) -> None:
         for w, block in quote_blocks:
@@ -160,31 +166,47 @@ class PassRun:
         self.summary.exchange_requests += 1
         default_error = None
         for account_id, items in by_account(triggered).items():
-            held = account_block(account_id)
-            client = None
-            if held is None:
-                try:
-                    client = self.clients.for_account(account_id)
-                    account = AccountView(client.free_balances(), filters,
-                                          closing_now=frozenset(w.operation_id for w, _, _ in items))
-                    self.summary.exchange_requests += 1
-                except RateLimited as exc:  # request weight is counted per IP: every account waits
-                    raise EngineUnavailable(f"balances unavailable: {exc}") from exc
-                except (AccountUnavailable, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
-                    if account_id is None:
-                        default_error = exc
-                        continue
-                    held = g.Block(g.BlockReason.ACCOUNT_UNAVAILABLE, f"balances unavailable: {exc}"[:300],
-                                   key=str(account_id))
-            for w, trig, quote in items:
-                if held is not None:
-                    self.block_unquoted([(w, held)])
-                    continue
-                for decision in isolated(w.operation_id, w.symbol, None, lambda: close_triggered(
-                        w.operation_id, trig, quote, client, account, self.ctx)):
-                    self.record(decision)
+            error = self.close_account(account_id, items, filters)
+            if error is not None:
+                default_error = error
         if default_error is not None:
             raise EngineUnavailable(f"balances or filters unavailable: {default_error}") from default_error
+
+    def close_account(self, account_id: int | None, items, filters) -> Exception | None:
+        """Close one account's triggered operations on its own client, or hold them (``BLOCKED``)
+        when the account is disabled or its balances cannot be read. The default account
+        (``account_id`` None) unreadable holds nothing: its error is returned (no decision)."""
+        held = account_block(account_id)
+        client = account = None
+        if held is None:
+            try:
+                client, account = self.open_account(account_id, items, filters)
+            except (AccountUnavailable, ExchangeUnavailable, ClockSkew, KeysMissing) as exc:
+                if account_id is None:
+                    return exc
+                held = g.Block(g.BlockReason.ACCOUNT_UNAVAILABLE, f"balances unavailable: {exc}"[:300],
+                               key=str(account_id))
+        for w, trig, quote in items:
+            if held is not None:
+                self.block_unquoted([(w, held)])
+                continue
+            for decision in isolated(w.operation_id, w.symbol, None, lambda: close_triggered(
+                    w.operation_id, trig, quote, client, account, self.ctx)):
+                self.record(decision)
+        return None
+
+    def open_account(self, account_id: int | None, items, filters) -> tuple[object, AccountView]:
+        """The account's client and what its closes see (free balances, filters, the operations
+        closing now); the balances request is counted. An IP-wide rate limit stops the pass
+        (EngineUnavailable); other errors are the caller's (AccountUnavailable, ExchangeUnavailable, …)."""
+        try:
+            client = self.clients.for_account(account_id)
+            account = AccountView(client.free_balances(), filters,
+                                  closing_now=frozenset(w.operation_id for w, _, _ in items))
+            self.summary.exchange_requests += 1
+        except RateLimited as exc:  # request weight is counted per IP: every account waits
+            raise EngineUnavailable(f"balances unavailable: {exc}") from exc
+        return client, account
 
     def move_stops(self, watched, quotes, fired: set[int]) -> None:
         """Trailing and break-even moves for the operations that did not fire (issue #14)."""
@@ -233,36 +255,17 @@ def evaluate_quotes(exchange, watched: list[store.Watched], quotes: dict[str, Qu
     return run.summary
 
 
-INVALID_SYMBOL = -1121
-
-
 def fetch_quotes(exchange, symbols: list[str]) -> tuple[dict[str, Quote], int]:
-    """Best bid/ask for ``symbols`` in one request (invariant 9); returns quotes and requests made.
+    """Best bid/ask for ``symbols`` in one request (invariant 9); returns quotes and the
+    requests the adapter sent for them (its :class:`~stopmonitor.exchange.base.Quotes`
+    ``requests``; a plain dict is one request).
 
-    Binance refuses the whole bulk request with -1121 when one symbol is unknown (delisted,
-    renamed). Rather than leave every position unprotected, the pass then asks symbol by
-    symbol once; the unknown ones are simply absent (their operations get MISSING_PRICE).
-    Raises :class:`EngineUnavailable` when quotes cannot be read at all.
+    A symbol the exchange does not know (delisted, renamed) is absent, its operations get
+    MISSING_PRICE; the adapter deals with Binance refusing the whole list for it (-1121).
+    Raises :class:`EngineUnavailable` when quotes cannot be read.
     """
     try:
-        return exchange.book_tickers(symbols), 1
-    except ExchangeUnavailable as exc:
-        if exc.code != INVALID_SYMBOL or len(symbols) == 1:
-            raise EngineUnavailable(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
-        first_error = exc
-    except (RateLimited, ClockSkew) as exc:
+        quotes = exchange.book_tickers(symbols)
+    except (ExchangeUnavailable, RateLimited, ClockSkew) as exc:
         raise EngineUnavailable(f"best bid/ask unavailable for {len(symbols)} symbols: {exc}") from exc
-    log.warning("bulk book ticker refused with -1121; asking symbol by symbol",
-                extra={"symbols": len(symbols), "error": str(first_error)[:200]})
-    quotes: dict[str, Quote] = {}
-    requests = 1
-    for symbol in symbols:
-        requests += 1
-        try:
-            quotes.update(exchange.book_tickers([symbol]))
-        except ExchangeUnavailable as exc:
-            if exc.code != INVALID_SYMBOL:
-                raise EngineUnavailable(f"best bid/ask unavailable for {symbol}: {exc}") from exc
-        except (RateLimited, ClockSkew) as exc:
-            raise EngineUnavailable(f"best bid/ask unavailable for {symbol}: {exc}") from exc
-    return quotes, requests
+    return quotes, getattr(quotes, "requests", 1)

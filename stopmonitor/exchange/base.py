@@ -43,6 +43,17 @@ class Quote:
     source_time: datetime | None = None
 
 
+class Quotes(dict):
+    """A ``book_tickers`` answer (``dict[str, Quote]``) that says how many requests it took:
+    ``requests`` is 1, or 1 + one per symbol when Binance refused the list for an unknown symbol
+    (-1121) and the adapter asked symbol by symbol. An adapter that always sends one request
+    may answer a plain dict (one request)."""
+
+    def __init__(self, quotes=(), *, requests: int = 1):
+        super().__init__(quotes)
+        self.requests = requests
+
+
 @dataclass(frozen=True)
 class SymbolFilters:
     """Trading filters of one symbol (Binance exchangeInfo "Filters": PRICE_FILTER, LOT_SIZE,
@@ -291,12 +302,15 @@ class Exchange(Protocol):
         """Now, UTC, as the venue sees it (wall clock for Binance, replay time for replay)."""
 
     def book_tickers(self, symbols: Iterable[str]) -> dict[str, Quote]:
-        """Best bid/ask for ``symbols`` in ONE request (invariant 9). Missing symbols are absent
-        from the result. Raises RateLimited, ExchangeUnavailable."""
+        """Best bid/ask for ``symbols`` in ONE request (invariant 9). Symbols the venue does not
+        know are absent from the result, never an error (only unknown symbols: ``{}``); an
+        adapter that needed more than one request for that answers :class:`Quotes`. Raises
+        RateLimited, ExchangeUnavailable."""
 
     def symbol_filters(self, symbols: Iterable[str], *, fresh: bool = False) -> dict[str, SymbolFilters]:
         """Filters per symbol (cached by the adapter; ``fresh`` bypasses the cache, e.g. to see a
-        symbol's ``status`` change). Raises RateLimited, ExchangeUnavailable."""
+        symbol's ``status`` change). Symbols the venue does not know are absent, never an error.
+        Raises RateLimited, ExchangeUnavailable."""
 
     def free_balances(self) -> dict[str, Decimal] | None:
         """Free balance per asset (in that asset's units); None when the venue does not limit

@@ -22,14 +22,19 @@ any other 4XX ``code`` (-1013, -1121, …)     OrderRejected(code)         Excha
 
 ``-2010`` (NEW_ORDER_REJECTED) on an order is :class:`OrderRejectedMaybeFilled`, the one
 rejection that is not proof of nothing: the balance it lacked may have gone to an earlier
-order with the same client order id. ``get_order`` returns None on ``-2013``. ``book_tickers`` with one unknown symbol gets
-``-1121`` for the whole request (Binance refuses the list): ExchangeUnavailable(code=-1121);
-the caller should drop symbols that ``symbol_filters`` does not know and ask again.
+order with the same client order id. ``get_order`` returns None on ``-2013``.
+
+``-1121`` (Invalid symbol) on ``book_tickers`` and ``symbol_filters``: Binance refuses the whole
+``symbols=[…]`` request when one symbol in it is unknown (delisted, renamed). The adapter then
+asks symbol by symbol, once (1 + one request per symbol; a warning line says how many symbols
+were unknown); the unknown ones are absent from the answer, and a request whose only symbol is
+unknown answers nothing — never an error. Any other error of a per-symbol ask is raised as above.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -61,6 +66,7 @@ from .base import (
     OcoRequest,
     OrderResult,
     Quote,
+    Quotes,
     RateLimited,
     StopOrderRequest,
     SymbolFilters,
@@ -72,8 +78,11 @@ from .state import FILTERS_TTL_SECONDS, CacheState, ExchangeState, MemoryState
 __all__ = ["BinanceExchange", "CacheState", "MemoryState", "ExchangeState", "format_decimal"]
 
 T = TypeVar("T")
+log = logging.getLogger("stopmonitor.exchange.binance")
 
 INVALID_TIMESTAMP = -1021
+#: Invalid symbol: Binance refuses a whole ``symbols=[…]`` list for one unknown symbol in it.
+INVALID_SYMBOL = -1121
 NO_SUCH_ORDER = -2013
 #: NEW_ORDER_REJECTED (insufficient balance, …): on a close, "maybe it already filled".
 NEW_ORDER_REJECTED = -2010
@@ -282,6 +291,23 @@ def load_private_key(pem: str, passphrase: str | None = None):
                              "(wrong passphrase or not PEM)") from first
 
 
+def _use_private_key(client: _Client, private_key: str | None, passphrase: str | None) -> str:
+    """Give ``client`` the Ed25519/RSA ``private_key`` (PEM text) when there is one; returns the
+    key type that signs: ``"HMAC"`` (no private key), ``"Ed25519"`` or ``"RSA"``. Raises
+    ValueError (:func:`load_private_key`)."""
+    if not private_key:
+        return "HMAC"
+    client.PRIVATE_KEY, client._is_rsa = load_private_key(private_key, passphrase)
+    return "RSA" if client._is_rsa else "Ed25519"
+
+
+def _rest_base(api_url: str) -> str:
+    """The REST base for ``api_url``: ``https://host/api`` from the host root (``BINANCE_API_URL``
+    as the doctor command uses it) or from the REST base itself, with or without a trailing slash."""
+    base = api_url.rstrip("/")
+    return base if base.endswith("/api") else base + "/api"
+
+
 class BinanceExchange:
     """The :class:`~stopmonitor.exchange.base.Exchange` port on Binance spot (live or testnet).
 
@@ -319,14 +345,10 @@ class BinanceExchange:
         self._secrets = tuple(s for s in (api_key, api_secret, private_key, private_key_passphrase) if s)
         self._client = _Client(api_key, None if private_key else api_secret, testnet=testnet, ping=False,
                                requests_params={"timeout": timeout})
-        if private_key:
-            self._client.PRIVATE_KEY, self._client._is_rsa = load_private_key(private_key, private_key_passphrase)
+        self.key_type = _use_private_key(self._client, private_key, private_key_passphrase)
         self._client.REQUEST_RECVWINDOW = int(recv_window_ms)
-        self.key_type = ("RSA" if self._client._is_rsa else "Ed25519") if private_key else "HMAC"
         if api_url:
-            base = api_url.rstrip("/")
-            if not base.endswith("/api"):
-                base += "/api"  # accept the host root too (BINANCE_API_URL as the doctor command uses it)
+            base = _rest_base(api_url)
             self._client.API_URL = base
             self._client.API_TESTNET_URL = base
         offset = self.state.get_time_offset_ms()
@@ -346,17 +368,23 @@ class BinanceExchange:
 
     # ------------------------------------------------------------------ reads
 
-    def book_tickers(self, symbols: Iterable[str]) -> dict[str, Quote]:
+    def book_tickers(self, symbols: Iterable[str]) -> Quotes:
         """Best bid/ask (quote asset) and their sizes (base asset) per symbol, from ONE
         ``GET /api/v3/ticker/bookTicker?symbols=[…]`` (invariant 9); ``observed_at`` is now (UTC).
 
         Symbols missing from the answer are absent from the result. One unknown symbol makes
-        Binance refuse the whole list: ExchangeUnavailable(code=-1121). Raises RateLimited,
-        ExchangeUnavailable.
+        Binance refuse the whole list (-1121): then one request per symbol, the unknown ones
+        absent (:meth:`_per_symbol_after_1121`); ``requests`` of the answer says how many were
+        sent. Raises RateLimited, ExchangeUnavailable.
         """
         wanted = sorted({s.upper() for s in symbols})
         if not wanted:
-            return {}
+            return Quotes(requests=0)
+        quotes, requests = self._per_symbol_after_1121(self._book_tickers_request, wanted, "book ticker")
+        return Quotes(quotes, requests=requests)
+
+    def _book_tickers_request(self, wanted: list[str]) -> dict[str, Quote]:
+        """One ``GET /api/v3/ticker/bookTicker?symbols=[…]`` for ``wanted`` (upper case, sorted)."""
         payload = json.dumps(wanted, separators=(",", ":"))
         context = f"bookTicker symbols={payload}"
         answer = self._call(lambda: self._client.get_orderbook_tickers(symbols=payload), context, placing=False)
@@ -386,9 +414,9 @@ class BinanceExchange:
         ``fresh`` asks every symbol again (a symbol's ``status`` — HALT, BREAK, CANCEL_ONLY —
         can change within the hour) and refreshes the cache.
 
-        Symbols Binance does not list are absent; an unknown symbol in the request makes
-        Binance refuse it (ExchangeUnavailable code -1121). Raises RateLimited,
-        ExchangeUnavailable.
+        Symbols Binance does not list are absent: an unknown symbol in the request makes Binance
+        refuse it (-1121), and the uncached symbols are then asked one by one
+        (:meth:`_per_symbol_after_1121`). Raises RateLimited, ExchangeUnavailable.
         """
         wanted = sorted({s.upper() for s in symbols})
         entries: dict[str, dict] = {}
@@ -400,22 +428,59 @@ class BinanceExchange:
             else:
                 entries[symbol] = info
         if missing:
-            payload = json.dumps(missing, separators=(",", ":"))
-            context = f"exchangeInfo symbols={payload}"
-            answer = self._call(
-                lambda: self._client._get("exchangeInfo", data={"symbols": payload}, version=Client.PRIVATE_API_VERSION),
-                context,
-                placing=False,
-            )
-            try:
-                for entry in answer["symbols"]:
-                    if entry["symbol"] in missing:
-                        parse_symbol_filters(entry)  # refuse to cache what cannot be parsed
-                        self.state.set_symbol_info(entry["symbol"], entry, FILTERS_TTL_SECONDS)
-                        entries[entry["symbol"]] = entry
-            except (KeyError, TypeError, ValueError) as e:
-                raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+            asked, _ = self._per_symbol_after_1121(self._exchange_info_request, missing, "exchangeInfo")
+            entries.update(asked)
         return {symbol: parse_symbol_filters(entry) for symbol, entry in entries.items()}
+
+    def _exchange_info_request(self, missing: list[str]) -> dict[str, dict]:
+        """One ``GET /api/v3/exchangeInfo?symbols=[…]`` for ``missing``: each readable entry is
+        cached in ``state`` for ``FILTERS_TTL_SECONDS`` and returned by symbol."""
+        payload = json.dumps(missing, separators=(",", ":"))
+        context = f"exchangeInfo symbols={payload}"
+        answer = self._call(
+            lambda: self._client._get("exchangeInfo", data={"symbols": payload}, version=Client.PRIVATE_API_VERSION),
+            context,
+            placing=False,
+        )
+        entries: dict[str, dict] = {}
+        try:
+            for entry in answer["symbols"]:
+                if entry["symbol"] in missing:
+                    parse_symbol_filters(entry)  # refuse to cache what cannot be parsed
+                    self.state.set_symbol_info(entry["symbol"], entry, FILTERS_TTL_SECONDS)
+                    entries[entry["symbol"]] = entry
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExchangeUnavailable(f"{context}: malformed answer: {self._scrub(str(e))}") from e
+        return entries
+
+    @staticmethod
+    def _per_symbol_after_1121(read: Callable[[list[str]], dict[str, T]], wanted: list[str],
+                               what: str) -> tuple[dict[str, T], int]:
+        """``read(wanted)`` in one request; when Binance refuses the list for an unknown symbol
+        (-1121), ``read([symbol])`` once per symbol, the unknown ones absent (one warning line:
+        how many of how many were unknown). A request whose only symbol is unknown answers
+        ``{}``. Returns the answer and the number of requests sent. Any other error propagates,
+        also from a per-symbol ask."""
+        try:
+            return read(wanted), 1
+        except ExchangeUnavailable as exc:
+            if exc.code != INVALID_SYMBOL:
+                raise
+            refused = exc
+        if len(wanted) == 1:
+            return {}, 1
+        answer: dict[str, T] = {}
+        unknown = 0
+        for symbol in wanted:
+            try:
+                answer.update(read([symbol]))
+            except ExchangeUnavailable as exc:
+                if exc.code != INVALID_SYMBOL:
+                    raise
+                unknown += 1
+        log.warning(f"bulk {what} refused with -1121; asked symbol by symbol",
+                    extra={"symbols": len(wanted), "unknown": unknown, "error": str(refused)[:200]})
+        return answer, 1 + len(wanted)
 
     def free_balances(self) -> Balances:
         """Free (not locked) balance per asset, in that asset's units, from signed
@@ -674,11 +739,7 @@ class BinanceExchange:
         STOP_ON_FAILURE: 400 = cancel FAILURE / new NOT_ATTEMPTED, 409 = cancel SUCCESS / new FAILURE)."""
         if e.code not in (CANCEL_REPLACE_FAILED, CANCEL_REPLACE_PARTIALLY_FAILED):
             return e
-        cause = e.__cause__
-        try:
-            data = cause.response.json().get("data") or {}
-        except (AttributeError, ValueError, TypeError):
-            data = {}
+        data = _cancel_replace_data(e)
         cancel, new = data.get("cancelResult"), data.get("newOrderResult")
         cancel_body = data.get("cancelResponse") or {}
         new_body = data.get("newOrderResponse") or {}
@@ -686,12 +747,8 @@ class BinanceExchange:
             return CancelReplaceCancelFailed(f"{context}: cancel failed, new order not attempted: {e}",
                                              cancel_code=cancel_body.get("code"))
         if e.code == CANCEL_REPLACE_PARTIALLY_FAILED and cancel == "SUCCESS" and new == "FAILURE":
-            try:
-                cancelled = parse_cancelled(cancel_body)
-            except (KeyError, TypeError, ValueError):
-                cancelled = None
-            return CancelReplaceNewFailed(f"{context}: protection cancelled, new order failed: {e}", cancelled,
-                                          new_code=new_body.get("code"))
+            return CancelReplaceNewFailed(f"{context}: protection cancelled, new order failed: {e}",
+                                          _cancelled_or_none(cancel_body), new_code=new_body.get("code"))
         return CancelReplaceUnknown(f"{context}: cancelReplace answer not in Binance's STOP_ON_FAILURE table: {e}",
                                     cancel_id, new_id, e.code)
 
@@ -746,29 +803,31 @@ class BinanceExchange:
             raise ExchangeUnavailable(detail) from e
 
     def _map_api_error(self, e: BinanceAPIException, context: str, placing: bool) -> ExchangeError:
+        """Our error for one refused request, in the order of the module's table (the HTTP
+        status first, then the Binance ``code``)."""
         status = int(e.status_code)
         code = e.code if isinstance(e.code, int) and e.code != 0 else None
         text = self._scrub(str(e.message or ""))[:200]
         detail = f"{context}: HTTP {status} code {code}: {text}"
 
         if status in (418, 429):
-            banned = status == 418
-            retry_after = self._retry_after(e, DEFAULT_RETRY_AFTER_418 if banned else DEFAULT_RETRY_AFTER_429)
-            self.state.set_no_calls_until(retry_after)
-            return RateLimited(detail + f"; no calls until {retry_after.isoformat()}", retry_after=retry_after, code=code, banned=banned)
+            return self._banned(e, detail, code, banned=status == 418)
         if code == INVALID_TIMESTAMP:
             return ClockSkew(detail)
         if status >= 500 or code in UNKNOWN_OUTCOME_CODES:
-            return OrderOutcomeUnknown(detail + " (the order may exist)", code) if placing else ExchangeUnavailable(detail, code)
+            return _no_answer(detail, code, placing)
         if code in RATE_LIMIT_CODES:
             return RateLimited(detail, retry_after=self._retry_after(e, DEFAULT_RETRY_AFTER_429), code=code)
         if code is None:  # a 4XX page from something that is not Binance's matching engine
-            return OrderOutcomeUnknown(detail + " (the order may exist)") if placing else ExchangeUnavailable(detail)
-        if not placing:
-            return ExchangeUnavailable(detail, code)
-        if code == NEW_ORDER_REJECTED:
-            return OrderRejectedMaybeFilled(detail + " (an earlier order with this id may have filled)", code)
-        return OrderRejected(detail, code)
+            return _no_answer(detail, None, placing)
+        return _refusal(detail, code, placing)
+
+    def _banned(self, e: BinanceAPIException, detail: str, code: int | None, *, banned: bool) -> RateLimited:
+        """HTTP 429 (or 418, ``banned``): the horizon (Retry-After, else 60 s / 120 s) is saved in
+        ``state`` so that no call goes out before it, from any process sharing the state."""
+        retry_after = self._retry_after(e, DEFAULT_RETRY_AFTER_418 if banned else DEFAULT_RETRY_AFTER_429)
+        self.state.set_no_calls_until(retry_after)
+        return RateLimited(detail + f"; no calls until {retry_after.isoformat()}", retry_after=retry_after, code=code, banned=banned)
 
     @staticmethod
     def _retry_after(e: BinanceAPIException, default_seconds: int) -> datetime:
@@ -794,3 +853,37 @@ class BinanceExchange:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _no_answer(detail: str, code: int | None, placing: bool) -> ExchangeError:
+    """No definite answer (5XX, -1000/-1006/-1007, a 4XX without a Binance code): an order may
+    exist (OrderOutcomeUnknown); a read is ExchangeUnavailable."""
+    if placing:
+        return OrderOutcomeUnknown(detail + " (the order may exist)", code)
+    return ExchangeUnavailable(detail, code)
+
+
+def _refusal(detail: str, code: int, placing: bool) -> ExchangeError:
+    """Any other 4XX Binance ``code``: a refused order is OrderRejected (nothing exists), except
+    -2010, OrderRejectedMaybeFilled; a refused read is ExchangeUnavailable."""
+    if not placing:
+        return ExchangeUnavailable(detail, code)
+    if code == NEW_ORDER_REJECTED:
+        return OrderRejectedMaybeFilled(detail + " (an earlier order with this id may have filled)", code)
+    return OrderRejected(detail, code)
+
+
+def _cancel_replace_data(e: OrderRejected) -> dict:
+    """The ``data`` object of a refused cancelReplace's body (``{}`` when there is none)."""
+    try:
+        return e.__cause__.response.json().get("data") or {}
+    except (AttributeError, ValueError, TypeError):
+        return {}
+
+
+def _cancelled_or_none(cancel_body: dict) -> OrderResult | None:
+    """The cancelled order of a cancelReplace's ``cancelResponse``, or None when it cannot be read."""
+    try:
+        return parse_cancelled(cancel_body)
+    except (KeyError, TypeError, ValueError):
+        return None

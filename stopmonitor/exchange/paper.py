@@ -167,68 +167,58 @@ class PaperExchange:
         self.calls.append(("place_market_order", (request.symbol, request.side, request.quantity, request.client_order_id)))
         self.order_requests.append(request)
         scripted = self.script.pop(0) if self.script else None
+        kind = scripted.kind if scripted else None
         what = f"{request.symbol} {request.side} {request.quantity} {request.client_order_id}"
-        if scripted and scripted.kind == "reject":
-            error = OrderRejectedMaybeFilled if scripted.code == -2010 else OrderRejected
-            raise error(f"{what}: rejected", scripted.code)
-        filters = self.filters.get(request.symbol)
-        if filters is not None and filters.not_trading:
-            raise OrderRejectedMaybeFilled(f"{what}: symbol is {filters.status}: order not possible", -2010)
-        if self.track_balances and filters is not None and request.side == "SELL":
-            if self.balances.get(filters.base_asset, Decimal(0)) < request.quantity:
-                raise OrderRejectedMaybeFilled(f"{what}: Account has insufficient balance for requested action.", -2010)
-        if scripted and scripted.kind == "rate_limit":
-            raise RateLimited(f"{request.symbol}: rate limited", scripted.retry_after or self.clock(), code=-1003)
-        if scripted and scripted.kind == "timeout_before":
-            raise OrderOutcomeUnknown(f"{request.symbol} {request.side} {request.quantity} {request.client_order_id}: timeout")
-        fill_qty = scripted.fill_qty if scripted and scripted.kind == "expire" else None
-        result = self._fill(request, fill_qty)
+        self._refuse_market_order(request, scripted, what)
+        result = self._fill(request, scripted.fill_qty if kind == "expire" else None)
         if result.status == "EXPIRED":
             result = replace(result, expiry_reason=(scripted.expiry_reason if scripted else None) or "INSUFFICIENT_LIQUIDITY")
         self.orders[request.client_order_id] = result
-        if scripted and scripted.kind == "timeout_after":
-            raise OrderOutcomeUnknown(
-                f"{request.symbol} {request.side} {request.quantity} {request.client_order_id}: timeout after send"
-            )
+        if kind == "timeout_after":
+            raise OrderOutcomeUnknown(f"{what}: timeout after send")
         return result
+
+    def _refuse_market_order(self, request: OrderRequest, scripted: Scripted | None, what: str) -> None:
+        """Raise what stops a MARKET order before it fills, in this order: a scripted rejection
+        (-2010 as :class:`OrderRejectedMaybeFilled`), the exchange's own -2010 refusals
+        (:meth:`_refuse_untradable`), a scripted rate limit, a scripted timeout before the order exists."""
+        kind = scripted.kind if scripted else None
+        if kind == "reject":
+            error = OrderRejectedMaybeFilled if scripted.code == -2010 else OrderRejected
+            raise error(f"{what}: rejected", scripted.code)
+        self._refuse_untradable(request, what)
+        if kind == "rate_limit":
+            raise RateLimited(f"{request.symbol}: rate limited", scripted.retry_after or self.clock(), code=-1003)
+        if kind == "timeout_before":
+            raise OrderOutcomeUnknown(f"{what}: timeout")
+
+    def _refuse_untradable(self, request: OrderRequest, what: str) -> None:
+        """-2010 (:class:`OrderRejectedMaybeFilled`, as Binance) for a symbol in HALT, BREAK or
+        CANCEL_ONLY, and for a SELL beyond the free base balance when this account tracks balances."""
+        filters = self.filters.get(request.symbol)
+        if filters is None:
+            return
+        if filters.not_trading:
+            raise OrderRejectedMaybeFilled(f"{what}: symbol is {filters.status}: order not possible", -2010)
+        if self.track_balances and request.side == "SELL":
+            if self.balances.get(filters.base_asset, Decimal(0)) < request.quantity:
+                raise OrderRejectedMaybeFilled(f"{what}: Account has insufficient balance for requested action.", -2010)
 
     # matching --------------------------------------------------------------------------
     def _fill(self, request: OrderRequest, fill_qty: Decimal | None) -> OrderResult:
+        """Fill ``request`` now against the current quote (``fill_qty`` of it when given, then
+        EXPIRED); moves tracked balances and records the account trades. -1121 without a quote."""
         quote = self.quotes.get(request.symbol)
         if quote is None:
             raise OrderRejected(f"{request.symbol}: no market", -1121)
         filters = self.filters.get(request.symbol)
-        tick = filters.tick_size if filters else Decimal("0.00000001")
-        target = request.quantity if fill_qty is None else fill_qty
-        fills: list[Fill] = []
-        left = target
-        level = 0
-        top = quote.bid if request.side == "SELL" else quote.ask
-        depth = (quote.bid_qty if request.side == "SELL" else quote.ask_qty) or target
-        while left > 0:
-            step = min(left, depth)
-            move = top * self.slippage_bps / Decimal("10000") * level
-            price = top - move if request.side == "SELL" else top + move
-            # a SELL walks down the bids, a BUY up the asks: round against the taker
-            price = (price / tick).to_integral_value(rounding=ROUND_DOWN if request.side == "SELL" else ROUND_UP) * tick
-            quote_qty = price * step
-            commission = (quote_qty if request.side == "SELL" else step) * COMMISSION_RATE
-            asset = (filters.quote_asset if request.side == "SELL" else filters.base_asset) if filters else ""
-            fills.append(Fill(price, step, commission.quantize(Decimal("0.00000001")), asset))
-            left -= step
-            level += 1
-        executed = target
-        if self.track_balances and filters:
-            sign = -1 if request.side == "SELL" else 1
-            self.balances[filters.base_asset] = self.balances.get(filters.base_asset, Decimal(0)) + sign * executed
-            quote_total = sum((f.price * f.qty for f in fills), Decimal(0))
-            self.balances[filters.quote_asset] = self.balances.get(filters.quote_asset, Decimal(0)) - sign * quote_total
+        executed = request.quantity if fill_qty is None else fill_qty
+        fills = self._walk_book(request.side, quote, filters, executed)
+        self._move_balances(request.side, filters, executed, fills)
         status = "FILLED" if executed >= request.quantity else "EXPIRED"
         order_id = next(self._ids)
         at = self.clock()
-        for i, f in enumerate(fills):
-            self.trades.append(Trade(request.symbol, order_id * 100 + i, order_id, f.price, f.qty, f.price * f.qty,
-                                     f.commission, f.commission_asset, at, request.side == "BUY"))
+        self._record_trades(request, order_id, fills, at)
         return OrderResult(
             symbol=request.symbol,
             side=request.side,
@@ -241,6 +231,45 @@ class PaperExchange:
             fills=tuple(fills),
             transact_time=at,
         )
+
+    def _walk_book(self, side: str, quote: Quote, filters: SymbolFilters | None, target: Decimal) -> list[Fill]:
+        """The fills of ``target`` (base asset): a SELL walks down from the bid, a BUY up from the
+        ask, ``slippage_bps`` of the top price per level of ``bid_qty``/``ask_qty`` consumed (no
+        depth: one level), each price rounded to the tickSize against the taker; commission
+        ``COMMISSION_RATE`` of what is received (quote asset for a SELL, base asset for a BUY)."""
+        sell = side == "SELL"
+        tick = filters.tick_size if filters else Decimal("0.00000001")
+        top, depth = (quote.bid, quote.bid_qty) if sell else (quote.ask, quote.ask_qty)
+        depth = depth or target
+        rounding = ROUND_DOWN if sell else ROUND_UP
+        asset = (filters.quote_asset if sell else filters.base_asset) if filters else ""
+        fills: list[Fill] = []
+        left = target
+        level = 0
+        while left > 0:
+            step = min(left, depth)
+            move = top * self.slippage_bps / Decimal("10000") * level
+            price = ((top - move if sell else top + move) / tick).to_integral_value(rounding=rounding) * tick
+            commission = (price * step if sell else step) * COMMISSION_RATE
+            fills.append(Fill(price, step, commission.quantize(Decimal("0.00000001")), asset))
+            left -= step
+            level += 1
+        return fills
+
+    def _move_balances(self, side: str, filters: SymbolFilters | None, executed: Decimal, fills: list[Fill]) -> None:
+        """A fill's effect on the tracked balances: base asset by ``executed``, quote asset by the fills' total."""
+        if not (self.track_balances and filters):
+            return
+        sign = -1 if side == "SELL" else 1
+        self.balances[filters.base_asset] = self.balances.get(filters.base_asset, Decimal(0)) + sign * executed
+        quote_total = sum((f.price * f.qty for f in fills), Decimal(0))
+        self.balances[filters.quote_asset] = self.balances.get(filters.quote_asset, Decimal(0)) - sign * quote_total
+
+    def _record_trades(self, request: OrderRequest, order_id: int, fills: list[Fill], at: datetime) -> None:
+        """One account trade per fill (trade id ``order_id * 100 + i``)."""
+        for i, f in enumerate(fills):
+            self.trades.append(Trade(request.symbol, order_id * 100 + i, order_id, f.price, f.qty, f.price * f.qty,
+                                     f.commission, f.commission_asset, at, request.side == "BUY"))
 
     def forget_order(self, client_order_id: str) -> None:
         """Test helper: make the exchange answer -2013 for ``client_order_id``."""
@@ -443,7 +472,7 @@ class PaperExchange:
                 continue
             if order.order_type == "STOP_LOSS" and self._would_trigger(symbol, order.side, order.stop_price):
                 self.triggered.add(cid)
-            elif order.order_type == "LIMIT_MAKER" and (last >= order.price if order.side == "SELL" else last <= order.price):
+            elif order.order_type == "LIMIT_MAKER" and _limit_reached(order, last):
                 self._fill_limit(cid)
 
     def _fill_triggered(self, client_order_id: str) -> None:
@@ -467,3 +496,8 @@ class PaperExchange:
         self.orders[client_order_id] = replace(order, status="FILLED", executed_qty=qty, cummulative_quote_qty=qty * price,
                                                fills=(Fill(price, qty, commission, filters.quote_asset if filters else ""),),
                                                transact_time=self.clock())
+
+
+def _limit_reached(order: OrderResult, last: Decimal) -> bool:
+    """A resting LIMIT_MAKER is reached by a trade at ``last``: at or above its price for a SELL, at or below for a BUY."""
+    return last >= order.price if order.side == "SELL" else last <= order.price

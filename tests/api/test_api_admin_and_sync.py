@@ -139,18 +139,30 @@ def test_sync_named_symbols_creates_listed_ones_only(db, exchange):
         "ADAUSDT", "ADA", D("0.0001"), D("0.1"), D("0.1"), D("5"), True)
 
 
-def test_sync_asks_symbol_by_symbol_when_binance_refuses_an_unknown_one(db, exchange, monkeypatch):
-    inner = exchange.symbol_filters
+def test_sync_on_binance_refusing_an_unknown_symbol_syncs_the_listed_ones(db, monkeypatch):
+    """Binance refuses the whole exchangeInfo list for one unknown symbol (-1121): the adapter
+    asks symbol by symbol, the command syncs what is listed and reports the rest."""
+    from stopmonitor.exchange.binance import BinanceExchange, MemoryState
+    from tests.stopmonitor.exchange.fake_binance import API_KEY, API_SECRET, FakeBinance
 
-    def binance_like(symbols):
-        symbols = list(symbols)
-        if any(s not in exchange.filters for s in symbols):
-            raise ExchangeUnavailable("exchangeInfo: Invalid symbol.", code=-1121)
-        return inner(symbols)
+    with FakeBinance() as fake:
+        binance = BinanceExchange(API_KEY, API_SECRET, testnet=True, api_url=fake.url, timeout=2, state=MemoryState())
+        monkeypatch.setattr("stopmonitor.exchange.factory.build_exchange", lambda venue=None: binance)
+        lines = run("ADAUSDT", "DOGEUSDT")
+        asked = [(r.method, r.path, r.query) for r in fake.requests]
+        binance.close()
 
-    monkeypatch.setattr(exchange, "symbol_filters", binance_like)
-    assert run("ADAUSDT", "DOGEUSDT")[-1] == (
-        "synced 2 symbols from paper: 1 created, 0 updated, 0 deactivated, 1 not listed")
+    assert asked == [
+        ("GET", "/api/v3/exchangeInfo", {"symbols": '["ADAUSDT","DOGEUSDT"]'}),
+        ("GET", "/api/v3/exchangeInfo", {"symbols": '["ADAUSDT"]'}),
+        ("GET", "/api/v3/exchangeInfo", {"symbols": '["DOGEUSDT"]'}),
+    ]
+    assert lines == [
+        "ADAUSDT: created (TRADING)",
+        "DOGEUSDT: not listed by binance-testnet; not created",
+        "synced 2 symbols from binance-testnet: 1 created, 0 updated, 0 deactivated, 1 not listed",
+    ]
+    assert list(Symbol.objects.values_list("symbol", flat=True)) == ["ADAUSDT"]
 
 
 def test_sync_fails_with_nothing_changed_when_exchange_info_is_unavailable(db, exchange, monkeypatch):

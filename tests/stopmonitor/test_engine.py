@@ -381,29 +381,6 @@ def test_manual_close_uses_the_same_protocol(paper, open_op):
     assert refresh(op).status == "CLOSED"
 
 
-def test_one_unknown_symbol_does_not_leave_the_others_unprotected(paper, open_op):
-    """Regression: Binance refuses a bulk bookTicker with -1121 when one symbol is delisted."""
-    from stopmonitor.exchange.base import ExchangeUnavailable
-
-    btc = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
-    eth = open_op("ETHUSDT", "BUY", "1", entry="2000", stop="1900")
-    paper.set_quote("BTCUSDT", "9150", "9150.01")
-    real = paper.book_tickers
-
-    def strict(symbols):
-        symbols = list(symbols)
-        if "ETHUSDT" in symbols:  # the exchange no longer knows ETHUSDT
-            paper.calls.append(("book_tickers", tuple(symbols)))
-            raise ExchangeUnavailable("bookTicker: -1121 Invalid symbol.", code=-1121)
-        return real(symbols)
-
-    paper.book_tickers = strict
-    summary, _ = run(paper)
-    assert summary.exchange_requests == 3 + 2  # bulk, then one per symbol; balances and filters
-    assert refresh(btc).status == "CLOSED"
-    assert types(eth) == ["STOP_SET", "BLOCKED"] and stream(eth)[1][1]["reason"] == "MISSING_PRICE"
-
-
 def test_half_open_breaker_allows_one_trial_at_a_time(paper, open_op):
     from api.models import CircuitBreakerState
 

@@ -89,3 +89,26 @@ def test_definite_rejection_is_failed_and_not_retried_in_the_same_pass(fake, exc
     assert failed[0] == "FAILED" and failed[1]["code"] == -1013
     armed.refresh_from_db()
     assert armed.status == "ACTIVE"
+
+
+def test_one_unknown_symbol_does_not_leave_the_others_unprotected(fake, exchange, tenant, symbols):
+    """Regression: Binance refuses a bulk bookTicker with -1121 when one symbol is delisted (the
+    fake does not know ETHUSDT); the adapter asks symbol by symbol and the pass counts every request."""
+    from stopmonitor.operations import open_operation
+
+    btc = open_operation(tenant, symbols["BTCUSDT"], "BUY", D("0.001"), D("62000"), D("61000"))
+    eth = open_operation(tenant, symbols["ETHUSDT"], "BUY", D("0.01"), D("2000"), D("1900"))
+
+    summary = run_pass(exchange, engine=ENGINE)
+
+    assert [(r.method, r.path, r.query.get("symbols")) for r in fake.requests] == [
+        ("GET", "/api/v3/ticker/bookTicker", '["BTCUSDT","ETHUSDT"]'),
+        ("GET", "/api/v3/ticker/bookTicker", '["BTCUSDT"]'),
+        ("GET", "/api/v3/ticker/bookTicker", '["ETHUSDT"]'),
+        ("GET", "/api/v3/exchangeInfo", '["BTCUSDT"]'),
+        ("GET", "/api/v3/account", None),
+        ("POST", ORDER, None),
+    ]
+    assert summary.exchange_requests == 3 + 2  # bulk, then one per symbol; filters and balances
+    assert [t for t, _ in events(btc)][-1] == "OPERATION_CLOSED"
+    assert [t for t, _ in events(eth)] == ["STOP_SET", "BLOCKED"] and events(eth)[1][1]["reason"] == "MISSING_PRICE"

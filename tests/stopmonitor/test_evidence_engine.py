@@ -452,7 +452,7 @@ def test_15_json_stdout_carries_only_json_lines_with_text_logs(fake, tenant, sym
 
     open_operation(tenant, symbols["BTCUSDT"], "BUY", D("0.001"), D("62000"), D("61000"))
     open_operation(tenant, symbols["ETHUSDT"], "BUY", D("0.01"), D("2000"), D("1900"))  # unknown to the fake: -1121
-    # the bulk request is refused: a warning is logged (text), then each symbol is asked
+    # the bulk request is refused: the adapter asks each symbol, then logs a warning (text, on stderr)
     s = connection.settings_dict
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RBS_", "BINANCE", "EXCHANGE", "LOG_"))}
     env.update(DATABASE_URL=f"postgres://{s['USER']}@{s['HOST']}:{s['PORT']}/{s['NAME']}", ENVIRONMENT="development",

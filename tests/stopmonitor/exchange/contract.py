@@ -28,6 +28,7 @@ from stopmonitor.exchange.base import (
     OrderResult,
     Quote,
     StopOrderRequest,
+    SymbolFilters,
     Trade,
 )
 
@@ -37,6 +38,10 @@ class ExchangeContract:
 
     #: symbols the adapter under test can quote
     known_symbols: tuple[str, ...] = ("BTCUSDT",)
+    #: symbols the adapter under test has filters for
+    filter_symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    #: a symbol no adapter knows (Binance: -1121 "Invalid symbol")
+    unknown_symbol: str = "NOPEUSDT"
     #: the order the contract places (closing side, base-asset quantity)
     order_symbol: str = "BTCUSDT"
     order_side: str = "SELL"
@@ -84,6 +89,26 @@ class ExchangeContract:
 
     def test_book_tickers_of_nothing_is_empty(self, exchange):
         assert exchange.book_tickers([]) == {}
+
+    def test_book_tickers_with_an_unknown_symbol_answers_the_known_ones(self, exchange):
+        """Binance refuses the whole list for one unknown symbol (-1121): the adapter still
+        answers the others; the unknown one is absent, not an error."""
+        quotes = exchange.book_tickers([*self.known_symbols, self.unknown_symbol])
+
+        assert set(quotes) == set(self.known_symbols)
+        assert all(isinstance(q, Quote) and q.symbol == s for s, q in quotes.items())
+
+    def test_book_tickers_of_only_an_unknown_symbol_is_empty(self, exchange):
+        assert exchange.book_tickers([self.unknown_symbol]) == {}
+
+    def test_symbol_filters_with_an_unknown_symbol_answer_the_known_ones(self, exchange):
+        filters = exchange.symbol_filters([*self.filter_symbols, self.unknown_symbol])
+
+        assert set(filters) == set(self.filter_symbols)
+        assert all(isinstance(f, SymbolFilters) and f.symbol == s for s, f in filters.items())
+
+    def test_symbol_filters_of_only_an_unknown_symbol_are_empty(self, exchange):
+        assert exchange.symbol_filters([self.unknown_symbol]) == {}
 
     def test_place_market_order_answers_for_the_client_order_id(self, exchange):
         request, result = self.place(exchange)

@@ -106,12 +106,46 @@ def test_book_tickers_is_one_request_with_a_compact_json_symbols_array(exchange,
     assert before <= btc.observed_at <= datetime.now(timezone.utc)
 
 
-def test_book_tickers_with_an_unknown_symbol_is_unavailable_with_code_1121(exchange, fake_binance):
+def test_book_tickers_refused_for_an_unknown_symbol_asks_each_symbol_once(exchange, fake_binance, caplog):
+    """Binance answers -1121 for the whole list; the adapter asks symbol by symbol (the contract
+    says what is answered; here: the exact requests, their count and the warning)."""
+    with caplog.at_level("WARNING", logger="stopmonitor.exchange.binance"):
+        quotes = exchange.book_tickers(["NKNUSDT", "NOPEUSDT", "BTCUSDT"])
+
+    assert [(r.path, r.query) for r in fake_binance.requests] == [
+        (BOOK, {"symbols": '["BTCUSDT","NKNUSDT","NOPEUSDT"]'}),
+        (BOOK, {"symbols": '["BTCUSDT"]'}),
+        (BOOK, {"symbols": '["NKNUSDT"]'}),
+        (BOOK, {"symbols": '["NOPEUSDT"]'}),
+    ]
+    assert (set(quotes), quotes.requests) == ({"BTCUSDT", "NKNUSDT"}, 4)
+    (line,) = [r for r in caplog.records if r.name == "stopmonitor.exchange.binance"]
+    assert (line.levelname, line.getMessage()) == ("WARNING", "bulk book ticker refused with -1121; asked symbol by symbol")
+    assert (line.symbols, line.unknown) == (3, 1) and "-1121" in line.error
+
+
+def test_book_tickers_of_a_lone_unknown_symbol_is_one_request_and_empty(exchange, fake_binance):
+    quotes = exchange.book_tickers(["NOPEUSDT"])
+
+    assert (quotes, quotes.requests) == ({}, 1)
+    assert [r.query for r in fake_binance.requests] == [{"symbols": '["NOPEUSDT"]'}]
+
+
+def test_book_tickers_of_known_symbols_is_one_request(exchange, fake_binance):
+    assert exchange.book_tickers(["BTCUSDT", "NKNUSDT"]).requests == 1
+    assert exchange.book_tickers([]).requests == 0
+    assert len(fake_binance.requests) == 1
+
+
+def test_another_error_while_asking_symbol_by_symbol_is_raised(exchange, fake_binance):
+    fake_binance.script_error("GET", BOOK, 400, -1121, "Invalid symbol.")
+    fake_binance.script("GET", BOOK, status=503, body="")
+
     with pytest.raises(ExchangeUnavailable) as info:
         exchange.book_tickers(["BTCUSDT", "NOPEUSDT"])
 
-    assert info.value.code == -1121
-    assert len(fake_binance.requests) == 1
+    assert 'symbols=["BTCUSDT"]' in str(info.value) and info.value.code != -1121
+    assert [r.query for r in fake_binance.requests] == [{"symbols": '["BTCUSDT","NOPEUSDT"]'}, {"symbols": '["BTCUSDT"]'}]
 
 
 @pytest.mark.parametrize(
@@ -177,6 +211,36 @@ def test_symbol_filters_are_cached_and_only_missing_symbols_are_asked(exchange, 
     assert again["BTCUSDT"] == both["BTCUSDT"]
     assert both["ETHUSDT"].step_size == Decimal("0.0001")
     assert state.get_symbol_info("ETHUSDT")["symbol"] == "ETHUSDT"
+
+
+def test_symbol_filters_refused_for_an_unknown_symbol_ask_each_uncached_symbol_once(exchange, fake_binance, state, caplog):
+    exchange.symbol_filters(["BTCUSDT"])  # cached: not asked again
+    fake_binance.requests.clear()
+
+    with caplog.at_level("WARNING", logger="stopmonitor.exchange.binance"):
+        filters = exchange.symbol_filters(["BTCUSDT", "NOPEUSDT", "ADAUSDT"])
+
+    assert [(r.path, r.query) for r in fake_binance.requests] == [
+        (INFO, {"symbols": '["ADAUSDT","NOPEUSDT"]'}),
+        (INFO, {"symbols": '["ADAUSDT"]'}),
+        (INFO, {"symbols": '["NOPEUSDT"]'}),
+    ]
+    assert set(filters) == {"BTCUSDT", "ADAUSDT"}
+    assert state.get_symbol_info("ADAUSDT") is not None and state.get_symbol_info("NOPEUSDT") is None
+    (line,) = [r for r in caplog.records if r.name == "stopmonitor.exchange.binance"]
+    assert (line.getMessage(), line.symbols, line.unknown) == (
+        "bulk exchangeInfo refused with -1121; asked symbol by symbol", 2, 1)
+    assert exchange.symbol_filters(["NOPEUSDT"]) == {} and len(fake_binance.requests) == 4
+
+
+def test_another_error_while_asking_filters_symbol_by_symbol_is_raised(exchange, fake_binance):
+    fake_binance.script_error("GET", INFO, 400, -1121, "Invalid symbol.")
+    fake_binance.script_error("GET", INFO, 429, -1003, "Too many requests.")
+
+    with pytest.raises(RateLimited):
+        exchange.symbol_filters(["ADAUSDT", "NOPEUSDT"])
+
+    assert [r.query for r in fake_binance.requests] == [{"symbols": '["ADAUSDT","NOPEUSDT"]'}, {"symbols": '["ADAUSDT"]'}]
 
 
 def test_symbol_filters_cache_lasts_one_hour(exchange, fake_binance, monkeypatch):
