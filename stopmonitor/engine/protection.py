@@ -526,23 +526,25 @@ def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: da
     balances = exchange.free_balances()
     report.requests += 1
     report.weight += 20
-    for asset, ops in _by_closing_asset(arming, filters).items():
-        free = None if balances is None else balances.get(asset, Decimal(0))
-        shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops],
-                            None if close_side(ops[0].side) == "BUY" else free, Decimal(0))
+    for (side, asset), ops in _by_closing_asset(arming, filters).items():
+        free = None if balances is None or side == "BUY" else balances.get(asset, Decimal(0))
+        shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops], free, Decimal(0))
         for op in ops:
             arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], _last_price(op, quotes), now=now,
                 source=source, report=report)
 
 
-def _by_closing_asset(ops: list, filters: dict) -> dict[str, list]:
-    """``{asset: operations}``: the asset each operation's close spends (the base asset for a SELL,
-    the quote asset for a BUY), in the order given; operations without filters are left out."""
-    by_asset: dict[str, list] = {}
+def _by_closing_asset(ops: list, filters: dict) -> dict[tuple[str, str], list]:
+    """``{(closing side, asset): operations}``: the asset each operation's close spends (the base
+    asset for a SELL, the quote asset for a BUY), in the order given; operations without filters
+    are left out. The side is part of the key: a long BTCUSDT and a short ETHBTC both spend BTC,
+    but only the long's protection is limited by the free BTC (issue #11 review)."""
+    by_asset: dict[tuple[str, str], list] = {}
     for op in ops:
         f = filters.get(op.symbol.symbol)
         if f is not None:
-            by_asset.setdefault(f.base_asset if close_side(op.side) == "SELL" else f.quote_asset, []).append(op)
+            side = close_side(op.side)
+            by_asset.setdefault((side, f.base_asset if side == "SELL" else f.quote_asset), []).append(op)
     return by_asset
 
 

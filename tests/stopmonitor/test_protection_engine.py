@@ -274,3 +274,29 @@ def test_quotes_that_cannot_be_read_still_arm_the_protection_then_fail_the_pass(
     assert types(op) == ["STOP_SET", "PROTECTION_REQUESTED", "PROTECTION_PLACED"]
     assert [(o.client_order_id, o.stop_price) for o in paper.open_orders()] == [(f"sp{op.pk}-1", D("9154.00"))]
     assert len(calls(paper, "book_tickers")) == 2  # the pass's, then arming's own try
+
+
+def test_a_long_and_a_cross_pair_short_spending_the_same_asset_are_allocated_apart(paper, protected, open_op,
+                                                                                      symbols):
+    """Found in review (issue #11): a long BTCUSDT (its close sells BTC) and a short ETHBTC (its
+    close buys ETH with BTC) were one allocation group keyed "BTC", sized by the first one's side:
+    the short's 2 ETH were limited by the BTC the long had already taken (0 left), and it was said
+    UNPROTECTED INSUFFICIENT_BALANCE although a short's close is not limited by balance."""
+    from dataclasses import replace
+
+    from api.models import Symbol
+
+    eth = paper.filters["ETHUSDT"]
+    paper.filters["ETHBTC"] = replace(eth, symbol="ETHBTC", quote_asset="BTC", tick_size=D("0.00001"),
+                                      min_notional=D("0.0001"))
+    symbols["ETHBTC"] = Symbol.objects.create(symbol="ETHBTC", base_asset="ETH", quote_asset="BTC",
+                                              tick_size=D("0.00001"), step_size=eth.step_size, min_qty=eth.min_qty,
+                                              min_notional=D("0.0001"))
+    paper.set_quote("ETHBTC", "0.05000", "0.05001")
+    short = open_op("ETHBTC", "SELL", qty="2", entry="0.05", stop="0.055")
+
+    run(paper)
+
+    resting = sorted((o.symbol, o.side, o.requested_qty) for o in paper.open_orders())
+    assert resting == [("BTCUSDT", "SELL", D("0.5")), ("ETHBTC", "BUY", D("2"))]
+    assert types(protected)[-1] == "PROTECTION_PLACED" and types(short)[-1] == "PROTECTION_PLACED"
