@@ -135,7 +135,8 @@ def _check_fee(fee_percent: Decimal) -> None:
 def _check_has_stop(settings: TrailingSettings, stop_price: Decimal | None) -> None:
     """Trailing and break-even both move a stop: there must be one."""
     if (settings.trails or settings.break_even_price is not None) and stop_price is None:
-        field = "trail_distance" if settings.trails else "break_even_price"
+        field = ("break_even_price" if not settings.trails
+                 else "trail_distance" if settings.distance is not None else "trail_distance_percent")
         raise InvalidTrailing(field, "needs a stop_price to move")
 
 

@@ -136,8 +136,9 @@ class PaperExchange:
         return {s: self.quotes[s] for s in wanted if s in self.quotes}
 
     def symbol_filters(self, symbols: Iterable[str], *, fresh: bool = False) -> dict[str, SymbolFilters]:
-        self.calls.append(("symbol_filters", tuple(sorted(set(symbols)))))
-        return {s: self.filters[s] for s in symbols if s in self.filters}
+        wanted = sorted(set(symbols))  # read once: a generator is consumed by the first pass
+        self.calls.append(("symbol_filters", tuple(wanted)))
+        return {s: self.filters[s] for s in wanted if s in self.filters}
 
     def free_balances(self) -> dict[str, Decimal] | None:
         """Free balances, or None when this paper account does not limit closes by balance."""

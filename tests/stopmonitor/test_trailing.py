@@ -82,6 +82,9 @@ def test_next_stop_exact(side, stop, cfg, observed, tick, expected):
         pytest.param("BUY", D("95"), TrailingSettings(break_even_price=D("100")), "break_even_price",
                      id="break-even-at-entry"),
         pytest.param("BUY", None, TrailingSettings(distance=D("1")), "trail_distance", id="no-stop"),
+        # the field the trader set is named (it said trail_distance for a percent distance too)
+        pytest.param("BUY", None, TrailingSettings(distance_percent=D("2")), "trail_distance_percent",
+                     id="no-stop-percent"),
         pytest.param("BUY", D("95"), TrailingSettings(activation_price=D("110")), "trail_activation_price",
                      id="activation-without-distance"),
     ],

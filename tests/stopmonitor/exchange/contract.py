@@ -107,6 +107,10 @@ class ExchangeContract:
         assert set(filters) == set(self.filter_symbols)
         assert all(isinstance(f, SymbolFilters) and f.symbol == s for s, f in filters.items())
 
+    def test_symbol_filters_take_any_iterable_of_symbols(self, exchange):
+        # the paper adapter read its argument twice: a generator gave {}
+        assert sorted(exchange.symbol_filters(s for s in self.filter_symbols)) == sorted(self.filter_symbols)
+
     def test_symbol_filters_of_only_an_unknown_symbol_are_empty(self, exchange):
         assert exchange.symbol_filters([self.unknown_symbol]) == {}
 
