@@ -214,12 +214,15 @@ def stream_phase(rest, ws, env) -> dict:
         latencies, before_account = [], []
         for name, sends in sent.items():
             orders = [t for t, s in rest.order_times if s == name]
-            latencies += [o - s for s, o in zip(sends, orders)]
+            latencies += [(s, o - s) for s, o in zip(sends, orders)]
             for s, o in zip(sends, orders):  # the balances read this close made: the last one before its order
                 reads = [a for a in rest.account_times if s <= a <= o]
                 if reads:
                     before_account.append(reads[-1] - s)
+        sent_at = [t for t, _ in sorted(latencies)]  # monotonic send times, in order
+        latencies = [x for _, x in sorted(latencies)]
         return {"quotes": quotes, "crossings": crossings, "orders": len(rest.order_times), "latencies": latencies,
+                "sent_at": sent_at,
                 "wall": wall, "cpu": cpu, "lag_thirds": thirds, "before_account": before_account}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -323,6 +326,8 @@ def main() -> None:
         os.environ["DATABASE_URL"] = admin  # ScratchDB drops through the server's admin database
         SCRATCH.drop()
     ms = [x * 1000 for x in s["latencies"]]
+    if os.environ.get("BENCH_VERBOSE"):
+        print("latencies (monotonic send time: ms):", " ".join(f"{t:.2f}:{x:.0f}" for t, x in zip(s["sent_at"], ms)))
     print(f"bench_stream: {SYMBOLS} symbols, {SYMBOLS * PER_SYMBOL} ACTIVE operations, {RATE} quotes/s for "
           f"{SECONDS} s, load average {load:.2f} at start ({os.cpu_count()} cores)")
     print(f"stream  : {s['quotes']} quotes ({s['quotes'] / s['wall']:.0f}/s), {s['crossings']} crossings, "

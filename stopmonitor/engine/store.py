@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Iterable
 
 from django.db import connection
 from django.db.models import Q
@@ -137,17 +138,44 @@ def create_operation(**fields) -> Operation:
     return Operation.objects.create(**fields)
 
 
-def load_watched(venue: str | None = None) -> list[Watched]:
+_WATCHED_COLUMNS = ("id", "symbol__symbol", "side", "stop_price", "target_price", "entry_price", "symbol__tick_size",
+                    *trailing.COLUMNS, "account_id")
+
+
+def _watched_rows(venue: str | None, symbols: Iterable[str] | None = None):
+    """The watched rows' query: ACTIVE operations of ``venue`` (default EXCHANGE_VENUE, or of no
+    recorded venue) with a stop or target, as tuples of ``_WATCHED_COLUMNS`` (partial index from
+    0018); only ``symbols`` when given."""
+    rows = (Operation.objects.filter(Q(venue=venue or current_venue()) | Q(venue__isnull=True),
+                                     status=OperationStatus.ACTIVE)
+            .filter(Q(stop_price__isnull=False) | Q(target_price__isnull=False)))
+    if symbols is not None:
+        rows = rows.filter(symbol__symbol__in=sorted(symbols))
+    return rows.values_list(*_WATCHED_COLUMNS)
+
+
+def load_watched(venue: str | None = None, symbols: Iterable[str] | None = None) -> list[Watched]:
     """Every ACTIVE operation of ``venue`` (default EXCHANGE_VENUE) with a stop or target, in one
-    query (partial index from 0018); another venue's operations are left alone (migration 0026)."""
-    rows = (
-        Operation.objects.filter(Q(venue=venue or current_venue()) | Q(venue__isnull=True),
-                                 status=OperationStatus.ACTIVE)
-        .filter(Q(stop_price__isnull=False) | Q(target_price__isnull=False))
-        .values_list("id", "symbol__symbol", "side", "stop_price", "target_price", "entry_price",
-                     "symbol__tick_size", *trailing.COLUMNS, "account_id")
-    )
-    return [Watched(*row[:7], trailing=_trailing(row[7:13]), account_id=row[13]) for row in rows]
+    query (partial index from 0018); another venue's operations are left alone (migration 0026).
+    ``symbols``: only the operations on those symbols (the stream's reload of what changed)."""
+    return [Watched(*row[:7], trailing=_trailing(row[7:13]), account_id=row[13])
+            for row in _watched_rows(venue, symbols)]
+
+
+def watched_fingerprints(venue: str | None = None) -> dict[str, str] | None:
+    """``{symbol: md5 of its watched rows}``, computed by PostgreSQL over exactly the rows and
+    columns :func:`load_watched` reads (ordered by id): a symbol whose fingerprint is unchanged
+    has the same watched operations with the same levels. The database does the work, so a poll
+    of 10k operations costs the caller one round trip instead of building 10k rows in Python.
+    None on a database other than PostgreSQL (the caller then reloads everything)."""
+    if connection.vendor != "postgresql":
+        return None
+    sql, params = _watched_rows(venue).query.sql_with_params()
+    names = ", ".join(f"c{i}" for i in range(len(_WATCHED_COLUMNS)))
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT w.c1, md5(string_agg(w::text, ';' ORDER BY w.c0)) FROM ({sql}) AS w({names}) "
+                       "GROUP BY w.c1", params)
+        return dict(cursor.fetchall())
 
 
 _NO_TRAILING = TrailingSettings()

@@ -53,7 +53,8 @@ def _levels(ops: list) -> SymbolLevels:
 
 
 class WatchedBook:
-    """Symbol → :class:`SymbolLevels`, replaced as a whole on each reload of the watched set."""
+    """Symbol → :class:`SymbolLevels`: replaced as a whole (:meth:`replace`) or per changed
+    symbol (:meth:`update`) on each reload of the watched set."""
 
     def __init__(self, watched: Iterable[WatchedLike] = ()) -> None:
         self.by_symbol: dict[str, SymbolLevels] = {}
@@ -66,6 +67,21 @@ class WatchedBook:
             grouped.setdefault(w.symbol, []).append(w)
         before = set(self.by_symbol)
         self.by_symbol = {s: _levels(ops) for s, ops in grouped.items()}
+        after = set(self.by_symbol)
+        return after - before, before - after
+
+    def update(self, symbols: Iterable[str], watched: Iterable[WatchedLike]) -> tuple[set[str], set[str]]:
+        """Reload only ``symbols`` with ``watched`` (their operations now; a symbol with none
+        leaves the book); the other symbols keep theirs. Returns (symbols added, symbols removed)."""
+        grouped: dict[str, list] = {s: [] for s in symbols}
+        for w in watched:
+            grouped.setdefault(w.symbol, []).append(w)
+        before = set(self.by_symbol)
+        for symbol, ops in grouped.items():
+            if ops:
+                self.by_symbol[symbol] = _levels(ops)
+            else:
+                self.by_symbol.pop(symbol, None)
         after = set(self.by_symbol)
         return after - before, before - after
 

@@ -42,10 +42,17 @@ def _ctx(exchange, source: str, engine: EngineSettings | None = None) -> EngineC
     return EngineContext.build(exchange, source=source, engine=engine)
 
 
-def load_watched() -> list[Watched]:
-    """Every ACTIVE operation with a stop or target (the pass's own query)."""
+def load_watched(symbols: Iterable[str] | None = None) -> list[Watched]:
+    """Every ACTIVE operation with a stop or target (the pass's own query); only on ``symbols`` when given."""
     _fresh_connection()
-    return store.load_watched()
+    return store.load_watched(symbols=symbols)
+
+
+def watched_fingerprints() -> dict[str, str] | None:
+    """``{symbol: fingerprint of its watched operations}`` (None: not on this database):
+    :func:`stopmonitor.engine.store.watched_fingerprints`."""
+    _fresh_connection()
+    return store.watched_fingerprints()
 
 
 def run_pass(exchange, *, source: str = "stream") -> PassSummary:

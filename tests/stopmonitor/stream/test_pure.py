@@ -61,6 +61,16 @@ def test_replace_reports_added_and_removed_symbols_and_drop_forgets_closed_opera
     assert book.symbols == {"B"} and len(book) == 1
 
 
+def test_update_reloads_only_the_given_symbols():
+    book = WatchedBook([W(1, "A", "BUY", D("1"), None), W(2, "B", "BUY", D("1"), None)])
+    # B moved its stop, C is new, A is gone; a symbol not named keeps its operations
+    assert book.update({"A", "B", "C"}, [W(2, "B", "BUY", D("2"), None), W(3, "C", "SELL", D("5"), None)]) == (
+        {"C"}, {"A"})
+    assert book.by_symbol["B"].long_stop == D("2") and book.symbols == {"B", "C"}
+    assert book.update({"C"}, []) == (set(), {"C"})
+    assert book.symbols == {"B"} and book.by_symbol["B"].long_stop == D("2")
+
+
 # ----------------------------------------------------------------------------- watchdog
 
 def test_a_silent_symbol_falls_back_and_returns_only_after_the_hold_down():

@@ -1,0 +1,116 @@
+"""The stream's poll of the watched set reads only the symbols whose watched rows changed
+(fingerprints computed by PostgreSQL over the pass's own query), and a symbol whose book entry
+the stream changed itself (a dropped close) is read again at the next poll."""
+
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import pytest
+from django.db import connection
+
+from api.models import Operation
+from stopmonitor.engine import store
+from stopmonitor.stream.runner import StreamConfig, StreamMonitor
+
+pytestmark = pytest.mark.django_db
+
+needs_postgres = pytest.mark.skipif(connection.vendor != "postgresql", reason="fingerprints are PostgreSQL's")
+
+
+class Venue:
+    venue = "paper"
+
+
+@pytest.fixture
+def monitor(settings):
+    settings.EXCHANGE_VENUE = "paper"
+    m = StreamMonitor(lambda: Venue(), StreamConfig(stream_url="ws://unused"))
+    m._spawn = lambda coro: coro.close()  # no subscriptions, REST reads or filter warm-ups here
+
+    async def inline(fn, *args, **kwargs):  # the worker thread's job, in this thread (the test's transaction)
+        return fn(None, *args, **kwargs)
+
+    m._in_thread = inline
+    return m
+
+
+def poll(m):
+    """One poll, driven without an event loop: the job runs inline in this thread and context
+    (the test's connection and transaction), so the coroutine finishes without suspending."""
+    coro = m._poll_once()
+    with pytest.raises(StopIteration):
+        coro.send(None)
+
+
+def stops(m, symbol):
+    return sorted((w.operation_id, w.stop_price) for w in m.book.by_symbol[symbol].operations)
+
+
+@needs_postgres
+def test_fingerprints_change_only_for_the_symbol_whose_watched_rows_changed(open_op, settings):
+    settings.EXCHANGE_VENUE = "paper"
+    btc = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    open_op("ETHUSDT", "BUY", "1", entry="300", stop="290")
+    before = store.watched_fingerprints()
+    assert set(before) == {"BTCUSDT", "ETHUSDT"} and store.watched_fingerprints() == before
+
+    Operation.objects.filter(pk=btc.pk).update(stop_price=D("9210"))
+    moved = store.watched_fingerprints()
+    assert [s for s in before if moved[s] != before[s]] == ["BTCUSDT"]
+
+    Operation.objects.filter(pk=btc.pk).update(status="CLOSING")
+    assert set(store.watched_fingerprints()) == {"ETHUSDT"}  # no watched row left on BTCUSDT
+
+
+@needs_postgres
+def test_a_poll_reads_only_what_changed_and_the_book_follows(monitor, open_op, django_assert_max_num_queries):
+    a = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    b = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9000")
+    e = open_op("ETHUSDT", "BUY", "1", entry="300", stop="290")
+    poll(monitor)  # the first read: everything
+    assert stops(monitor, "BTCUSDT") == [(a.pk, D("9200")), (b.pk, D("9000"))]
+    assert stops(monitor, "ETHUSDT") == [(e.pk, D("290"))]
+
+    assert monitor._read_watched(set())[1:] == (set(), [])  # nothing changed: nothing loaded
+    with django_assert_max_num_queries(1):
+        poll(monitor)  # the fingerprints only
+
+    Operation.objects.filter(pk=a.pk).update(stop_price=D("9250"))
+    fingerprints, symbols, watched = monitor._read_watched(set())
+    assert symbols == {"BTCUSDT"} and sorted(w.operation_id for w in watched) == [a.pk, b.pk]
+    poll(monitor)
+    assert stops(monitor, "BTCUSDT") == [(a.pk, D("9200") + 50), (b.pk, D("9000"))]
+
+    Operation.objects.filter(pk=e.pk).update(status="CLOSED")
+    poll(monitor)
+    assert monitor.book.symbols == {"BTCUSDT"}
+
+
+@needs_postgres
+def test_an_operation_dropped_from_the_book_comes_back_when_it_is_active_again(monitor, open_op):
+    """The stream drops an operation it saw NOT_ACTIVE (another process closing it); when that
+    close fails and the operation is ACTIVE again with the same levels, the database's fingerprint
+    equals the one last read: only the dirty mark makes the next poll read the symbol again."""
+    a = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    poll(monitor)
+    monitor.book.drop({a.pk})
+    monitor._dirty.add("BTCUSDT")  # what _evaluate does with a NOT_ACTIVE decision
+    assert "BTCUSDT" not in monitor.book.symbols
+
+    poll(monitor)
+
+    assert stops(monitor, "BTCUSDT") == [(a.pk, D("9200"))]
+    assert monitor._dirty == set()
+
+
+def test_without_fingerprints_every_poll_reads_everything(monitor, open_op, monkeypatch):
+    from stopmonitor.stream import engine_port as port
+
+    a = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    monkeypatch.setattr(port, "watched_fingerprints", lambda: None)  # SQLite
+    poll(monitor)
+    Operation.objects.filter(pk=a.pk).update(stop_price=D("9250"))
+    assert monitor._read_watched(set())[1] is None
+    poll(monitor)
+    assert stops(monitor, "BTCUSDT") == [(a.pk, D("9250"))]
