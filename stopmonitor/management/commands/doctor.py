@@ -56,6 +56,11 @@ class Check:
     required: bool = True
     retryable: bool = False  # a dependency that may only be late (connection refused, starting up)
 
+    @property
+    def shown_status(self) -> str:
+        """The table's STATUS column: a failed check that is not required shows as WARN."""
+        return self.status.upper() if self.required or self.status != FAIL else "WARN"
+
 
 @dataclass
 class ConfigItem:
@@ -423,24 +428,75 @@ def _http_json(url: str, headers: dict[str, str] | None = None, timeout: float =
         return err.code, body
 
 
+def _binance_base() -> tuple[str, str]:
+    """``(REST base without a trailing /api, "testnet" or "mainnet")`` from BINANCE_API_URL / BINANCE_TESTNET."""
+    from django.conf import settings
+
+    base = (settings.BINANCE_API_URL or (BINANCE_TESTNET if settings.BINANCE_TESTNET else BINANCE_MAINNET)).rstrip("/")
+    base = base.removesuffix("/api")  # python-binance's REST base (…/api) is accepted too, as the adapter does
+    network = "testnet" if settings.BINANCE_TESTNET else "mainnet"
+    return base, network
+
+
+def _clock_offset_ms(base: str) -> int:
+    """Server time minus the midpoint of our request (``GET /api/v3/time``), in ms; raises
+    ``RuntimeError("HTTP <status>")`` on an answer without ``serverTime``, or what the request raised."""
+    sent = time.time()
+    status, body = _http_json(f"{base}/api/v3/time")
+    received = time.time()
+    if status != 200 or "serverTime" not in body:
+        raise RuntimeError(f"HTTP {status}")
+    return int(body["serverTime"] - (sent + received) / 2 * 1000)
+
+
+def _clock_check(offset_ms: int) -> Check:
+    """Not required: WARN beyond ``CLOCK_OFFSET_WARN_MS`` (signed calls may be refused)."""
+    if abs(offset_ms) > CLOCK_OFFSET_WARN_MS:
+        return Check("binance_clock", WARN, f"offset {offset_ms} ms", "sync the node clock (NTP); signed calls may be refused", False)
+    return Check("binance_clock", OK, f"offset {offset_ms} ms", required=False)
+
+
+def _keys_check(base: str, network: str, offset_ms: int, secrets: list[str]) -> Check:
+    """One signed ``GET /api/v3/account`` (HMAC-SHA256, timestamp corrected by ``offset_ms``):
+    OK when the keys are accepted and ``canTrade``; FAIL otherwise, with the exchange's code."""
+    from django.conf import settings
+
+    key, secret = settings.BINANCE_API_KEY or "", settings.BINANCE_API_SECRET or ""
+    query = urlencode({"timestamp": int(time.time() * 1000 + offset_ms), "recvWindow": 5000, "omitZeroBalances": "true"})
+    signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
+    try:
+        status, body = _http_json(f"{base}/api/v3/account?{query}&signature={signature}", {"X-MBX-APIKEY": key})
+    except Exception as exc:  # noqa: BLE001
+        return Check("binance_keys", FAIL, f"{type(exc).__name__}: {_one_line(exc, secrets)}", "retry; the exchange did not answer")
+    if status != 200:
+        code, msg = body.get("code"), body.get("msg", "")
+        return Check(
+            "binance_keys",
+            FAIL,
+            f"HTTP {status} code {code}: {_one_line(msg, secrets)}",
+            f"the keys are not valid for {network} ({base}): check BINANCE_API_KEY/SECRET, BINANCE_TESTNET "
+            "and the key's IP whitelist",
+        )
+    can_trade = bool(body.get("canTrade"))
+    return Check(
+        "binance_keys",
+        OK if can_trade else FAIL,
+        f"{network} keys accepted; canTrade={str(can_trade).lower()}",
+        "" if can_trade else "enable Spot trading for this API key",
+    )
+
+
 def check_binance(secrets: list[str]) -> list[Check]:
-    """Reachability and clock offset (``/api/v3/time``), then whether the keys can trade."""
+    """Reachability and clock offset (``/api/v3/time``), then whether the keys can trade.
+    An unreachable exchange is one FAIL and no further request."""
     from django.conf import settings
 
     venue = str(settings.EXCHANGE_VENUE)
     if not venue.startswith("binance"):
         return [Check("binance", SKIP, f"venue {venue}", required=False)]
-    base = (settings.BINANCE_API_URL or (BINANCE_TESTNET if settings.BINANCE_TESTNET else BINANCE_MAINNET)).rstrip("/")
-    base = base.removesuffix("/api")  # python-binance's REST base (…/api) is accepted too, as the adapter does
-    network = "testnet" if settings.BINANCE_TESTNET else "mainnet"
-    checks: list[Check] = []
+    base, network = _binance_base()
     try:
-        sent = time.time()
-        status, body = _http_json(f"{base}/api/v3/time")
-        received = time.time()
-        if status != 200 or "serverTime" not in body:
-            raise RuntimeError(f"HTTP {status}")
-        offset_ms = int(body["serverTime"] - (sent + received) / 2 * 1000)
+        offset_ms = _clock_offset_ms(base)
     except Exception as exc:  # noqa: BLE001
         return [
             Check(
@@ -450,44 +506,11 @@ def check_binance(secrets: list[str]) -> list[Check]:
                 "allow HTTPS egress (NetworkPolicy allow-internet) or fix BINANCE_API_URL",
             )
         ]
-    checks.append(Check("binance", OK, f"{base} ({network}) reachable"))
-    if abs(offset_ms) > CLOCK_OFFSET_WARN_MS:
-        checks.append(
-            Check("binance_clock", WARN, f"offset {offset_ms} ms", "sync the node clock (NTP); signed calls may be refused", False)
-        )
-    else:
-        checks.append(Check("binance_clock", OK, f"offset {offset_ms} ms", required=False))
-
-    key, secret = settings.BINANCE_API_KEY or "", settings.BINANCE_API_SECRET or ""
-    query = urlencode({"timestamp": int(time.time() * 1000 + offset_ms), "recvWindow": 5000, "omitZeroBalances": "true"})
-    signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
-    try:
-        status, body = _http_json(f"{base}/api/v3/account?{query}&signature={signature}", {"X-MBX-APIKEY": key})
-    except Exception as exc:  # noqa: BLE001
-        checks.append(Check("binance_keys", FAIL, f"{type(exc).__name__}: {_one_line(exc, secrets)}", "retry; the exchange did not answer"))
-        return checks
-    if status == 200:
-        can_trade = bool(body.get("canTrade"))
-        checks.append(
-            Check(
-                "binance_keys",
-                OK if can_trade else FAIL,
-                f"{network} keys accepted; canTrade={str(can_trade).lower()}",
-                "" if can_trade else "enable Spot trading for this API key",
-            )
-        )
-    else:
-        code, msg = body.get("code"), body.get("msg", "")
-        checks.append(
-            Check(
-                "binance_keys",
-                FAIL,
-                f"HTTP {status} code {code}: {_one_line(msg, secrets)}",
-                f"the keys are not valid for {network} ({base}): check BINANCE_API_KEY/SECRET, BINANCE_TESTNET "
-                "and the key's IP whitelist",
-            )
-        )
-    return checks
+    return [
+        Check("binance", OK, f"{base} ({network}) reachable"),
+        _clock_check(offset_ms),
+        _keys_check(base, network, offset_ms, secrets),
+    ]
 
 
 def check_database_role(secrets: list[str]) -> Check:
@@ -581,53 +604,68 @@ def wait_for_dependencies(secrets: list[str], wait_seconds: float, sleep=time.sl
         delay = min(delay * 2, 15.0)
 
 
+def _full_schema_checks(secrets: list[str]) -> list[Check]:
+    """Migrations, INVALID indexes, protection, and the account secrets once migrations are applied."""
+    migrations = check_migrations(secrets)
+    checks = [migrations, check_invalid_indexes(secrets), check_protection(secrets)]
+    checks.append(check_account_secrets(secrets) if migrations.status == OK
+                  else Check("account_secrets", SKIP, "migrations not applied", required=False))
+    return checks
+
+
+def _quick_schema_checks(secrets: list[str], index_check: bool) -> list[Check]:
+    """``--quick``: pending migrations only warn (a process may start on them: the web answers
+    readiness 503, commands refuse with one line); an INVALID index is refused unless
+    ``index_check=False``."""
+    pending = check_migrations(secrets)
+    pending.required = False
+    return [pending, check_invalid_indexes(secrets)] if index_check else [pending]
+
+
+def _database_checks(secrets: list[str], database: Check, quick: bool, index_check: bool) -> list[Check]:
+    """What needs a reachable database: its role, then the schema checks (full or ``--quick``)."""
+    if database.status != OK:
+        return [] if quick else [Check("migrations", SKIP, "database unreachable", required=False)]
+    role = check_database_role(secrets)
+    return [role, *(_quick_schema_checks(secrets, index_check) if quick else _full_schema_checks(secrets))]
+
+
+def _dependency_part(secrets: list[str], quick: bool, wait_seconds: float, index_check: bool) -> list[Check]:
+    """PostgreSQL (waited for up to ``wait_seconds``) and what needs it, then Redis, RabbitMQ and the cache."""
+    deps, _ = wait_for_dependencies(secrets, wait_seconds) if wait_seconds > 0 else (dependency_checks(secrets), 0)
+    database, redis, rabbit = deps
+    checks = [database, *_database_checks(secrets, database, quick, index_check), redis, rabbit]
+    redis_ok = None if redis.status == SKIP else redis.status == OK
+    checks.append(check_cache(secrets, redis_ok))
+    return checks
+
+
+def _process_part(secrets: list[str], quick: bool) -> list[Check]:
+    """What the process itself needs: imports, a temp dir, the working dir, static files, and
+    Binance (not with ``--quick``)."""
+    from django.conf import settings
+
+    file_cache = "filebased" in settings.CACHES["default"]["BACKEND"].lower()
+    checks = [check_imports(), check_tmp_writable(file_cache), check_working_dir(), check_static()]
+    if quick:
+        checks.append(Check("binance", SKIP, "--quick", required=False))
+    else:
+        checks.extend(check_binance(secrets))
+    return checks
+
+
 def run_checks(quick: bool, wait_seconds: float = 0.0, dependencies: bool = True, others: bool = True,
                index_check: bool = True) -> list[Check]:
     """Every check, in order. ``dependencies=False`` leaves out PostgreSQL, Redis, RabbitMQ and the
     cache (the web start: those are waited for in the background, readiness reports them);
     ``others=False`` runs only those. ``--quick`` still refuses an INVALID index unless
     ``index_check=False`` (the migrate Job: migrate is what repairs it)."""
-    from django.conf import settings
-
     secrets = _secrets()
     checks: list[Check] = []
     if dependencies:
-        deps, _ = wait_for_dependencies(secrets, wait_seconds) if wait_seconds > 0 else (dependency_checks(secrets), 0)
-        database, redis, rabbit = deps
-        checks.append(database)
-        if database.status == OK:
-            checks.append(check_database_role(secrets))
-        if not quick and database.status == OK:
-            checks.append(check_migrations(secrets))
-            checks.append(check_invalid_indexes(secrets))
-            checks.append(check_protection(secrets))
-            migrated = any(c.name == "migrations" and c.status == OK for c in checks)
-            checks.append(check_account_secrets(secrets) if migrated
-                          else Check("account_secrets", SKIP, "migrations not applied", required=False))
-        elif not quick:
-            checks.append(Check("migrations", SKIP, "database unreachable", required=False))
-        elif database.status == OK:
-            # a process may start on pending migrations (the web: readiness 503; commands refuse
-            # with one line), so --quick warns; it refuses to start on an INVALID index
-            pending = check_migrations(secrets)
-            pending.required = False
-            checks.append(pending)
-            if index_check:
-                checks.append(check_invalid_indexes(secrets))
-        checks += [redis, rabbit]
-        redis_ok = None if redis.status == SKIP else redis.status == OK
-        checks.append(check_cache(secrets, redis_ok))
-    if not others:
-        return checks
-    checks.append(check_imports())
-    file_cache = "filebased" in settings.CACHES["default"]["BACKEND"].lower()
-    checks.append(check_tmp_writable(file_cache))
-    checks.append(check_working_dir())
-    checks.append(check_static())
-    if quick:
-        checks.append(Check("binance", SKIP, "--quick", required=False))
-    else:
-        checks.extend(check_binance(secrets))
+        checks += _dependency_part(secrets, quick, wait_seconds, index_check)
+    if others:
+        checks += _process_part(secrets, quick)
     return checks
 
 
@@ -641,6 +679,53 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
+
+
+def _read_configuration() -> tuple[str, str, list[ConfigItem]]:
+    """``(ENVIRONMENT, EXCHANGE_VENUE, config_summary())``; a configuration the settings module let
+    through but that cannot be read is one line on stderr and exit 78 (EX_CONFIG)."""
+    try:
+        from django.conf import settings
+
+        return settings.ENVIRONMENT, settings.EXCHANGE_VENUE, config_summary()
+    except Exception as exc:  # noqa: BLE001 - a configuration the settings module let through
+        sys.stderr.write(f"stopmonitor: configuration error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
+        sys.stderr.flush()
+        sys.exit(EX_CONFIG)
+
+
+@dataclass(frozen=True)
+class Findings:
+    """One run's configuration and checks (in order); ``failed`` names the required checks that failed."""
+
+    environment: str
+    venue: str
+    quick: bool
+    config: list[ConfigItem]
+    checks: list[Check]
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if c.status == FAIL and c.required]
+
+    def document(self, duration_ms: float) -> dict:
+        """The ``--json`` document."""
+        return {
+            "ok": not self.failed,
+            "environment": self.environment,
+            "venue": self.venue,
+            "quick": self.quick,
+            "config": [asdict(item) for item in self.config],
+            "checks": [asdict(c) for c in self.checks],
+            "failed": self.failed,
+            "duration_ms": duration_ms,
+        }
+
+    def dependencies_line(self) -> str:
+        """``--dependencies-only``: one line, the checks that passed, or the required ones that failed."""
+        if not self.failed:
+            return "doctor: dependencies ok: " + "; ".join(f"{c.name} {c.detail}" for c in self.checks if c.status == OK)
+        return "doctor: FAILED: " + "; ".join(f"{c.name} {c.detail}" for c in self.checks if c.name in self.failed)
 
 
 class Command(BaseCommand):
@@ -663,62 +748,37 @@ class Command(BaseCommand):
                             help="after `--`: exec COMMAND when every required check passed (keeps the PID)")
 
     def handle(self, *args, **options):
-        quick, as_json = options["quick"], options["json"]
         if options["skip_dependencies"] and options["dependencies_only"]:
             sys.stderr.write("doctor: --skip-dependencies and --dependencies-only exclude each other\n")
             sys.exit(2)
-        try:
-            from django.conf import settings
-
-            environment = settings.ENVIRONMENT
-            venue = settings.EXCHANGE_VENUE
-            config = config_summary()
-        except Exception as exc:  # noqa: BLE001 - a configuration the settings module let through
-            sys.stderr.write(f"stopmonitor: configuration error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
-            sys.stderr.flush()
-            sys.exit(EX_CONFIG)
-
+        environment, venue, config = _read_configuration()
         started = time.monotonic()
-        checks = run_checks(quick, options["wait"], dependencies=not options["skip_dependencies"],
+        checks = run_checks(options["quick"], options["wait"], dependencies=not options["skip_dependencies"],
                             others=not options["dependencies_only"], index_check=not options["no_index_check"])
-        failed = [c.name for c in checks if c.status == FAIL and c.required]
-        ok = not failed
-        if options["dependencies_only"] and not as_json:
-            if ok:
-                self.stdout.write("doctor: dependencies ok: " + "; ".join(f"{c.name} {c.detail}" for c in checks if c.status == OK))
-            else:
-                self.stdout.write("doctor: FAILED: " + "; ".join(f"{c.name} {c.detail}" for c in checks if c.name in failed))
-        elif as_json:
-            document = {
-                "ok": ok,
-                "environment": environment,
-                "venue": venue,
-                "quick": quick,
-                "config": [asdict(item) for item in config],
-                "checks": [asdict(c) for c in checks],
-                "failed": failed,
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            }
-            self.stdout.write(json.dumps(document))
+        findings = Findings(environment, venue, options["quick"], config, checks)
+        if options["json"]:
+            self.stdout.write(json.dumps(findings.document(round((time.monotonic() - started) * 1000, 1))))
+        elif options["dependencies_only"]:
+            self.stdout.write(findings.dependencies_line())
         else:
-            self.stdout.write(f"stopmonitor doctor: environment={environment} venue={venue}{' (quick)' if quick else ''}")
-            self.stdout.write(
-                _table([[i.name, i.source, i.value] for i in config], ["SETTING", "FROM", "VALUE"])
-            )
-            self.stdout.write("")
-            self.stdout.write(
-                _table(
-                    [[c.name, c.status.upper() if c.required or c.status != FAIL else "WARN", c.detail] for c in checks],
-                    ["CHECK", "STATUS", "DETAIL"],
-                )
-            )
-            for c in checks:
-                if c.fix and c.status in (FAIL, WARN):
-                    self.stdout.write(f"fix {c.name}: {c.fix}")
-            self.stdout.write(f"doctor: {'ok' if ok else 'FAILED: ' + ', '.join(failed)}")
+            self._write_table(findings)
         sys.stdout.flush()
-        if not ok:
+        if findings.failed:
             sys.exit(EX_FAILED)
         if options["then"]:
             sys.stderr.flush()
             os.execvp(options["then"][0], options["then"])
+
+    def _write_table(self, findings: Findings) -> None:
+        """The readable report: header, configuration table, checks table, one ``fix`` line per
+        failed or warned check that has one, and the verdict line."""
+        quick = " (quick)" if findings.quick else ""
+        self.stdout.write(f"stopmonitor doctor: environment={findings.environment} venue={findings.venue}{quick}")
+        self.stdout.write(_table([[i.name, i.source, i.value] for i in findings.config], ["SETTING", "FROM", "VALUE"]))
+        self.stdout.write("")
+        self.stdout.write(_table([[c.name, c.shown_status, c.detail] for c in findings.checks],
+                                 ["CHECK", "STATUS", "DETAIL"]))
+        for c in findings.checks:
+            if c.fix and c.status in (FAIL, WARN):
+                self.stdout.write(f"fix {c.name}: {c.fix}")
+        self.stdout.write(f"doctor: {'ok' if not findings.failed else 'FAILED: ' + ', '.join(findings.failed)}")

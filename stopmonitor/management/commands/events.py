@@ -35,6 +35,41 @@ def event_record(e) -> dict:
     }
 
 
+TABLE_HEADER = (f"{'SEQ':>8} {'OP':>7} {'V':>3} {'TIME (UTC)':<19} {'TYPE':<19} {'SOURCE':<8} "
+                f"{'VENUE':<15} {'TOKEN':<22} PAYLOAD")
+
+
+def table_line(e) -> str:
+    """One ``StopMonitorEvent`` as a row under :data:`TABLE_HEADER` (payload keys sorted)."""
+    payload = json.dumps(e.payload, separators=(",", ":"), sort_keys=True)
+    return (f"{e.sequence:>8} {e.operation_id:>7} {e.version:>3} {e.created_at:%Y-%m-%d %H:%M:%S} "
+            f"{e.event_type:<19} {e.source:<8} {e.venue:<15} {e.execution_token or '-':<22} {payload}")
+
+
+def _validate(opts: dict) -> None:
+    """The options' combinations; raises :class:`CommandError` (exit 2)."""
+    if opts["operation"] is not None and opts["after"]:
+        raise CommandError("--after reads the global feed: give --operation or --after, not both", returncode=2)
+    if opts["limit"] is not None and opts["limit"] <= 0:
+        raise CommandError("--limit must be a positive integer", returncode=2)
+
+
+def _selected_events(opts: dict):
+    """The events to print: one operation's stream in version order (CommandError, exit 2, when the
+    operation does not exist), or the global feed after ``--after`` in sequence order (100 by default)."""
+    from api.models import Operation, StopMonitorEvent
+
+    limit = opts["limit"]
+    if opts["operation"] is not None:
+        if not Operation.objects.filter(pk=opts["operation"]).exists():
+            raise CommandError(f"operation {opts['operation']} does not exist", returncode=2)
+        qs = StopMonitorEvent.objects.filter(operation_id=opts["operation"]).order_by("version")
+    else:
+        qs = StopMonitorEvent.objects.filter(sequence__gt=opts["after"]).order_by("sequence")
+        limit = limit or 100
+    return qs[:limit] if limit is not None else qs
+
+
 class Command(BaseCommand):
     help = "Print one operation's event stream (--operation) or the global feed after a sequence (--after)."
 
@@ -49,38 +84,24 @@ class Command(BaseCommand):
         require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
         from django.db import DatabaseError
 
-        from api.models import Operation, StopMonitorEvent
-
-        limit = opts["limit"]
-        if opts["operation"] is not None and opts["after"]:
-            raise CommandError("--after reads the global feed: give --operation or --after, not both", returncode=2)
-        if limit is not None and limit <= 0:
-            raise CommandError("--limit must be a positive integer", returncode=2)
+        _validate(opts)
         try:
-            if opts["operation"] is not None:
-                if not Operation.objects.filter(pk=opts["operation"]).exists():
-                    raise CommandError(f"operation {opts['operation']} does not exist", returncode=2)
-                qs = StopMonitorEvent.objects.filter(operation_id=opts["operation"]).order_by("version")
-            else:
-                qs = StopMonitorEvent.objects.filter(sequence__gt=opts["after"]).order_by("sequence")
-                limit = limit or 100
-            if limit is not None:
-                qs = qs[:limit]
-            count = 0
-            if not opts["json"]:
-                self.stdout.write(f"{'SEQ':>8} {'OP':>7} {'V':>3} {'TIME (UTC)':<19} {'TYPE':<19} {'SOURCE':<8} "
-                                  f"{'VENUE':<15} {'TOKEN':<22} PAYLOAD")
-            for e in qs.iterator(chunk_size=CHUNK):
-                count += 1
-                if opts["json"]:
-                    self.stdout.write(json.dumps(event_record(e), separators=(",", ":"), sort_keys=False))
-                else:
-                    payload = json.dumps(e.payload, separators=(",", ":"), sort_keys=True)
-                    self.stdout.write(
-                        f"{e.sequence:>8} {e.operation_id:>7} {e.version:>3} {e.created_at:%Y-%m-%d %H:%M:%S} "
-                        f"{e.event_type:<19} {e.source:<8} {e.venue:<15} {e.execution_token or '-':<22} {payload}")
+            count = self._write_events(_selected_events(opts), opts["json"])
         except DatabaseError as exc:
             raise CommandError(f"database error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                                returncode=2) from None
         if not opts["json"] and count == 0:
             self.stdout.write("(no events)")
+
+    def _write_events(self, qs, as_json: bool) -> int:
+        """Streams ``qs`` (chunks of :data:`CHUNK`) as JSON lines or table rows; returns how many."""
+        count = 0
+        if not as_json:
+            self.stdout.write(TABLE_HEADER)
+        for e in qs.iterator(chunk_size=CHUNK):
+            count += 1
+            if as_json:
+                self.stdout.write(json.dumps(event_record(e), separators=(",", ":"), sort_keys=False))
+            else:
+                self.stdout.write(table_line(e))
+        return count

@@ -14,8 +14,84 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.core.management.base import BaseCommand, CommandError
+
+if TYPE_CHECKING:
+    from stopmonitor.engine.protection import ProtectionReport
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch's outcome: its number, candidate and eligible (protection on) operation counts,
+    what the protection step did and the last id it covered."""
+
+    number: int
+    operations: int
+    eligible: int
+    report: ProtectionReport
+    last_id: int
+
+    @property
+    def would_arm(self) -> int:
+        return sum(1 for line in self.report.lines if line["action"] == "would_arm")
+
+    def line(self, as_json: bool) -> str:
+        r = self.report
+        if as_json:
+            return json.dumps({"type": "batch", "batch": self.number, "operations": self.operations,
+                               "eligible": self.eligible, "armed": r.armed, "would_arm": self.would_arm,
+                               "unprotected": r.unprotected, "requests": r.requests, "last_id": self.last_id})
+        return (f"batch {self.number}: {self.operations} operations ({self.eligible} with protection on): "
+                f"{r.armed} armed, {self.would_arm} would arm, {r.unprotected} unprotected "
+                f"(reason in their events); {r.requests} requests; resume with --after {self.last_id}")
+
+
+def _unprotected_ids(after: int, size: int) -> list[int]:
+    """The next ``size`` ids after ``after`` of ACTIVE operations with a stop resting no protection
+    (none ever, or CANCELLED/UNPROTECTED), in id order."""
+    from django.db.models import Q
+
+    from api.models import Operation
+
+    return list(Operation.objects.filter(status="ACTIVE", stop_price__isnull=False, pk__gt=after)
+                .filter(Q(protection__isnull=True) | Q(protection__status__in=("CANCELLED", "UNPROTECTED")))
+                .order_by("pk").values_list("pk", flat=True)[:size])
+
+
+def _arm(exchange, clients, ids: list[int], dry_run: bool, resume_after: int):
+    """The protection step for the eligible ones of ``ids``, one call per exchange account:
+    ``(eligible count, ProtectionReport)``. An exchange that cannot be read is CommandError, exit 1,
+    naming ``--after resume_after``."""
+    from stopmonitor.engine.accounts import AccountUnavailable
+    from stopmonitor.engine.protection import ProtectionReport, protected_operations, protection_pass
+    from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, RateLimited
+
+    eligible = protected_operations(exchange.venue, ids)
+    by_account: dict = {}
+    for op in eligible:
+        by_account.setdefault(op.account_id, []).append(op.pk)
+    report = ProtectionReport()
+    try:
+        for account_id, op_ids in by_account.items():
+            report.add(protection_pass(clients.for_account(account_id), now=exchange.clock(), source="manual",
+                                       operation_ids=op_ids, dry_run=dry_run))
+    except (RateLimited, ExchangeUnavailable, ClockSkew, AccountUnavailable) as exc:
+        raise CommandError(f"exchange unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+                           f"resume with --after {resume_after}", returncode=1) from None
+    return len(eligible), report
+
+
+def _summary_line(total: ProtectionReport, batches: int, last_id: int, dry_run: bool, duration_s: float,
+                  as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"type": "summary", "batches": batches, "armed": total.armed, "unprotected": total.unprotected,
+                           "requests": total.requests, "weight": total.weight, "dry_run": dry_run, "last_id": last_id,
+                           "duration_s": duration_s})
+    return (f"{total.armed} armed, {total.unprotected} unprotected in {batches} batches "
+            f"({total.requests} requests, weight {total.weight}){' (dry run)' if dry_run else ''}")
 
 
 class Command(BaseCommand):
@@ -28,10 +104,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
     def handle(self, *args, **opts):
-        from django.db.models import Q
-
-        from stopmonitor.engine.protection import ProtectionReport, protected_operations, protection_pass
-        from stopmonitor.exchange.base import ClockSkew, ExchangeUnavailable, RateLimited
+        from stopmonitor.engine.protection import ProtectionReport
         from stopmonitor.exchange.factory import build_exchange
 
         if opts["batch"] < 1 or opts["after"] < 0:
@@ -39,50 +112,20 @@ class Command(BaseCommand):
         from stopmonitor.preflight import require_migrated
 
         require_migrated(returncode=2)  # one line, never a traceback (stopmonitor/preflight.py)
-        from stopmonitor.engine.accounts import AccountClients, AccountUnavailable
+        from stopmonitor.engine.accounts import AccountClients
 
         exchange = build_exchange()
         clients = AccountClients(exchange)  # each stop rests on its operation's own account (issue #20)
         started = time.monotonic()
         total = ProtectionReport()
         after, batches = opts["after"], 0
-        while True:
-            from api.models import Operation
-
-            ids = list(Operation.objects.filter(status="ACTIVE", stop_price__isnull=False, pk__gt=after)
-                       .filter(Q(protection__isnull=True) | Q(protection__status__in=("CANCELLED", "UNPROTECTED")))
-                       .order_by("pk").values_list("pk", flat=True)[: opts["batch"]])
-            if not ids:
-                break
-            eligible = protected_operations(exchange.venue, ids)
-            wanted = [op.pk for op in eligible]
-            by_account: dict = {}
-            for op in eligible:
-                by_account.setdefault(op.account_id, []).append(op.pk)
-            report = ProtectionReport()
-            try:
-                for account_id, op_ids in by_account.items():
-                    part = protection_pass(clients.for_account(account_id), now=exchange.clock(), source="manual",
-                                           operation_ids=op_ids, dry_run=opts["dry_run"])
-                    report.add(part)
-            except (RateLimited, ExchangeUnavailable, ClockSkew, AccountUnavailable) as exc:
-                raise CommandError(f"exchange unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
-                                   f"resume with --after {after}", returncode=1) from None
+        while ids := _unprotected_ids(after, opts["batch"]):
+            eligible, report = _arm(exchange, clients, ids, opts["dry_run"], resume_after=after)
             batches += 1
             after = ids[-1]
             total.add(report, lines=False)
-            planned = sum(1 for line in report.lines if line["action"] == "would_arm")
-            line = {"type": "batch", "batch": batches, "operations": len(ids), "eligible": len(wanted),
-                    "armed": report.armed, "would_arm": planned, "unprotected": report.unprotected,
-                    "requests": report.requests, "last_id": after}
-            self.stdout.write(json.dumps(line) if opts["json"] else
-                              f"batch {batches}: {len(ids)} operations ({len(wanted)} with protection on): "
-                              f"{report.armed} armed, {planned} would arm, {report.unprotected} unprotected "
-                              f"(reason in their events); {report.requests} requests; resume with --after {after}")
+            self.stdout.write(Batch(batches, len(ids), eligible, report, after).line(opts["json"]))
         clients.close()
-        summary = {"type": "summary", "batches": batches, "armed": total.armed, "unprotected": total.unprotected,
-                   "requests": total.requests, "weight": total.weight, "dry_run": opts["dry_run"], "last_id": after,
-                   "duration_s": round(time.monotonic() - started, 3)}
-        self.stdout.write(json.dumps(summary) if opts["json"] else
-                          f"{total.armed} armed, {total.unprotected} unprotected in {batches} batches "
-                          f"({total.requests} requests, weight {total.weight}){' (dry run)' if opts['dry_run'] else ''}")
+        self.stdout.write(_summary_line(total, batches, after, opts["dry_run"],
+                                        round(time.monotonic() - started, 3), opts["json"]))
+

@@ -12,7 +12,9 @@ printed: execution token, field, stored value, rebuilt value); 2 on error (one l
 from __future__ import annotations
 
 import json
+import sys
 import time
+from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -27,6 +29,41 @@ def _jsonable(value):
     return str(value)
 
 
+def _scope(operation_id: int | None) -> str:
+    return f"operation {operation_id}" if operation_id is not None else "all operations"
+
+
+@contextmanager
+def _one_line_errors():
+    """A database error, or the fold refusing an event sequence (``ValueError``, e.g. an event
+    before STOP_TRIGGERED), as one line: :class:`CommandError`, exit 2."""
+    from django.db import DatabaseError
+
+    try:
+        yield
+    except DatabaseError as exc:
+        raise CommandError(f"database error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                           returncode=2) from None
+    except ValueError as exc:
+        raise CommandError(f"cannot fold the events: {exc}", returncode=2) from None
+
+
+def _require_operation(operation_id: int | None) -> None:
+    from api.models import Operation
+
+    if operation_id is not None and not Operation.objects.filter(pk=operation_id).exists():
+        raise CommandError(f"operation {operation_id} does not exist", returncode=2)
+
+
+def _difference_line(d, as_json: bool) -> str:
+    """One stored-vs-rebuilt difference (execution token, field, both values)."""
+    if as_json:
+        return json.dumps({"type": "difference", "execution_token": d.execution_token, "field": d.field,
+                           "stored": _jsonable(d.stored), "rebuilt": _jsonable(d.rebuilt)})
+    return (f"DIFF {d.execution_token} {d.field}: stored={json.dumps(_jsonable(d.stored))} "
+            f"rebuilt={json.dumps(_jsonable(d.rebuilt))}")
+
+
 class Command(BaseCommand):
     help = "Rebuild the execution projection from the event store (or --verify it without writing)."
 
@@ -38,56 +75,48 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         require_migrated(returncode=2)  # one line, exit 2 (1 is a finding here), never a traceback
-        import sys
+        if opts["verify"]:
+            self._verify(opts["operation"], opts["json"])
+        else:
+            self._rebuild(opts["operation"], opts["json"])
 
-        from django.db import DatabaseError
+    def _rebuild(self, operation_id: int | None, as_json: bool) -> None:
+        """Replace the execution and protection rows with the fold of the events; one summary line."""
+        from stopmonitor.projections import rebuild, rebuild_protection
 
-        from api.models import Operation
-        from stopmonitor.projections import rebuild, rebuild_protection, verify, verify_protection
-
-        operation_id = opts["operation"]
-        as_json = opts["json"]
         started = time.monotonic()
-        try:
-            if operation_id is not None and not Operation.objects.filter(pk=operation_id).exists():
-                raise CommandError(f"operation {operation_id} does not exist", returncode=2)
-            if opts["verify"]:
-                diffs = verify(operation_id) + verify_protection(operation_id)
-            else:
-                rows = rebuild(operation_id)
-                protections = rebuild_protection(operation_id)
-        except DatabaseError as exc:
-            raise CommandError(f"database error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
-                               returncode=2) from None
-        except ValueError as exc:  # the fold refused an event sequence (e.g. an event before STOP_TRIGGERED)
-            raise CommandError(f"cannot fold the events: {exc}", returncode=2) from None
+        with _one_line_errors():
+            _require_operation(operation_id)
+            rows = rebuild(operation_id)
+            protections = rebuild_protection(operation_id)
         duration = round(time.monotonic() - started, 3)
-        scope = f"operation {operation_id}" if operation_id is not None else "all operations"
-        if not opts["verify"]:
-            if as_json:
-                self.stdout.write(json.dumps({"type": "summary", "action": "rebuild", "operation": operation_id,
-                                              "executions": rows, "protections": protections,
-                                              "duration_s": duration}))
-            else:
-                self.stdout.write(f"rebuilt {rows} execution rows and {protections} protection rows from the events "
-                                  f"({scope}) in {duration:.3f}s")
-            return
+        if as_json:
+            self.stdout.write(json.dumps({"type": "summary", "action": "rebuild", "operation": operation_id,
+                                          "executions": rows, "protections": protections, "duration_s": duration}))
+        else:
+            self.stdout.write(f"rebuilt {rows} execution rows and {protections} protection rows from the events "
+                              f"({_scope(operation_id)}) in {duration:.3f}s")
+
+    def _verify(self, operation_id: int | None, as_json: bool) -> None:
+        """Compare the stored rows with the fold, write nothing: one line per difference, then a
+        summary; exit 1 when any differs."""
+        from stopmonitor.projections import verify, verify_protection
+
+        started = time.monotonic()
+        with _one_line_errors():
+            _require_operation(operation_id)
+            diffs = verify(operation_id) + verify_protection(operation_id)
+        duration = round(time.monotonic() - started, 3)
         for d in diffs:
-            if as_json:
-                self.stdout.write(json.dumps({"type": "difference", "execution_token": d.execution_token,
-                                              "field": d.field, "stored": _jsonable(d.stored),
-                                              "rebuilt": _jsonable(d.rebuilt)}))
-            else:
-                self.stdout.write(f"DIFF {d.execution_token} {d.field}: stored={json.dumps(_jsonable(d.stored))} "
-                                  f"rebuilt={json.dumps(_jsonable(d.rebuilt))}")
+            self.stdout.write(_difference_line(d, as_json))
         if as_json:
             self.stdout.write(json.dumps({"type": "summary", "action": "verify", "operation": operation_id,
                                           "differences": len(diffs), "duration_s": duration}))
         elif diffs:
-            self.stdout.write(f"projection differs from the events: {len(diffs)} difference(s) ({scope}); "
+            self.stdout.write(f"projection differs from the events: {len(diffs)} difference(s) ({_scope(operation_id)}); "
                               f"run rebuild_projections to repair")
         else:
-            self.stdout.write(f"projection matches the events ({scope}) in {duration:.3f}s")
+            self.stdout.write(f"projection matches the events ({_scope(operation_id)}) in {duration:.3f}s")
         if diffs:
             sys.stdout.flush()
             sys.exit(1)

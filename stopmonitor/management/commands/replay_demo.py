@@ -39,6 +39,101 @@ DEMO_OPERATIONS = [
 DEMO_TRAILING = {7: {"distance": "60", "activation_price": "9150"}}
 
 
+def _event_requested(p: dict) -> str:
+    limit = " limit " + p["limit_price"] if p.get("limit_price") else ""
+    return f"{p['kind']} {p['side']} {p['quantity']} stop {p['stop_price']}{limit} client order id {p['client_order_id']}"
+
+
+def _event_stop_moved(p: dict) -> str:
+    return f"{p['from']} -> {p['to']}" + (f" at observed {p['observed']}" if "observed" in p else "")
+
+
+# the event log's details column, by event type (payload -> text); other types print nothing
+EVENT_DETAILS = {
+    "STOP_TRIGGERED": lambda p: f"{p['trigger']} level {p['level']} observed {p['observed_price']} qty {p['quantity']}",
+    "EXECUTED": lambda p: f"filled {p['executed_qty']} at {p['avg_price']} slippage {p['slippage_pct']}% "
+                          f"fee {p['commission']} {p['commission_asset']}",
+    "BLOCKED": lambda p: f"{p['reason']}: {p['detail']}",
+    "EXECUTION_SUBMITTED": lambda p: f"client order id {p['client_order_id']} {p['side']} {p['quantity']}",
+    "STOP_MOVED": _event_stop_moved,
+    "TRAILING_SET": lambda p: ", ".join(f"{k} {v}" for k, v in p.items() if v is not None),
+    "PROTECTION_REQUESTED": _event_requested,
+    "PROTECTION_PLACED": lambda p: f"resting on the exchange, order {p['order_id']}",
+    "PROTECTION_CANCELLED": lambda p: f"{p['client_order_id']} cancelled ({p['reason']})",
+    "PROTECTION_TRIGGERED": lambda p: f"{p['client_order_id']} fired on the exchange: {p['exchange_status']} "
+                                      f"{p['executed_qty']}",
+    "UNPROTECTED": lambda p: f"{p['reason']}: {p.get('detail', '')}",
+    "FAILED": lambda p: f"{p.get('reason')}: {p.get('message', '')}",
+}
+
+
+def _monitor_down(spec: str) -> range:
+    """``FROM-TO`` (observation numbers, both included) as a range; ``''`` is none."""
+    if not spec:
+        return range(0)
+    try:
+        first, last = spec.split("-")
+        return range(int(first), int(last) + 1)
+    except (TypeError, ValueError):
+        raise CommandError("--monitor-down must be FROM-TO (observation numbers) or ''") from None
+
+
+def _demo_tenant(exchange):
+    """A new tenant with protection on (buffer 10 bps) and the replay's symbols (created when
+    missing), in one transaction: ``(tenant, {symbol: Symbol})``. A database without the schema
+    is a one-line CommandError."""
+    from django.db import transaction
+    from django.db.utils import OperationalError, ProgrammingError
+
+    from api.models import Client, Symbol, TenantConfig
+
+    try:
+        with transaction.atomic():
+            tenant = Client.objects.create(name=f"replay-demo-{time.time_ns()}")
+            TenantConfig.objects.create(client=tenant, protection_enabled=True, protection_buffer_bps=10)
+            symbols = {}
+            for name, f in exchange.filters.items():
+                symbols[name], _ = Symbol.objects.get_or_create(
+                    symbol=name,
+                    defaults=dict(base_asset=f.base_asset, quote_asset=f.quote_asset, tick_size=f.tick_size,
+                                  step_size=f.step_size, min_qty=f.min_qty, min_notional=f.min_notional),
+                )
+    except (OperationalError, ProgrammingError) as exc:
+        raise CommandError(f"database not ready ({exc.__class__.__name__}); run `python manage.py migrate` first") from None
+    return tenant, symbols
+
+
+def _open_demo_operations(exchange, tenant, symbols) -> list:
+    """:data:`DEMO_OPERATIONS` opened at the first observation's bid, with :data:`DEMO_TRAILING`."""
+    from stopmonitor.operations import open_operation
+    from stopmonitor.trailing import TrailingSettings
+
+    ops = []
+    for i, (symbol, side, qty, stop, target) in enumerate(DEMO_OPERATIONS):
+        entry = exchange.quotes[symbol].bid
+        trail = TrailingSettings(**{k: D(v) for k, v in DEMO_TRAILING.get(i, {}).items()})
+        ops.append(open_operation(tenant, symbols[symbol], side, D(qty), entry, D(stop),
+                                  D(target) if target else None, source="manual", venue=exchange.venue,
+                                  now=exchange.clock(), trailing_settings=trail))
+    return ops
+
+
+class DecisionPrinter:
+    """Prints each decision of a pass with the recorded candle time of its symbol; nothing with
+    ``quiet``, and never the ``skipped`` / ``protection_move_deferred`` ones."""
+
+    def __init__(self, out, exchange, ops, quiet: bool):
+        self.out, self.exchange, self.quiet = out, exchange, quiet
+        self.symbol_of = {op.pk: op.symbol.symbol for op in ops}  # protection decisions name only the operation
+
+    def __call__(self, d) -> None:
+        if self.quiet or d.action in ("skipped", "protection_move_deferred"):
+            return
+        symbol = d.symbol or self.symbol_of.get(d.operation_id)
+        market = self.exchange.market_time(symbol).strftime("%Y-%m-%d %H:%M") if symbol else "--"
+        self.out.write(f"  [{market} UTC] {d.action:<12} op {d.operation_id} {symbol or ''} {d.reason or ''} {d.detail}")
+
+
 class Command(BaseCommand):
     help = "Replay recorded real BTCUSDT/ADAUSDT prices through the monitor (SQLite, no keys, no network)."
 
@@ -57,116 +152,82 @@ class Command(BaseCommand):
                 f"(this is {settings.ENVIRONMENT}, database {settings.DATABASES['default'].get('NAME')})"
             )
         require_migrated()  # one line "run migrate" and exit 1, never a traceback (stopmonitor/preflight.py)
-        from django.db import transaction
-        from django.db.utils import OperationalError, ProgrammingError
-
-        from api.models import Client, Operation, StopMonitorEvent, Symbol
         from stopmonitor.exchange.replay import ReplayExchange
-        from stopmonitor.operations import open_operation
-        from stopmonitor.trailing import TrailingSettings
-        from stopmonitor.engine.context import EngineSettings
-        from stopmonitor.engine.monitor import run_pass
 
         if opts["max_steps"] < 0:
             raise CommandError("--max-steps must be 0 or positive")
-        try:
-            down = range(*(lambda a, b: (int(a), int(b) + 1))(*opts["monitor_down"].split("-"))) \
-                if opts["monitor_down"] else range(0)
-        except (TypeError, ValueError):
-            raise CommandError("--monitor-down must be FROM-TO (observation numbers) or ''") from None
+        down = _monitor_down(opts["monitor_down"])
         exchange = ReplayExchange()
-        try:
-            with transaction.atomic():
-                tenant = Client.objects.create(name=f"replay-demo-{time.time_ns()}")
-                from api.models import TenantConfig
+        tenant, symbols = _demo_tenant(exchange)
+        ops = _open_demo_operations(exchange, tenant, symbols)
+        self.stdout.write(f"replay: {exchange.length} observations of {', '.join(exchange.paths)} played side by side "
+                          f"(BTCUSDT 2018-04-28, ADAUSDT 2020-04-24; times below are the recorded candles'); "
+                          f"tenant {tenant.name}; {len(ops)} operations; venue paper: simulated fills, no real orders")
+        emit = DecisionPrinter(self.stdout, exchange, ops, opts["quiet"])
+        started = time.monotonic()
+        steps = self._play(exchange, down, opts["max_steps"], emit)
+        elapsed = time.monotonic() - started
+        self._write_event_log(ops)
+        closed = self._write_operations(tenant)
+        self.stdout.write(f"\n{steps} passes in {elapsed:.1f}s; {closed} of {len(ops)} operations closed; venue paper "
+                          "(simulated fills on recorded Binance prices)")
 
-                TenantConfig.objects.create(client=tenant, protection_enabled=True, protection_buffer_bps=10)
-                symbols = {}
-                for name, f in exchange.filters.items():
-                    symbols[name], _ = Symbol.objects.get_or_create(
-                        symbol=name,
-                        defaults=dict(base_asset=f.base_asset, quote_asset=f.quote_asset, tick_size=f.tick_size,
-                                      step_size=f.step_size, min_qty=f.min_qty, min_notional=f.min_notional),
-                    )
-        except (OperationalError, ProgrammingError) as exc:
-            raise CommandError(f"database not ready ({exc.__class__.__name__}); run `python manage.py migrate` first") from None
-
-        ops = []
-        for i, (symbol, side, qty, stop, target) in enumerate(DEMO_OPERATIONS):
-            entry = exchange.quotes[symbol].bid
-            trail = TrailingSettings(**{k: D(v) for k, v in DEMO_TRAILING.get(i, {}).items()})
-            ops.append(open_operation(tenant, symbols[symbol], side, D(qty), entry, D(stop),
-                                      D(target) if target else None, source="manual", venue=exchange.venue,
-                                      now=exchange.clock(), trailing_settings=trail))
-        out = self.stdout
-        out.write(f"replay: {exchange.length} observations of {', '.join(exchange.paths)} played side by side "
-                  f"(BTCUSDT 2018-04-28, ADAUSDT 2020-04-24; times below are the recorded candles'); "
-                  f"tenant {tenant.name}; {len(ops)} operations; venue paper: simulated fills, no real orders")
-        engine = EngineSettings.from_settings()
-
-        symbol_of = {op.pk: op.symbol.symbol for op in ops}  # protection decisions name only the operation
-
-        def emit(d):
-            if opts["quiet"] or d.action in ("skipped", "protection_move_deferred"):
-                return
-            symbol = d.symbol or symbol_of.get(d.operation_id)
-            market = exchange.market_time(symbol).strftime("%Y-%m-%d %H:%M") if symbol else "--"
-            out.write(f"  [{market} UTC] {d.action:<12} op {d.operation_id} {symbol or ''} {d.reason or ''} {d.detail}")
-
+    def _play(self, exchange, down: range, max_steps: int, emit) -> int:
+        """One ``run_pass`` per observation except those in ``down`` (announced where it starts and
+        ends), until the recording ends or after ``max_steps`` (0: no limit); returns the
+        observations played."""
         import logging
 
-        logging.getLogger("stopmonitor.engine").setLevel(logging.WARNING)  # the decisions are printed below
-        started = time.monotonic()
-        steps = 0
-        # the demo plays hours of candles in seconds: the protection's churn limit, counted in real
-        # seconds (PROTECTION_MOVE_INTERVAL_SECONDS), would hold every move after the first
+        from django.conf import settings
         from django.test.utils import override_settings
 
+        from stopmonitor.engine.context import EngineSettings
+        from stopmonitor.engine.monitor import run_pass
+
+        engine = EngineSettings.from_settings()
+        logging.getLogger("stopmonitor.engine").setLevel(logging.WARNING)  # the decisions are printed
+        # the demo plays hours of candles in seconds: the protection's churn limit, counted in real
+        # seconds (PROTECTION_MOVE_INTERVAL_SECONDS), would hold every move after the first
         demo_settings = override_settings(STOPMONITOR={**settings.STOPMONITOR, "PROTECTION_MOVE_INTERVAL_SECONDS": 0})
         demo_settings.enable()
+        steps = 0
         while True:
             if steps in down:
-                if steps == down.start:
-                    out.write(f"  [{exchange.market_time('BTCUSDT'):%Y-%m-%d %H:%M} UTC] monitor DOWN for "
-                              f"{len(down)} observations: no pass runs; only the exchange-held stops protect")
-                elif steps == down.stop - 1:
-                    out.write(f"  [{exchange.market_time('BTCUSDT'):%Y-%m-%d %H:%M} UTC] monitor UP again")
+                self._announce_down(exchange, down, steps)
             else:
                 run_pass(exchange, source="loop", emit=emit, engine=engine, use_lock=False, log_decisions=False)
             steps += 1
-            if (opts["max_steps"] and steps >= opts["max_steps"]) or not exchange.advance():
+            if (max_steps and steps >= max_steps) or not exchange.advance():
                 break
         demo_settings.disable()
-        elapsed = time.monotonic() - started
+        return steps
 
-        out.write("\nEvent log (version, type, source, venue, details):")
+    def _announce_down(self, exchange, down: range, step: int) -> None:
+        """The monitor goes down at ``down.start`` and is up again at its last observation."""
+        if step == down.start:
+            self.stdout.write(f"  [{exchange.market_time('BTCUSDT'):%Y-%m-%d %H:%M} UTC] monitor DOWN for "
+                              f"{len(down)} observations: no pass runs; only the exchange-held stops protect")
+        elif step == down.stop - 1:
+            self.stdout.write(f"  [{exchange.market_time('BTCUSDT'):%Y-%m-%d %H:%M} UTC] monitor UP again")
+
+    def _write_event_log(self, ops) -> None:
+        """Each operation's events in version order, one line each (:data:`EVENT_DETAILS`)."""
+        from api.models import StopMonitorEvent
+
+        self.stdout.write("\nEvent log (version, type, source, venue, details):")
         for op in ops:
-            out.write(f"operation {op.pk}: {op.side} {ds(op.quantity)} {op.symbol.symbol} "
-                      f"stop {ds(op.stop_price)} target {ds(op.target_price) or '-'}")
+            self.stdout.write(f"operation {op.pk}: {op.side} {ds(op.quantity)} {op.symbol.symbol} "
+                              f"stop {ds(op.stop_price)} target {ds(op.target_price) or '-'}")
             for e in StopMonitorEvent.objects.filter(operation=op).order_by("version"):
-                p = e.payload
-                detail = {
-                    "STOP_TRIGGERED": lambda: f"{p['trigger']} level {p['level']} observed {p['observed_price']} qty {p['quantity']}",
-                    "EXECUTED": lambda: f"filled {p['executed_qty']} at {p['avg_price']} slippage {p['slippage_pct']}% fee {p['commission']} {p['commission_asset']}",
-                    "BLOCKED": lambda: f"{p['reason']}: {p['detail']}",
-                    "EXECUTION_SUBMITTED": lambda: f"client order id {p['client_order_id']} {p['side']} {p['quantity']}",
-                    "STOP_MOVED": lambda: f"{p['from']} -> {p['to']}" + (f" at observed {p['observed']}" if "observed" in p else ""),
-                    "TRAILING_SET": lambda: ", ".join(f"{k} {v}" for k, v in p.items() if v is not None),
-                    "PROTECTION_REQUESTED": lambda: f"{p['kind']} {p['side']} {p['quantity']} stop {p['stop_price']}"
-                                                    f"{' limit ' + p['limit_price'] if p.get('limit_price') else ''} "
-                                                    f"client order id {p['client_order_id']}",
-                    "PROTECTION_PLACED": lambda: f"resting on the exchange, order {p['order_id']}",
-                    "PROTECTION_CANCELLED": lambda: f"{p['client_order_id']} cancelled ({p['reason']})",
-                    "PROTECTION_TRIGGERED": lambda: f"{p['client_order_id']} fired on the exchange: {p['exchange_status']} "
-                                                    f"{p['executed_qty']}",
-                    "UNPROTECTED": lambda: f"{p['reason']}: {p.get('detail', '')}",
-                    "FAILED": lambda: f"{p.get('reason')}: {p.get('message', '')}",
-                }.get(e.event_type, lambda: "")()
-                out.write(f"  v{e.version} {e.event_type:<20} {e.source:<7} {e.venue:<6} {detail}")
-        out.write("\nOperations:")
+                detail = EVENT_DETAILS.get(e.event_type, lambda p: "")(e.payload)
+                self.stdout.write(f"  v{e.version} {e.event_type:<20} {e.source:<7} {e.venue:<6} {detail}")
+
+    def _write_operations(self, tenant) -> int:
+        """The tenant's operations, in id order; returns how many are CLOSED."""
+        from api.models import Operation
+
+        self.stdout.write("\nOperations:")
         for op in Operation.objects.filter(client=tenant).order_by("pk"):
-            out.write(f"  op {op.pk} {op.symbol.symbol} {op.side:<4} {op.status:<7} closed {ds(op.closed_quantity)} "
-                      f"of {ds(op.quantity)}")
-        closed = Operation.objects.filter(client=tenant, status="CLOSED").count()
-        out.write(f"\n{steps} passes in {elapsed:.1f}s; {closed} of {len(ops)} operations closed; venue paper "
-                  "(simulated fills on recorded Binance prices)")
+            self.stdout.write(f"  op {op.pk} {op.symbol.symbol} {op.side:<4} {op.status:<7} closed "
+                              f"{ds(op.closed_quantity)} of {ds(op.quantity)}")
+        return Operation.objects.filter(client=tenant, status="CLOSED").count()

@@ -62,26 +62,39 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         from stopmonitor import drill
 
-        if not opts["source_url"] or not opts["source_url"].startswith("s3://"):
-            raise CommandError("--source-url s3://bucket/prefix is required (or BACKUP_DESTINATION)", returncode=2)
-        config = drill.Config(
-            source_url=opts["source_url"], server_name=opts["server_name"], work_dir=Path(opts["work_dir"]),
-            database=opts["database"], endpoint_url=opts["endpoint_url"], target_time=opts["target_time"],
-            pg_bin=Path(opts["pg_bin"]), barman_bin=Path(opts["barman_bin"]) if opts["barman_bin"] else None,
-            db_user=opts["db_user"], compare_url=opts["compare_with"], commit_slack_s=opts["commit_slack"],
-            keep=opts["keep"], timeout_s=opts["timeout"])
-        if not (config.pg_bin / "pg_ctl").exists():
-            raise CommandError(f"no pg_ctl in {config.pg_bin} (--pg-bin)", returncode=2)
+        config = _drill_config(opts)
         report = drill.run(config)
         if opts["metrics_file"]:
             drill.write_metrics(Path(opts["metrics_file"]), report, config, time.time())
         if opts["json"]:
             self.stdout.write(json.dumps(report.as_dict()))
         else:
-            for c in report.checks:
-                self.stdout.write(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
-            failed = [c.name for c in report.checks if not c.ok]
-            self.stdout.write("restore drill passed" if report.ok else f"restore drill FAILED: {', '.join(failed)}")
+            self._write_checks(report)
         if not report.ok:
             sys.stdout.flush()
             sys.exit(1)
+
+    def _write_checks(self, report) -> None:
+        """One ``ok``/``FAIL`` line per check, then the verdict naming the failed checks."""
+        for c in report.checks:
+            self.stdout.write(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        failed = [c.name for c in report.checks if not c.ok]
+        self.stdout.write("restore drill passed" if report.ok else f"restore drill FAILED: {', '.join(failed)}")
+
+
+def _drill_config(opts: dict):
+    """The :class:`stopmonitor.drill.Config` of the options; :class:`CommandError` (exit 2) without
+    an ``s3://`` source or without ``pg_ctl`` in ``--pg-bin``."""
+    from stopmonitor import drill
+
+    if not opts["source_url"] or not opts["source_url"].startswith("s3://"):
+        raise CommandError("--source-url s3://bucket/prefix is required (or BACKUP_DESTINATION)", returncode=2)
+    config = drill.Config(
+        source_url=opts["source_url"], server_name=opts["server_name"], work_dir=Path(opts["work_dir"]),
+        database=opts["database"], endpoint_url=opts["endpoint_url"], target_time=opts["target_time"],
+        pg_bin=Path(opts["pg_bin"]), barman_bin=Path(opts["barman_bin"]) if opts["barman_bin"] else None,
+        db_user=opts["db_user"], compare_url=opts["compare_with"], commit_slack_s=opts["commit_slack"],
+        keep=opts["keep"], timeout_s=opts["timeout"])
+    if not (config.pg_bin / "pg_ctl").exists():
+        raise CommandError(f"no pg_ctl in {config.pg_bin} (--pg-bin)", returncode=2)
+    return config

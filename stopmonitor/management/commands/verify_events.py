@@ -21,6 +21,45 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 
 
+def _require_operation(operation_id: int | None) -> None:
+    if operation_id is None:
+        return
+    from api.models import Operation
+
+    if not Operation.objects.filter(pk=operation_id).exists():
+        raise CommandError(f"operation {operation_id} does not exist", returncode=2)
+
+
+def _write_heads(path: str, heads: dict) -> None:
+    """``{operation_id: [version, hash hex]}`` as JSON to ``path``; an unwritable path is one line, exit 2."""
+    try:
+        with open(path, "w") as fh:
+            json.dump({str(k): list(v) for k, v in heads.items()}, fh)
+    except OSError as exc:
+        raise CommandError(f"--heads {path}: {exc.strerror or exc}", returncode=2) from None
+
+
+def _broken_line(b, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"type": "broken", "kind": b.kind, "sequence": b.sequence, "operation_id": b.operation_id,
+                           "version": b.version, "detail": b.detail})
+    return "BROKEN " + b.line()
+
+
+def _summary_line(report, seconds: float, as_json: bool) -> str:
+    """The last line: counts, and the first broken link when there is one."""
+    if as_json:
+        return json.dumps({"type": "summary", "events": report.events, "streams": report.streams,
+                           "broken": len(report.broken), "duration_s": seconds})
+    if report.broken:
+        first = report.broken[0]
+        return (f"event store does NOT verify: {len(report.broken)} broken link(s) in {report.events} "
+                f"events; first: sequence {first.sequence} (operation {first.operation_id} version "
+                f"{first.version})")
+    return (f"event store verifies: {report.events} events in {report.streams} streams, chains "
+            f"and versions intact ({seconds:.3f}s)")
+
+
 class Command(BaseCommand):
     help = "Recompute the event store's hash chains and versions; exit 1 naming the first broken link."
 
@@ -37,11 +76,7 @@ class Command(BaseCommand):
         from stopmonitor.preflight import require_migrated
 
         require_migrated(returncode=2)  # one line, exit 2 (1 is a broken link), never a traceback
-        if opts["operation"] is not None:
-            from api.models import Operation
-
-            if not Operation.objects.filter(pk=opts["operation"]).exists():
-                raise CommandError(f"operation {opts['operation']} does not exist", returncode=2)
+        _require_operation(opts["operation"])
         started = time.monotonic()
         try:
             report = verify_store(operation_id=opts["operation"], keep_heads=bool(opts["heads"]))
@@ -50,29 +85,10 @@ class Command(BaseCommand):
                                returncode=2) from None
         seconds = round(time.monotonic() - started, 3)
         if opts["heads"]:
-            try:
-                with open(opts["heads"], "w") as fh:
-                    json.dump({str(k): list(v) for k, v in report.heads.items()}, fh)
-            except OSError as exc:
-                raise CommandError(f"--heads {opts['heads']}: {exc.strerror or exc}", returncode=2) from None
+            _write_heads(opts["heads"], report.heads)
         for b in report.broken[:opts["limit"]]:
-            if opts["json"]:
-                self.stdout.write(json.dumps({"type": "broken", "kind": b.kind, "sequence": b.sequence,
-                                              "operation_id": b.operation_id, "version": b.version,
-                                              "detail": b.detail}))
-            else:
-                self.stdout.write("BROKEN " + b.line())
-        if opts["json"]:
-            self.stdout.write(json.dumps({"type": "summary", "events": report.events, "streams": report.streams,
-                                          "broken": len(report.broken), "duration_s": seconds}))
-        elif report.broken:
-            first = report.broken[0]
-            self.stdout.write(f"event store does NOT verify: {len(report.broken)} broken link(s) in {report.events} "
-                              f"events; first: sequence {first.sequence} (operation {first.operation_id} version "
-                              f"{first.version})")
-        else:
-            self.stdout.write(f"event store verifies: {report.events} events in {report.streams} streams, chains "
-                              f"and versions intact ({seconds:.3f}s)")
+            self.stdout.write(_broken_line(b, opts["json"]))
+        self.stdout.write(_summary_line(report, seconds, opts["json"]))
         if report.broken:
             sys.stdout.flush()
             sys.exit(1)
