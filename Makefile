@@ -24,7 +24,7 @@ monitor: $(VENV)/.installed
 test: $(VENV)/.installed
 	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/pytest
 
-## lint: ruff (pyflakes rules) and the import-linter contracts of .importlinter (CI runs it before the tests)
+## lint: ruff (pyflakes rules, complexity <= 12 and <= 50 statements per function) and the import-linter contracts of .importlinter (CI runs it before the tests)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports

@@ -31,39 +31,49 @@ def exception_handler(exc, context):
     Operation matches the given query.", names a model); a ``PermissionDenied`` keeps its message
     when it has one.
     """
-    if isinstance(exc, DjangoValidationError):
-        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
-    elif isinstance(exc, Http404):
-        exc = exceptions.NotFound()
-    elif isinstance(exc, DjangoPermissionDenied):
-        exc = exceptions.PermissionDenied(*(str(a) for a in exc.args[:1]))
-    elif isinstance(exc, DatabaseOperationalError):
-        exc = _database_error(exc, context)
+    exc = _as_api_exception(exc, context)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
+    response.data = {"error": _envelope(exc)}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def _as_api_exception(exc, context):
+    """Django's ValidationError, Http404, PermissionDenied and database OperationalError as DRF's
+    exceptions (see :func:`exception_handler`); any other exception as it is."""
+    if isinstance(exc, DjangoValidationError):
+        return exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    if isinstance(exc, Http404):
+        return exceptions.NotFound()
+    if isinstance(exc, DjangoPermissionDenied):
+        return exceptions.PermissionDenied(*(str(a) for a in exc.args[:1]))
+    if isinstance(exc, DatabaseOperationalError):
+        return _database_error(exc, context)
+    return exc
+
+
+def _envelope(exc) -> dict:
+    """``{"code", "message", "fields"}`` (+ ``committed`` for a database outage) of one API exception."""
     code = getattr(exc, "default_code", "error")
     if isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()
         if isinstance(codes, str):
             code = codes
-    body = {"error": {"code": code, "message": "", "fields": {}}}
+    error = {"code": code, "message": "", "fields": {}}
     if isinstance(exc, exceptions.ValidationError):
-        body["error"]["code"] = "invalid"
-        body["error"]["message"] = "The request has invalid fields."
-        body["error"]["fields"] = _fields(exc.detail)
+        error.update(code="invalid", message="The request has invalid fields.", fields=_fields(exc.detail))
     else:
         detail = getattr(exc, "detail", "")
-        body["error"]["message"] = str(detail) if not isinstance(detail, (dict, list)) else "error"
+        error["message"] = str(detail) if not isinstance(detail, (dict, list)) else "error"
         if isinstance(detail, (dict, list)):
-            body["error"]["fields"] = _fields(detail)
+            error["fields"] = _fields(detail)
     if isinstance(exc, DatabaseUnavailable):
-        body["error"]["committed"] = exc.committed
-    response.data = body
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        response["Retry-After"] = str(retry_after)
-    return response
+        error["committed"] = exc.committed
+    return error
 
 
 def _database_error(exc, context) -> exceptions.APIException:

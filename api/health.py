@@ -139,24 +139,33 @@ class HealthProbeMiddleware:
         if path == LIVENESS_PATH and request.method in ("GET", "HEAD"):
             return _json(200, {"status": "ok"})
         if path == READINESS_PATH and request.method in ("GET", "HEAD"):
-            started = time.monotonic()
-            checks = readiness_checks()
-            failed = [name for name, result in checks.items() if result != "ok" and name not in DEGRADING]
-            degraded = [name for name, result in checks.items()
-                        if result not in ("ok", "unchecked") and name in DEGRADING]
-            body = {
-                "status": "unavailable" if failed else ("degraded" if degraded else "ok"),
-                "checks": checks,
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            }
-            if failed:
-                body["failed"] = failed
-            if degraded:
-                body["degraded"] = degraded
-            if checks.get("exchange", "ok") != "ok":
-                body["exchange_ban_seconds_left"] = exchange_ban()[1]
-            return _json(200 if not failed else 503, body)
+            return readiness_response()
         return self.get_response(request)
+
+
+def _failing(checks: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(checks that fail readiness, checks in ``DEGRADING`` that only degrade it)."""
+    failed = [name for name, result in checks.items() if result != "ok" and name not in DEGRADING]
+    degraded = [name for name, result in checks.items() if result not in ("ok", "unchecked") and name in DEGRADING]
+    return failed, degraded
+
+
+def readiness_response():
+    """``/health/ready``: 503 when a check that is not in ``DEGRADING`` fails; 200 ``degraded``
+    when only a degrading one does; every check's result and the time they took, in ms."""
+    started = time.monotonic()
+    checks = readiness_checks()
+    failed, degraded = _failing(checks)
+    body = {
+        "status": "unavailable" if failed else ("degraded" if degraded else "ok"),
+        "checks": checks,
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        **({"failed": failed} if failed else {}),
+        **({"degraded": degraded} if degraded else {}),
+    }
+    if checks.get("exchange", "ok") != "ok":
+        body["exchange_ban_seconds_left"] = exchange_ban()[1]
+    return _json(200 if not failed else 503, body)
 
 
 class MigrationsPendingMiddleware:

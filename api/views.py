@@ -295,23 +295,7 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
         return idempotency.run_claimed(request, lambda: self._close(request, op))
 
     def _close(self, request, op) -> Response:
-        from stopmonitor.engine.close import close_operation
-        from stopmonitor.engine.decisions import EngineUnavailable
-
-        if op.status != "ACTIVE":
-            raise Conflict(f"operation {op.pk} is {op.status}: it cannot be closed now")
-        try:
-            exchange = get_exchange()
-        except (ValueError, ImportError) as exc:
-            raise ExchangeServiceUnavailable(f"no exchange: {exc}") from None
-        try:
-            decisions = close_operation(op.pk, exchange, source="api")
-        except EngineUnavailable as exc:
-            raise ExchangeServiceUnavailable(str(exc)) from None
-        except ConcurrencyConflict:
-            raise Conflict(f"operation {op.pk} is being changed by someone else") from None
-        if any(d.action == "skipped" and d.reason == "NOT_ACTIVE" for d in decisions):
-            raise Conflict(f"operation {op.pk} is already being closed by someone else")
+        decisions = self._close_decisions(op)
         outcome = decisions[-1].action
         body = {
             "outcome": outcome,
@@ -329,6 +313,29 @@ class OperationViewSet(NotFoundAsAPIError, mixins.ListModelMixin, mixins.Retriev
             body = {"error": {"code": "not_closed", "message": f"operation {op.pk} was not closed ({outcome}"
                                                                f"{': ' + why if why else ''})", "fields": {}}, **body}
         return Response(body, status=status_code)
+
+    @staticmethod
+    def _close_decisions(op) -> list:
+        """The engine's close of ``op`` (source ``api``) and its decisions. Raises Conflict (not
+        ACTIVE, being changed, already closing elsewhere) and ExchangeServiceUnavailable (503)."""
+        from stopmonitor.engine.close import close_operation
+        from stopmonitor.engine.decisions import EngineUnavailable
+
+        if op.status != "ACTIVE":
+            raise Conflict(f"operation {op.pk} is {op.status}: it cannot be closed now")
+        try:
+            exchange = get_exchange()
+        except (ValueError, ImportError) as exc:
+            raise ExchangeServiceUnavailable(f"no exchange: {exc}") from None
+        try:
+            decisions = close_operation(op.pk, exchange, source="api")
+        except EngineUnavailable as exc:
+            raise ExchangeServiceUnavailable(str(exc)) from None
+        except ConcurrencyConflict:
+            raise Conflict(f"operation {op.pk} is being changed by someone else") from None
+        if any(d.action == "skipped" and d.reason == "NOT_ACTIVE" for d in decisions):
+            raise Conflict(f"operation {op.pk} is already being closed by someone else")
+        return decisions
 
     @extend_schema(
         summary="The operation's stream in version order.",
