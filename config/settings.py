@@ -252,6 +252,9 @@ STREAM = {
     "WORKERS": decouple_config("STREAM_WORKERS", default=4, cast=int),
     "RETRY_COOLDOWN_SECONDS": decouple_config("STREAM_RETRY_COOLDOWN_SECONDS", default=1, cast=float),
     "PROGRESS_FILE": decouple_config("STREAM_PROGRESS_FILE", default="/tmp/stopmonitor-stream-progress"),
+    # server-side prepared statements on the stream's persistent connections (psycopg's prepare_threshold:
+    # a query is prepared at its Nth execution; 0 = off, Django's default, needed behind a transaction pooler)
+    "PREPARE_THRESHOLD": decouple_config("STREAM_PREPARE_THRESHOLD", default=5, cast=int),
 }
 # Per-tenant exchange accounts (stopmonitor.account_crypto): Fernet keys, comma-separated, first encrypts
 ACCOUNT_ENCRYPTION_KEYS = secret(decouple_config("ACCOUNT_ENCRYPTION_KEYS", default=""))

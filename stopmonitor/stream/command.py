@@ -99,14 +99,22 @@ def persistent_connections() -> None:
     """Keep each worker thread's database connection between jobs (a long-running process: no
     PostgreSQL backend start per quote that crosses). A connection that saw an error is checked
     and replaced before the next job (``CONN_HEALTH_CHECKS``; :func:`django.db.close_old_connections`
-    in :mod:`.engine_port`). Must run before the first query."""
+    in :mod:`.engine_port`). Must run before the first query.
+
+    On PostgreSQL the close's statements are prepared on the server after
+    ``STREAM_PREPARE_THRESHOLD`` executions (psycopg's ``prepare_threshold``; Django turns them
+    off by default for transaction poolers, which the stream's own connections do not go
+    through): each crossing then skips ~40 parses and plans before its order. 0 keeps them off."""
     from django.conf import settings
     from django.db import connections
 
+    threshold = settings.STREAM.get("PREPARE_THRESHOLD", 0)
     for alias in connections:
         for conf in (settings.DATABASES[alias], connections.settings[alias]):
             conf["CONN_MAX_AGE"] = None
             conf["CONN_HEALTH_CHECKS"] = True
+            if threshold > 0 and conf.get("ENGINE") == "django.db.backends.postgresql":
+                conf.setdefault("OPTIONS", {})["prepare_threshold"] = threshold
 
 
 async def _main(monitor) -> None:

@@ -114,3 +114,29 @@ def test_without_fingerprints_every_poll_reads_everything(monitor, open_op, monk
     assert monitor._read_watched(set())[1] is None
     poll(monitor)
     assert stops(monitor, "BTCUSDT") == [(a.pk, D("9250"))]
+
+
+def test_the_streams_connections_are_persistent_and_prepare_their_statements_on_postgresql(settings):
+    """STREAM_PREPARE_THRESHOLD (5) becomes psycopg's prepare_threshold on PostgreSQL; 0 leaves it off."""
+    import copy
+
+    from django.db import connections
+
+    from stopmonitor.stream.command import persistent_connections
+
+    saved = (copy.deepcopy(settings.DATABASES["default"]), copy.deepcopy(connections.settings["default"]))
+    try:
+        settings.STREAM = {**settings.STREAM, "PREPARE_THRESHOLD": 5}
+        persistent_connections()
+        conf = connections.settings["default"]
+        assert (conf["CONN_MAX_AGE"], conf["CONN_HEALTH_CHECKS"]) == (None, True)
+        postgres = conf["ENGINE"] == "django.db.backends.postgresql"
+        assert conf.get("OPTIONS", {}).get("prepare_threshold") == (5 if postgres else None)
+        conf.get("OPTIONS", {}).pop("prepare_threshold", None)
+        settings.STREAM = {**settings.STREAM, "PREPARE_THRESHOLD": 0}
+        persistent_connections()
+        assert "prepare_threshold" not in conf.get("OPTIONS", {})
+    finally:
+        for live, old in zip((settings.DATABASES["default"], connections.settings["default"]), saved):
+            live.clear()
+            live.update(old)
