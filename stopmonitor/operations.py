@@ -60,16 +60,16 @@ def _check_level_value(name: str, value: Decimal | None, tick_size: Decimal | No
 
 def _check_long_levels(entry: Decimal, stop: Decimal | None, target: Decimal | None) -> None:
     if stop is not None and stop >= entry:
-        raise LevelError("stop_price", f"a long's stop must be below the entry price {entry}")
+        raise LevelError("stop_price", f"a long's stop must be below the entry price {decimal_str(entry)}")
     if target is not None and target <= entry:
-        raise LevelError("target_price", f"a long's target must be above the entry price {entry}")
+        raise LevelError("target_price", f"a long's target must be above the entry price {decimal_str(entry)}")
 
 
 def _check_short_levels(entry: Decimal, stop: Decimal | None, target: Decimal | None) -> None:
     if stop is not None and stop <= entry:
-        raise LevelError("stop_price", f"a short's stop must be above the entry price {entry}")
+        raise LevelError("stop_price", f"a short's stop must be above the entry price {decimal_str(entry)}")
     if target is not None and target >= entry:
-        raise LevelError("target_price", f"a short's target must be below the entry price {entry}")
+        raise LevelError("target_price", f"a short's target must be below the entry price {decimal_str(entry)}")
 
 
 def check_trailing(side: str, entry: Decimal | None, stop: Decimal | None, settings: TrailingSettings,
