@@ -511,9 +511,12 @@ def _arming_quotes(arming: list, exchange, quotes: dict | None, report: Protecti
         report.requests += 1
         report.weight += 2 if len(missing) < 20 else 4
         try:
-            quotes.update(exchange.book_tickers(missing))
+            answer = exchange.book_tickers(missing)
         except ExchangeUnavailable as exc:  # arm without the last price: Binance refuses a stop that would trigger (-2010)
             report.note("protection_quotes_unavailable", 0, detail=str(exc)[:200])
+            return quotes
+        report.requests += getattr(answer, "requests", 1) - 1  # one per symbol more after a -1121 (Quotes)
+        quotes.update(answer)
     return quotes
 
 

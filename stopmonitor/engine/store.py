@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Iterable
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Q
 
 from api.models import (
@@ -176,6 +176,22 @@ def watched_fingerprints(venue: str | None = None) -> dict[str, str] | None:
         cursor.execute(f"SELECT w.c1, md5(string_agg(w::text, ';' ORDER BY w.c0)) FROM ({sql}) AS w({names}) "
                        "GROUP BY w.c1", params)
         return dict(cursor.fetchall())
+
+
+@contextmanager
+def watched_snapshot():
+    """One snapshot for :func:`watched_fingerprints` and the :func:`load_watched` that follows it
+    (a read-only REPEATABLE READ transaction on PostgreSQL, outside any transaction already open):
+    read in two snapshots, a change committed between the reads and undone before the next poll
+    (a close elsewhere: ACTIVE -> CLOSING, then released) left the loaded rows without the
+    operation under the fingerprint of rows that had it, and no later fingerprint differed."""
+    if connection.in_atomic_block or connection.vendor != "postgresql":  # the caller's transaction (a test's)
+        yield
+        return
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
 
 
 _NO_TRAILING = TrailingSettings()

@@ -55,6 +55,13 @@ def watched_fingerprints() -> dict[str, str] | None:
     return store.watched_fingerprints()
 
 
+def watched_snapshot():
+    """A context in which :func:`watched_fingerprints` and :func:`load_watched` read one snapshot
+    (:func:`stopmonitor.engine.store.watched_snapshot`)."""
+    _fresh_connection()
+    return store.watched_snapshot()
+
+
 def run_pass(exchange, *, source: str = "stream") -> PassSummary:
     """One whole REST pass (reconcile, then every watched symbol): the catch-up after a gap.
 

@@ -205,12 +205,13 @@ class StreamMonitor:
         first read or when the database gives no fingerprints.
         Building 10k watched rows in Python every poll held the GIL for 50–110 ms every 2 s, and
         a close running then waited for it on each of its round trips (bench_stream's p99)."""
-        fingerprints = port.watched_fingerprints()
-        if fingerprints is None or self._fingerprints is None:
-            return fingerprints, None, port.load_watched()
-        changed = dirty | {s for s in fingerprints.keys() | self._fingerprints.keys()
-                           if fingerprints.get(s) != self._fingerprints.get(s)}
-        return fingerprints, changed, port.load_watched(symbols=changed) if changed else []
+        with port.watched_snapshot():  # the fingerprints and the rows loaded: one snapshot
+            fingerprints = port.watched_fingerprints()
+            if fingerprints is None or self._fingerprints is None:
+                return fingerprints, None, port.load_watched()
+            changed = dirty | {s for s in fingerprints.keys() | self._fingerprints.keys()
+                               if fingerprints.get(s) != self._fingerprints.get(s)}
+            return fingerprints, changed, port.load_watched(symbols=changed) if changed else []
 
     def _apply_watched(self, watched, symbols: set[str] | None = None,
                        fingerprints: dict[str, str] | None = None) -> None:

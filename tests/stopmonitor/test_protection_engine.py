@@ -300,3 +300,21 @@ def test_a_long_and_a_cross_pair_short_spending_the_same_asset_are_allocated_apa
     resting = sorted((o.symbol, o.side, o.requested_qty) for o in paper.open_orders())
     assert resting == [("BTCUSDT", "SELL", D("0.5")), ("ETHBTC", "BUY", D("2"))]
     assert types(protected)[-1] == "PROTECTION_PLACED" and types(short)[-1] == "PROTECTION_PLACED"
+
+
+def test_the_arming_quote_read_counts_every_request_the_adapter_sent():
+    """Binance refuses a bookTicker list for one unknown symbol (-1121) and the adapter then asks
+    symbol by symbol (its Quotes say how many requests): the protection report counts them all."""
+    from types import SimpleNamespace
+
+    from stopmonitor.engine.protection import ProtectionReport, _arming_quotes
+    from stopmonitor.exchange.base import Quotes
+
+    class Exchange:
+        def book_tickers(self, symbols):
+            return Quotes({}, requests=1 + len(symbols))  # one refused list, then one per symbol
+
+    arming = [SimpleNamespace(symbol=SimpleNamespace(symbol=s)) for s in ("BTCUSDT", "ETHUSDT", "OLDUSDT")]
+    report = ProtectionReport()
+    _arming_quotes(arming, Exchange(), {}, report)
+    assert report.requests == 4

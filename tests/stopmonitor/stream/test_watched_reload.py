@@ -140,3 +140,49 @@ def test_the_streams_connections_are_persistent_and_prepare_their_statements_on_
         for live, old in zip((settings.DATABASES["default"], connections.settings["default"]), saved):
             live.clear()
             live.update(old)
+
+
+def _from_another_connection(fn):
+    """Run ``fn`` in a thread of its own (its own connection, committed at once), and wait for it."""
+    import threading
+
+    from django.db import connections
+
+    def run():
+        try:
+            fn()
+        finally:
+            connections.close_all()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+
+
+@needs_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_change_committed_between_the_fingerprints_and_the_load_is_not_lost(monitor, open_op, monkeypatch):
+    """The fingerprints and the load of the changed symbols are one snapshot: a close in flight
+    elsewhere (ACTIVE -> CLOSING) committed between the two reads and released (-> ACTIVE, same
+    levels) before the next poll must not leave the operation out of the book with the
+    fingerprint of a read that had it (the next poll then sees nothing changed, for ever)."""
+    from stopmonitor.stream import engine_port as port
+
+    a = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9200")
+    poll(monitor)
+    b = open_op("BTCUSDT", "BUY", "0.5", entry="9300", stop="9000")  # BTCUSDT's fingerprint changes
+    real_load = port.load_watched
+
+    def load_after_a_close_started(symbols=None):
+        _from_another_connection(lambda: Operation.objects.filter(pk=a.pk).update(status="CLOSING"))
+        return real_load(symbols)
+
+    monkeypatch.setattr(port, "load_watched", load_after_a_close_started)
+    poll(monitor)
+    monkeypatch.setattr(port, "load_watched", real_load)
+    Operation.objects.filter(pk=a.pk).update(status="ACTIVE")  # the close failed: released, same levels
+
+    poll(monitor)
+    poll(monitor)
+
+    assert stops(monitor, "BTCUSDT") == [(a.pk, D("9200")), (b.pk, D("9000"))]
