@@ -10,8 +10,11 @@ Exchange-held protection is on for the demo tenant (buffer 10 bps): each operati
 (or an OCO with its target) on the replayed book. ``--monitor-down`` (observations, default
 236-300: 02:51-03:07 of 2018-04-28) skips the passes there as if the monitor were down: the first
 long's stop is crossed meanwhile and the exchange-held stop closes it; the restarted monitor
-records the fill from the exchange and sends nothing. The ADAUSDT long is closed by the monitor
-itself, its cancelReplace cancelling the protection first.
+records the fill from the exchange and sends nothing. The BTCUSDT take-profit, the short and the
+trailing long are closed by the monitor itself, its cancelReplace cancelling the protection first;
+the ADAUSDT long's stop has already triggered on the exchange when the monitor's close comes (the
+close is refused, nothing sent, and the exchange's fill recorded), and the ADAUSDT short is closed
+by its OCO's take-profit leg on the exchange.
 """
 
 from __future__ import annotations
