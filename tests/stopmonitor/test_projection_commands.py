@@ -190,6 +190,7 @@ def test_events_json_lines_and_the_global_feed_after_a_sequence(closed_pair):
 @pytest.mark.parametrize("args,message", [
     pytest.param(["--operation", "987654"], "operation 987654 does not exist", id="unknown-operation"),
     pytest.param(["--limit", "0"], "--limit must be a positive integer", id="zero-limit"),
+    pytest.param(["--after", "-5"], "--after must be 0 or a positive sequence", id="negative-after"),
     pytest.param(["--operation", "1", "--after", "3"],
                  "--after reads the global feed: give --operation or --after, not both", id="operation-and-after"),
 ])

@@ -56,6 +56,8 @@ def _validate(opts: dict) -> None:
         raise CommandError("--after reads the global feed: give --operation or --after, not both", returncode=2)
     if opts["limit"] is not None and opts["limit"] <= 0:
         raise CommandError("--limit must be a positive integer", returncode=2)
+    if opts["after"] < 0:  # as the API's ?after= (400): sequences start at 1
+        raise CommandError("--after must be 0 or a positive sequence", returncode=2)
 
 
 def _selected_events(opts: dict):
