@@ -22,7 +22,7 @@ def test_verify_events_names_a_missing_operation_and_an_unwritable_heads_file(tm
 
 @pytest.mark.parametrize("command, args", [
     ("verify_events", ()), ("protect_operations", ("--dry-run",)), ("backfill_stop_price", ("--dry-run", "--json")),
-    ("rebuild_projections", ("--verify",)),
+    ("rebuild_projections", ("--verify",)), ("rotate_account_keys", ()),
 ])
 def test_an_unreadable_database_is_one_line_and_exit_2(command, args, monkeypatch):
     from django.db import OperationalError
