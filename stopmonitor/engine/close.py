@@ -497,11 +497,20 @@ def maybe_filled(operation_id: int, token: str, request: OrderRequest, exc: Orde
 # ----------------------------------------------------------------------------- transaction 3
 
 
+def _counts_against_symbol(exc: ExchangeError, reason: str) -> bool:
+    """Whether a definite refusal is one failure on the symbol's circuit breaker: not a rate limit,
+    a symbol status (said once on its own), the account's refusal, nor a close our own triggered
+    protection held (``counts_against_symbol`` False: the operation's race, not the symbol's fault)."""
+    return not (isinstance(exc, RateLimited) or reason == FailureReason.SYMBOL_STATUS
+                or exc.code in ACCOUNT_REFUSAL_CODES or getattr(exc, "account_refusal", False)
+                or not getattr(exc, "counts_against_symbol", True))
+
+
 def record_failure(operation_id: int, token: str, exc: ExchangeError, ctx: EngineContext,
                    reason: str | None = None) -> Decision:
     """Transaction 3 after a definite refusal: ``FAILED``, the operation back to ACTIVE (a later
     pass may try again with the next attempt), one failure on the symbol's circuit breaker
-    (a rate-limit refusal does not count against the symbol)."""
+    unless :func:`_counts_against_symbol` says the refusal is not the symbol's."""
     cfg = ctx.settings
     with transaction.atomic():
         op = store.lock_operation(operation_id)
@@ -516,8 +525,7 @@ def record_failure(operation_id: int, token: str, exc: ExchangeError, ctx: Engin
         append_events(op, version, [NewEvent(FAILED, payload, token)], source=ctx.source, venue=ctx.venue,
                       now=ctx.at())
         store.release(op)
-        if not isinstance(exc, RateLimited) and reason != FailureReason.SYMBOL_STATUS and exc.code not in ACCOUNT_REFUSAL_CODES \
-                and not getattr(exc, "account_refusal", False):
+        if _counts_against_symbol(exc, reason):
             row = store.breaker(symbol, lock=True)
             store.save_breaker(row, g.breaker_on_failure(store.breaker_domain(row), ctx.now, cfg.breaker_threshold,
                                                          cfg.breaker_cooldown_seconds, f"{exc.code}: {exc}"))

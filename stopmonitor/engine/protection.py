@@ -630,6 +630,15 @@ class ProtectionFired(OrderRejected):
     (the execution is already FAILED with reason PROTECTION_TRIGGERED)."""
 
 
+class ProtectionNotCancellable(OrderRejected):
+    """The close was not sent: the cancelReplace could not cancel our own protection, which is
+    still there (triggered, filling at the next trade). The operation's race with its own stop,
+    not a fault of the symbol: it never counts against the symbol's circuit breaker (three
+    protected longs in one drop opened it and held every close on the symbol)."""
+
+    counts_against_symbol = False
+
+
 def place_close(operation_id: int, request: OrderRequest, exchange, *, now: datetime, source: str) -> OrderResult:
     """Send the monitor's (or the API's) close: a plain MARKET order when nothing rests, else ONE
     cancelReplace of the protection by that MARKET order (STOP_ON_FAILURE, ONLY_NEW), P2:
@@ -685,12 +694,13 @@ def _close_through(operation_id: int, request: OrderRequest, exchange, row, clie
             _record(operation_id, [NewEvent(p.PROTECTION_CANCELLED, p.order_payload(order, reason="GONE"))],
                     exchange, now, source)
             return exchange.place_market_order(request)
-        raise OrderRejected(f"{request.symbol} {request.client_order_id}: cancel of {client_order_id} failed "
-                            f"and it is {finding.kind}: not sent, looked at again next pass", outcome.code)
+        raise ProtectionNotCancellable(f"{request.symbol} {request.client_order_id}: cancel of {client_order_id} "
+                                       f"failed and it is {finding.kind}: not sent, looked at again next pass",
+                                       outcome.code)
     raise outcome  # UNKNOWN (OrderOutcomeUnknown) or REJECTED (OrderRejected)/RateLimited/ClockSkew
 
 
-__all__ = ["ProtectionFired", "ProtectionReport", "arm", "place_close", "protection_pass", "protected_operations",
+__all__ = ["ProtectionFired", "ProtectionNotCancellable", "ProtectionReport", "arm", "place_close", "protection_pass", "protected_operations",
            "record_exchange_fill", "resolve"]
 _ = EXECUTED  # the event the close records (via decide_outcome)
 

@@ -22,7 +22,7 @@ def test_verify_events_names_a_missing_operation_and_an_unwritable_heads_file(tm
 
 @pytest.mark.parametrize("command, args", [
     ("verify_events", ()), ("protect_operations", ("--dry-run",)), ("backfill_stop_price", ("--dry-run", "--json")),
-    ("rebuild_projections", ("--verify",)),
+    ("rebuild_projections", ("--verify",)), ("rotate_account_keys", ()),
 ])
 def test_an_unreadable_database_is_one_line_and_exit_2(command, args, monkeypatch):
     from django.db import OperationalError
@@ -37,3 +37,21 @@ def test_an_unreadable_database_is_one_line_and_exit_2(command, args, monkeypatc
         call_command(command, *args)
     assert caught.value.returncode == 2
     assert str(caught.value).endswith("cannot be read: OperationalError: connection failed: Connection refused")
+
+
+@pytest.mark.parametrize("program, reason, code", [
+    ("/nonexistent/stopmonitor-no-such-program", "No such file or directory", 127),
+    ("stopmonitor-no-such-program-on-path", "No such file or directory", 127),
+    ("{tmp}/not-executable", "Permission denied", 126),
+])
+def test_doctor_then_a_command_that_cannot_be_run_is_one_line(program, reason, code, monkeypatch, tmp_path):
+    """``doctor -- COMMAND`` whose COMMAND is missing or not executable: one line naming it and the
+    shell's exit codes (127 not found, 126 not executable), not execvp's traceback (a new user's report)."""
+    from stopmonitor.management.commands import doctor
+
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")  # mode 0644
+    program = program.format(tmp=tmp_path)
+    monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: [])
+    with pytest.raises(CommandError) as caught:
+        call_command("doctor", "--quick", "--json", "--", program, "--flag")
+    assert (str(caught.value), caught.value.returncode) == (f"cannot run {program}: {reason}", code)

@@ -190,6 +190,7 @@ def test_events_json_lines_and_the_global_feed_after_a_sequence(closed_pair):
 @pytest.mark.parametrize("args,message", [
     pytest.param(["--operation", "987654"], "operation 987654 does not exist", id="unknown-operation"),
     pytest.param(["--limit", "0"], "--limit must be a positive integer", id="zero-limit"),
+    pytest.param(["--after", "-5"], "--after must be 0 or a positive sequence", id="negative-after"),
     pytest.param(["--operation", "1", "--after", "3"],
                  "--after reads the global feed: give --operation or --after, not both", id="operation-and-after"),
 ])
@@ -306,3 +307,21 @@ def test_first_rebuild_writes_every_row(closed_pair):
 
     assert {ex.execution_token: execution_state_of(ex) for ex in StopMonitorExecution.objects.all()} == {
         token: execution_state_of(ex) for token, ex in expected.items()}
+
+
+@pytest.mark.parametrize("event_type, source", [("PROTECTION_REQUESTED", "loop"), ("STOP_MOVED", "break_even")])
+def test_events_table_columns_hold_the_longest_event_type_and_source(event_type, source):
+    """PROTECTION_REQUESTED (20 characters) and source break_even (10) overflowed their columns
+    (19 and 8): the rest of the row slid one or two characters right of its header (a new user's report)."""
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from stopmonitor.management.commands.events import TABLE_HEADER, table_line
+
+    e = SimpleNamespace(sequence=136, operation_id=7, version=5, created_at=datetime(2026, 3, 2, 12, tzinfo=timezone.utc),
+                        event_type=event_type, source=source, venue="binance-testnet", execution_token="sm7-S1-1a29416e",
+                        payload={"a": 1})
+    line = table_line(e)
+    for header, value in [("TYPE", event_type), ("SOURCE", source), ("VENUE", "binance-testnet"),
+                          ("TOKEN", "sm7-S1-1a29416e"), ("PAYLOAD", '{"a":1}')]:
+        assert line.index(value) == TABLE_HEADER.index(header), header

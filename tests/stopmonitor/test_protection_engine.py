@@ -318,3 +318,27 @@ def test_the_arming_quote_read_counts_every_request_the_adapter_sent():
     report = ProtectionReport()
     _arming_quotes(arming, Exchange(), {}, report)
     assert report.requests == 4
+
+
+def test_a_close_refused_because_our_own_stop_has_triggered_never_counts_against_the_symbols_breaker(
+        paper, protected, open_op):
+    """Our exchange-held stop triggered (it fills at the next trade; until then it cannot be
+    cancelled): the close's cancelReplace is refused (-2022, FAILED, looked at again). That is the
+    operation's race with its own protection, not a fault of the symbol: three of them (the third
+    ``make demo`` run, or three protected longs in one drop) opened the symbol's circuit breaker and
+    held every close on it for the cooldown (a new user's report)."""
+    from api.models import CircuitBreakerState
+
+    ops = [protected, open_op(qty="0.5", stop="9210"), open_op(qty="0.5", stop="9220")]
+    paper.balances["BTC"] = D("1.5")
+    run(paper)
+    assert [types(op)[-1] for op in ops] == ["PROTECTION_PLACED"] * 3
+    paper.set_last_price("BTCUSDT", "9150")  # every stop triggered, each fills at the next observation
+    paper.quotes["BTCUSDT"] = paper.quotes["BTCUSDT"].__class__("BTCUSDT", D("9190"), D("9190.01"), D("1000000"),
+                                                                D("1000000"), NOW)
+
+    run(paper, NOW + timedelta(seconds=60))
+
+    assert [types(refresh(op))[-1] for op in ops] == ["FAILED"] * 3
+    breaker = CircuitBreakerState.objects.filter(symbol="BTCUSDT").first()
+    assert breaker is None or (breaker.state, breaker.failure_count) == ("CLOSED", 0)

@@ -119,3 +119,12 @@ def test_replay_demo_trailing_stop_locks_in_profit():
 def test_bullish_and_bearish_candle_paths():
     assert [leg for leg, _ in candle_path(D(1), D(3), D(0), D(2))] == ["open", "low", "high", "close"]
     assert [leg for leg, _ in candle_path(D(2), D(3), D(0), D(1))] == ["open", "high", "low", "close"]
+
+
+def test_the_summary_counts_the_passes_that_ran_not_the_observations():
+    """The observations the monitor is down for run no pass: the last line said "2000 passes" for
+    the README's run, of which 65 observations had no pass (a new user's report)."""
+    out = StringIO()
+    call_command("replay_demo", "--quiet", "--max-steps", "20", "--monitor-down", "5-9", stdout=out)
+    assert out.getvalue().strip().splitlines()[-1].startswith(
+        "20 observations, 15 passes (none while the monitor was down) in ")

@@ -15,6 +15,7 @@ Exit status
     0 every required check passed (warnings allowed); 1 a required check failed;
     78 (EX_CONFIG) configuration error. A missing required variable never reaches this
     command: ``config.settings`` already prints one line and exits 78 while Django loads.
+    ``-- COMMAND`` that cannot be run: one line, 127 not found, 126 not executable.
 
 ``docker/entrypoint.sh`` runs ``doctor --quick`` before every process. The module imports only
 the standard library at import time; Django's database and cache machinery is loaded inside
@@ -34,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlencode, urlparse
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 EX_OK = 0
 EX_FAILED = 1
@@ -728,6 +729,17 @@ class Findings:
         return "doctor: FAILED: " + "; ".join(f"{c.name} {c.detail}" for c in self.checks if c.name in self.failed)
 
 
+def _exec(argv: list[str]) -> None:
+    """``-- COMMAND``: exec it (keeping the PID); one that cannot be run is one line with the
+    shell's codes, 127 not found and 126 found but not executable, never execvp's traceback."""
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        code = 127 if isinstance(exc, (FileNotFoundError, NotADirectoryError)) else 126
+        raise CommandError(f"cannot run {argv[0]}: {exc.strerror or exc}", returncode=code) from None
+
+
 class Command(BaseCommand):
     help = "Check configuration and dependencies; exit 0 ok, 1 a required check failed, 78 configuration error."
     requires_system_checks: list = []  # report problems ourselves, one line each
@@ -766,8 +778,7 @@ class Command(BaseCommand):
         if findings.failed:
             sys.exit(EX_FAILED)
         if options["then"]:
-            sys.stderr.flush()
-            os.execvp(options["then"][0], options["then"])
+            _exec(options["then"])
 
     def _write_table(self, findings: Findings) -> None:
         """The readable report: header, configuration table, checks table, one ``fix`` line per

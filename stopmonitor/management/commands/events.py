@@ -12,6 +12,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from stopmonitor.execution import EventType, Source
 from stopmonitor.preflight import require_migrated
 
 CHUNK = 2000
@@ -35,7 +36,10 @@ def event_record(e) -> dict:
     }
 
 
-TABLE_HEADER = (f"{'SEQ':>8} {'OP':>7} {'V':>3} {'TIME (UTC)':<19} {'TYPE':<19} {'SOURCE':<8} "
+#: the widest event type (PROTECTION_REQUESTED) and source (break_even) fit their columns
+TYPE_WIDTH = max(len(t) for t in EventType)
+SOURCE_WIDTH = max(len(s) for s in Source)
+TABLE_HEADER = (f"{'SEQ':>8} {'OP':>7} {'V':>3} {'TIME (UTC)':<19} {'TYPE':<{TYPE_WIDTH}} {'SOURCE':<{SOURCE_WIDTH}} "
                 f"{'VENUE':<15} {'TOKEN':<22} PAYLOAD")
 
 
@@ -43,7 +47,7 @@ def table_line(e) -> str:
     """One ``StopMonitorEvent`` as a row under :data:`TABLE_HEADER` (payload keys sorted)."""
     payload = json.dumps(e.payload, separators=(",", ":"), sort_keys=True)
     return (f"{e.sequence:>8} {e.operation_id:>7} {e.version:>3} {e.created_at:%Y-%m-%d %H:%M:%S} "
-            f"{e.event_type:<19} {e.source:<8} {e.venue:<15} {e.execution_token or '-':<22} {payload}")
+            f"{e.event_type:<{TYPE_WIDTH}} {e.source:<{SOURCE_WIDTH}} {e.venue:<15} {e.execution_token or '-':<22} {payload}")
 
 
 def _validate(opts: dict) -> None:
@@ -52,6 +56,8 @@ def _validate(opts: dict) -> None:
         raise CommandError("--after reads the global feed: give --operation or --after, not both", returncode=2)
     if opts["limit"] is not None and opts["limit"] <= 0:
         raise CommandError("--limit must be a positive integer", returncode=2)
+    if opts["after"] < 0:  # as the API's ?after= (400): sequences start at 1
+        raise CommandError("--after must be 0 or a positive sequence", returncode=2)
 
 
 def _selected_events(opts: dict):

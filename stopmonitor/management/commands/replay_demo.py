@@ -10,8 +10,11 @@ Exchange-held protection is on for the demo tenant (buffer 10 bps): each operati
 (or an OCO with its target) on the replayed book. ``--monitor-down`` (observations, default
 236-300: 02:51-03:07 of 2018-04-28) skips the passes there as if the monitor were down: the first
 long's stop is crossed meanwhile and the exchange-held stop closes it; the restarted monitor
-records the fill from the exchange and sends nothing. The ADAUSDT long is closed by the monitor
-itself, its cancelReplace cancelling the protection first.
+records the fill from the exchange and sends nothing. The BTCUSDT take-profit, the short and the
+trailing long are closed by the monitor itself, its cancelReplace cancelling the protection first;
+the ADAUSDT long's stop has already triggered on the exchange when the monitor's close comes (the
+close is refused, nothing sent, and the exchange's fill recorded), and the ADAUSDT short is closed
+by its OCO's take-profit leg on the exchange.
 """
 
 from __future__ import annotations
@@ -165,17 +168,18 @@ class Command(BaseCommand):
                           f"tenant {tenant.name}; {len(ops)} operations; venue paper: simulated fills, no real orders")
         emit = DecisionPrinter(self.stdout, exchange, ops, opts["quiet"])
         started = time.monotonic()
-        steps = self._play(exchange, down, opts["max_steps"], emit)
+        steps, passes = self._play(exchange, down, opts["max_steps"], emit)
         elapsed = time.monotonic() - started
         self._write_event_log(ops)
         closed = self._write_operations(tenant)
-        self.stdout.write(f"\n{steps} passes in {elapsed:.1f}s; {closed} of {len(ops)} operations closed; venue paper "
+        self.stdout.write(f"\n{steps} observations, {passes} passes (none while the monitor was down) in {elapsed:.1f}s; "
+                          f"{closed} of {len(ops)} operations closed; venue paper "
                           "(simulated fills on recorded Binance prices)")
 
-    def _play(self, exchange, down: range, max_steps: int, emit) -> int:
+    def _play(self, exchange, down: range, max_steps: int, emit) -> tuple[int, int]:
         """One ``run_pass`` per observation except those in ``down`` (announced where it starts and
         ends), until the recording ends or after ``max_steps`` (0: no limit); returns the
-        observations played."""
+        observations played and the passes run."""
         import logging
 
         from django.conf import settings
@@ -190,17 +194,18 @@ class Command(BaseCommand):
         # seconds (PROTECTION_MOVE_INTERVAL_SECONDS), would hold every move after the first
         demo_settings = override_settings(STOPMONITOR={**settings.STOPMONITOR, "PROTECTION_MOVE_INTERVAL_SECONDS": 0})
         demo_settings.enable()
-        steps = 0
+        steps = passes = 0
         while True:
             if steps in down:
                 self._announce_down(exchange, down, steps)
             else:
                 run_pass(exchange, source="loop", emit=emit, engine=engine, use_lock=False, log_decisions=False)
+                passes += 1
             steps += 1
             if (max_steps and steps >= max_steps) or not exchange.advance():
                 break
         demo_settings.disable()
-        return steps
+        return steps, passes
 
     def _announce_down(self, exchange, down: range, step: int) -> None:
         """The monitor goes down at ``down.start`` and is up again at its last observation."""

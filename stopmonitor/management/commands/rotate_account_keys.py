@@ -22,7 +22,9 @@ class Command(BaseCommand):
 
         from stopmonitor.account_crypto import AccountCryptoError
         from stopmonitor.accounts import rotate_all
+        from stopmonitor.preflight import require_migrated
 
+        require_migrated(returncode=2)  # "run migrate" in one line, exit 2 (1 is "undecryptable")
         try:
             rotated, failed = rotate_all()
         except (AccountCryptoError, DatabaseError) as exc:
