@@ -4,6 +4,8 @@ code of "rows skipped"/"differences", from backfill_stop_price and rebuild_proje
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -18,6 +20,28 @@ def test_verify_events_names_a_missing_operation_and_an_unwritable_heads_file(tm
         call_command("verify_events", "--heads", str(tmp_path / "no" / "such" / "dir" / "x"))
     assert (str(heads.value), heads.value.returncode) == (
         f"--heads {tmp_path / 'no' / 'such' / 'dir' / 'x'}: No such file or directory", 2)
+
+
+@pytest.mark.django_db
+def test_verify_events_never_overwrites_a_file_that_is_not_its_heads_file(tmp_path, open_op):
+    """A new user's report: run as root, ``verify_events --heads /etc/passwd`` replaced the system's
+    user list. A file that is not a heads file is left as it was; a heads file is rewritten whole."""
+    op = open_op()
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(CommandError) as refused:
+        call_command("verify_events", "--heads", str(other))
+    assert (str(refused.value), refused.value.returncode) == (
+        f"--heads {other}: exists and is not a heads file written by verify_events: not overwritten", 2)
+    assert other.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+
+    heads = tmp_path / "heads.json"
+    call_command("verify_events", "--heads", str(heads))
+    first = json.loads(heads.read_text())
+    assert list(first) == [str(op.pk)] and first[str(op.pk)][0] == 1
+    call_command("verify_events", "--heads", str(heads))  # its own file: rewritten
+    assert json.loads(heads.read_text()) == first and sorted(p.name for p in tmp_path.iterdir()) == [
+        "heads.json", "passwd"]
 
 
 @pytest.mark.parametrize("command, args", [

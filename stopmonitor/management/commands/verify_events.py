@@ -14,7 +14,9 @@ line); 2 on error (one line).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -31,12 +33,31 @@ def _require_operation(operation_id: int | None) -> None:
 
 
 def _write_heads(path: str, heads: dict) -> None:
-    """``{operation_id: [version, hash hex]}`` as JSON to ``path``; an unwritable path is one line, exit 2."""
+    """``{operation_id: [version, hash hex]}`` as JSON to ``path``, written whole (a temporary file
+    beside it, then renamed). An unwritable path, or an existing file that is not such a heads file
+    (run as root, ``--heads /etc/passwd`` replaced the system's user list), is one line, exit 2."""
+    if os.path.exists(path) and not _is_heads_file(path):
+        raise CommandError(f"--heads {path}: exists and is not a heads file written by verify_events: "
+                           "not overwritten", returncode=2)
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(path, "w") as fh:
+        with open(tmp, "w") as fh:
             json.dump({str(k): list(v) for k, v in heads.items()}, fh)
+        os.replace(tmp, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise CommandError(f"--heads {path}: {exc.strerror or exc}", returncode=2) from None
+
+
+def _is_heads_file(path: str) -> bool:
+    """Whether ``path`` holds what :func:`_write_heads` writes (a JSON object of [version, hash] pairs)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(isinstance(v, list) and len(v) == 2 for v in data.values())
 
 
 def _broken_line(b, as_json: bool) -> str:
