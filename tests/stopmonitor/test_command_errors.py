@@ -79,3 +79,12 @@ def test_doctor_then_a_command_that_cannot_be_run_is_one_line(program, reason, c
     with pytest.raises(CommandError) as caught:
         call_command("doctor", "--quick", "--json", "--", program, "--flag")
     assert (str(caught.value), caught.value.returncode) == (f"cannot run {program}: {reason}", code)
+
+
+@pytest.mark.parametrize("wait", ["-1", "nan"])
+def test_doctor_refuses_a_wait_that_is_not_a_number_of_seconds(wait, capsys):
+    # a new user's report: --wait -1 was accepted silently
+    with pytest.raises(SystemExit) as exited:
+        call_command("doctor", "--wait", wait)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"doctor: --wait must be a number of seconds, 0 or more (got {float(wait)})\n"

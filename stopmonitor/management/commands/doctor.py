@@ -763,6 +763,9 @@ class Command(BaseCommand):
         if options["skip_dependencies"] and options["dependencies_only"]:
             sys.stderr.write("doctor: --skip-dependencies and --dependencies-only exclude each other\n")
             sys.exit(2)
+        if not 0 <= options["wait"] < float("inf"):
+            sys.stderr.write(f"doctor: --wait must be a number of seconds, 0 or more (got {options['wait']})\n")
+            sys.exit(2)
         environment, venue, config = _read_configuration()
         started = time.monotonic()
         checks = run_checks(options["quick"], options["wait"], dependencies=not options["skip_dependencies"],
