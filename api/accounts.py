@@ -20,7 +20,7 @@ from rest_framework.response import Response
 
 from api.models import AccountVenue, Client, ExchangeAccount, KeyType
 from api.permissions import require_tenant_id, scope_to_tenant
-from api.serializers import InputSerializer
+from api.serializers import InputSerializer, StrictCharField
 from api.views import ExchangeServiceUnavailable, NotFoundAsAPIError, error_responses
 from stopmonitor import accounts
 from stopmonitor.account_crypto import AccountCryptoError
@@ -44,25 +44,25 @@ class ExchangeAccountSerializer(serializers.ModelSerializer):
 class AccountCreateSerializer(InputSerializer):
     """A new account: ``secret`` is the HMAC secret, or the Ed25519 private key (PEM) for ``ED25519``."""
 
-    label = serializers.CharField(max_length=80)
+    label = StrictCharField(max_length=80)
     venue = serializers.ChoiceField(choices=AccountVenue.choices, required=False)
     key_type = serializers.ChoiceField(choices=KeyType.choices, default=KeyType.HMAC)
-    api_key = serializers.CharField(max_length=128, write_only=True, trim_whitespace=True)
-    secret = serializers.CharField(max_length=4000, write_only=True, trim_whitespace=True,
+    api_key = StrictCharField(max_length=128, write_only=True, trim_whitespace=True)
+    secret = StrictCharField(max_length=4000, write_only=True, trim_whitespace=True,
                                    style={"input_type": "password"})
 
 
 class SecretReplaceSerializer(InputSerializer):
     """New credentials for an existing account (``api_key``/``key_type`` unchanged when omitted)."""
 
-    secret = serializers.CharField(max_length=4000, write_only=True, trim_whitespace=True,
+    secret = StrictCharField(max_length=4000, write_only=True, trim_whitespace=True,
                                    style={"input_type": "password"})
-    api_key = serializers.CharField(max_length=128, write_only=True, required=False)
+    api_key = StrictCharField(max_length=128, write_only=True, required=False)
     key_type = serializers.ChoiceField(choices=KeyType.choices, required=False)
 
 
 class DisableSerializer(InputSerializer):
-    reason = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+    reason = StrictCharField(max_length=300, required=False, allow_blank=True, default="")
 
 
 def default_venue() -> str:

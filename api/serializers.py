@@ -166,6 +166,18 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string only: DRF's CharField turns ``5`` or ``true`` into ``"5"``/``"True"``, which the
+    schema (``type: string``) refuses (Schemathesis: an integer ``api_key`` was accepted, 201)."""
+
+    default_error_messages = {"not_a_string": "Must be a JSON string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
+
+
 class StrictIntegerField(serializers.IntegerField):
     """A JSON integer only (not ``"5"``, ``5.0`` or ``true``)."""
 
@@ -184,7 +196,7 @@ class OperationCreateSerializer(TrailingFields, InputSerializer):
     """Open a position to monitor. The stop and target are checked against the entry price by
     :func:`stopmonitor.operations.check_levels` when the operation is opened."""
 
-    symbol = serializers.CharField(max_length=20, help_text="An active symbol, e.g. BTCUSDT.")
+    symbol = StrictCharField(max_length=20, help_text="An active symbol, e.g. BTCUSDT.")
     side = serializers.ChoiceField(choices=Side.choices, help_text="Opening side: BUY = long, SELL = short.")
     quantity = money(help_text="Opened size in the base asset: a multiple of the symbol's stepSize, at least its minQty "
                                 "and minNotional.")
@@ -498,7 +510,7 @@ class RiskConfigUpdateSerializer(InputSerializer):
     min_fields = 1
 
     kill_switch = StrictBooleanField(required=False, help_text="Block every close of the tenant while true.")
-    kill_switch_reason = serializers.CharField(required=False, max_length=300,
+    kill_switch_reason = StrictCharField(required=False, max_length=300,
                                                help_text="Why the kill switch changes (required with kill_switch).")
     max_slippage_pct = PositiveDecimalField(required=False, max_digits=7, decimal_places=4, max_value=Decimal("100"),
                                             help_text="Largest slippage past the level, in percent.")

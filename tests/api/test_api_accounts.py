@@ -173,3 +173,11 @@ def test_outside_development_no_key_means_no_account_is_stored(alice, settings):
     r = add(alice)
     assert r.status_code == 503 and "ACCOUNT_ENCRYPTION_KEYS is not set" in r.json()["error"]["message"]
     assert not ExchangeAccount.objects.exists()
+
+
+@pytest.mark.parametrize("field, value", [("api_key", 5712), ("secret", 12345678), ("label", True)])
+def test_a_non_string_key_secret_or_label_is_refused_and_nothing_is_created(alice, field, value):
+    # Schemathesis found it in CI: DRF's CharField took the integer api_key as "5712" (201 Created)
+    r = add(alice, **{field: value})
+    assert (r.status_code, r.json()["error"]["fields"]) == (400, {field: ["Must be a JSON string."]})
+    assert ExchangeAccount.objects.count() == 0
