@@ -427,11 +427,42 @@ def protection_pass(exchange, *, now: datetime, source: str, report: ProtectionR
         open_orders = _of_operations(open_orders, operation_ids)
     actions = p.audit(audited.expected, open_orders, now, _visibility(), audited.symbol_of, audited.finished)
     if dry_run:
-        for a in actions:
-            report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
+        _dry_run(actions, audited.by_op, exchange, report=report, quotes=quotes)
         return report
     _carry_out(actions, audited.by_op, exchange, now=now, source=source, report=report, quotes=quotes)
     return report
+
+
+def _dry_run(actions: list[p.AuditAction], by_op: dict, exchange, *, report: ProtectionReport,
+             quotes: dict | None) -> None:
+    """What :func:`_carry_out` would do, read and noted, nothing appended or placed: each audit
+    action as ``would_<action>``, except that an operation to arm is planned as the real run plans
+    it (filters, its share of the free balance, the last price): ``would_arm`` with the order's
+    client order id, or ``would_refuse`` with the reason the real run would record (a position
+    below minQty/minNotional was counted as "would arm" and then refused)."""
+    for a in actions:
+        if a.action != p.ARM:
+            report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
+    arming = [by_op[a.operation_id] for a in _actions(actions, p.ARM)]
+    if arming:
+        filters = exchange.symbol_filters(sorted({op.symbol.symbol for op in arming}))
+        report.requests += 1
+        report.weight += 2
+        quotes = _arming_quotes(arming, exchange, quotes, report)
+        _arm_missing(arming, exchange, filters, quotes, now=None, source="", report=report, arm_one=_would_arm)
+
+
+def _would_arm(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *, now,
+               source: str, report: ProtectionReport) -> None:
+    """The dry run's :func:`arm`: the same plan (P1), read without the lock, noted, nothing written."""
+    op = store.get_operation(operation_id)
+    state = _state_of(store.protection_row(op))
+    plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price, op.target_price,
+                             filters, _buffer(op), (state.generation if state else 0) + 1, last_price)
+    if isinstance(plan, p.Unprotectable):
+        report.note("would_refuse", op.pk, client_order_id=None, reason=plan.reason)
+    else:
+        report.note("would_arm", op.pk, client_order_id=plan.client_order_id, reason=None)
 
 
 def _carry_out(actions: list[p.AuditAction], by_op: dict, exchange, *, now: datetime, source: str,
@@ -520,12 +551,14 @@ def _arming_quotes(arming: list, exchange, quotes: dict | None, report: Protecti
     return quotes
 
 
-def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: datetime, source: str,
-                 report: ProtectionReport) -> None:
+def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: datetime | None, source: str,
+                 report: ProtectionReport, arm_one=None) -> None:
     """Arm each operation (oldest first within its asset) with its share of the free balance read
     now, after this pass's cancels (P6); what other operations' resting protection locks stays
     theirs (a move or resize replaces in place, by cancelReplace/amend). A short's close buys:
-    not limited by balance. An operation whose symbol has no filters is not armed."""
+    not limited by balance. An operation whose symbol has no filters is not armed. ``arm_one``
+    (default :func:`arm`) is what is done with each share (the dry run's :func:`_would_arm`)."""
+    arm_one = arm_one or arm
     balances = exchange.free_balances()
     report.requests += 1
     report.weight += 20
@@ -533,8 +566,8 @@ def _arm_missing(arming: list, exchange, filters: dict, quotes: dict, *, now: da
         free = None if balances is None or side == "BUY" else balances.get(asset, Decimal(0))
         shares = p.allocate([(op.pk, op.remaining_quantity) for op in ops], free, Decimal(0))
         for op in ops:
-            arm(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], _last_price(op, quotes), now=now,
-                source=source, report=report)
+            arm_one(op.pk, exchange, filters[op.symbol.symbol], shares[op.pk], _last_price(op, quotes), now=now,
+                    source=source, report=report)
 
 
 def _by_closing_asset(ops: list, filters: dict) -> dict[tuple[str, str], list]:

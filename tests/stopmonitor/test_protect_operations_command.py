@@ -61,3 +61,23 @@ def test_resume_after_an_id(paper, tenant, open_op):
 def test_tenants_with_protection_off_are_left_alone(paper, tenant, open_op):
     open_op()  # paper venue, no explicit setting: protection off by default
     assert command()[-1]["armed"] == 0 and paper.calls == []
+
+
+def test_the_dry_run_plans_each_arm_as_the_real_run_and_writes_nothing(paper, tenant, open_op):
+    """A new user's report: the dry run said "2 would arm" for operations below the minimum order
+    size, and the real run then armed none of them. It now plans each as the real run does."""
+    from api.models import StopMonitorEvent
+
+    TenantConfig.objects.create(client=tenant, protection_enabled=True)
+    ok = open_op(qty="0.5")
+    tiny = open_op(qty="0.0004")  # 0.0004 BTC at the 9154 stop: below BTCUSDT's minNotional 5
+    events = StopMonitorEvent.objects.count()
+
+    dry = command("--dry-run")
+    assert (dry[0]["would_arm"], dry[-1]["armed"]) == (1, 0)
+    assert StopMonitorEvent.objects.count() == events and paper.open_orders() == []
+
+    real = command()
+    assert real[0]["armed"] == 1
+    assert [o.client_order_id for o in paper.open_orders()] == [f"sp{ok.pk}-1"]
+    assert StopMonitorEvent.objects.filter(operation=tiny, event_type="UNPROTECTED").count() == 1

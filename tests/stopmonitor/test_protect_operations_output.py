@@ -49,11 +49,11 @@ def test_readable_lines_for_a_dry_run_and_a_run(paper, tenant, open_op):
     dry = text("--dry-run", "--batch", "2")
     assert dry[:-1] == [
         f"batch 1: 2 operations (2 with protection on): 0 armed, 2 would arm, 0 unprotected (reason in their "
-        f"events); 1 requests; resume with --after {ops[1].pk}",
+        f"events); 4 requests; resume with --after {ops[1].pk}",
         f"batch 2: 1 operations (1 with protection on): 0 armed, 1 would arm, 0 unprotected (reason in their "
-        f"events); 1 requests; resume with --after {ops[2].pk}",
+        f"events); 4 requests; resume with --after {ops[2].pk}",
     ]
-    assert dry[-1].startswith("0 armed, 0 unprotected in 2 batches (2 requests, weight ") and dry[-1].endswith(") (dry run)")
+    assert dry[-1].startswith("0 armed, 0 unprotected in 2 batches (8 requests, weight ") and dry[-1].endswith(") (dry run)")
     lines = text("--batch", "2")
     assert [line.split(";")[0] for line in lines[:-1]] == [
         "batch 1: 2 operations (2 with protection on): 2 armed, 0 would arm, 0 unprotected (reason in their events)",

@@ -4,8 +4,9 @@ For backfilled and existing operations (../shared/design/protection.md, P1 and P
 operations with a stop whose tenant has protection on and that rest no protection (none ever, or
 CANCELLED/UNPROTECTED), in id order, ``--batch`` at a time through the same protection step the
 pass runs (one openOrders read per batch, then arm). Each batch commits as it goes; ``--after ID``
-resumes after the last id a previous run printed. ``--dry-run`` reads and reports the actions
-without placing anything. ``--json``: one JSON line per batch and a summary line.
+resumes after the last id a previous run printed. ``--dry-run`` reads what the real run reads and reports
+the actions, each arm planned as the real run plans it (filters, balance share, last price),
+without writing or placing anything. ``--json``: one JSON line per batch and a summary line.
 
 Exit status: 0 done; 1 the exchange could not be read (the line says where to resume); 2 bad arguments.
 """
