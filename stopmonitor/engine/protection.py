@@ -138,14 +138,20 @@ def _request_protection(operation_id: int, exchange, filters, available: Decimal
         state = _state_of(store.protection_row(op))
         if op.status != "ACTIVE" or (state and state.status in (p.REQUESTED, p.PLACED)):
             return None
-        plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price,
-                                 op.target_price, filters, _buffer(op), (state.generation if state else 0) + 1,
-                                 last_price)
+        plan = _plan(op, state, filters, available, last_price)
         if isinstance(plan, p.Unprotectable):
             _say_unprotectable(op, state, plan, venue=exchange.venue, now=now, source=source, report=report)
             return None
         _append(op, [NewEvent(p.PROTECTION_REQUESTED, plan.payload())], source=source, venue=exchange.venue, now=now)
     return plan
+
+
+def _plan(op, state: p.ProtectionState | None, filters, available: Decimal,
+          last_price: Decimal | None) -> p.ProtectionPlan | p.Unprotectable:
+    """The operation's next protection (P1): its share ``available`` capped by what remains, the
+    next generation after ``state``'s."""
+    return p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price, op.target_price,
+                             filters, _buffer(op), (state.generation if state else 0) + 1, last_price)
 
 
 def _say_unprotectable(op, state: p.ProtectionState | None, why: p.Unprotectable, *, venue: str, now: datetime,
@@ -445,20 +451,14 @@ def _dry_run(actions: list[p.AuditAction], by_op: dict, exchange, *, report: Pro
             report.note(f"would_{a.action.lower()}", a.operation_id, client_order_id=a.client_order_id, reason=a.reason)
     arming = [by_op[a.operation_id] for a in _actions(actions, p.ARM)]
     if arming:
-        filters = exchange.symbol_filters(sorted({op.symbol.symbol for op in arming}))
-        report.requests += 1
-        report.weight += 2
-        quotes = _arming_quotes(arming, exchange, quotes, report)
-        _arm_missing(arming, exchange, filters, quotes, now=None, source="", report=report, arm_one=_would_arm)
+        _arm_and_move(arming, [], exchange, now=None, source="", report=report, quotes=quotes, arm_one=_would_arm)
 
 
 def _would_arm(operation_id: int, exchange, filters, available: Decimal, last_price: Decimal | None, *, now,
                source: str, report: ProtectionReport) -> None:
     """The dry run's :func:`arm`: the same plan (P1), read without the lock, noted, nothing written."""
     op = store.get_operation(operation_id)
-    state = _state_of(store.protection_row(op))
-    plan = p.plan_protection(op.pk, op.side, min(available, op.remaining_quantity), op.stop_price, op.target_price,
-                             filters, _buffer(op), (state.generation if state else 0) + 1, last_price)
+    plan = _plan(op, _state_of(store.protection_row(op)), filters, available, last_price)
     if isinstance(plan, p.Unprotectable):
         report.note("would_refuse", op.pk, client_order_id=None, reason=plan.reason)
     else:
@@ -517,18 +517,19 @@ def _cancel_leftover(action: p.AuditAction, exchange, *, now: datetime, source: 
         _append(op, events, source=source, venue=exchange.venue, now=now)
 
 
-def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime,
-                  source: str, report: ProtectionReport, quotes: dict | None = None) -> None:
+def _arm_and_move(arming: list, resting: list, exchange, *, now: datetime | None,
+                  source: str, report: ProtectionReport, quotes: dict | None = None, arm_one=None) -> None:
     """Arm what is missing and move what rests off its level: one filters read, and for arming one
     balances read (P6: each operation's share of the free balance) and the last price from the
-    pass's ``quotes`` (a bulk quote read only for arming symbols they lack)."""
+    pass's ``quotes`` (a bulk quote read only for arming symbols they lack). ``arm_one``: see
+    :func:`_arm_missing`."""
     symbols = sorted({op.symbol.symbol for op in arming + resting})
     filters = exchange.symbol_filters(symbols)
     report.requests += 1
     report.weight += 2
     if arming:
         quotes = _arming_quotes(arming, exchange, quotes, report)
-        _arm_missing(arming, exchange, filters, quotes, now=now, source=source, report=report)
+        _arm_missing(arming, exchange, filters, quotes, now=now, source=source, report=report, arm_one=arm_one)
     for op in resting:
         _move_off_level(op, filters.get(op.symbol.symbol), exchange, now=now, source=source, report=report)
 

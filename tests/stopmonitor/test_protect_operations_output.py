@@ -4,7 +4,6 @@ stops answering mid-run (exit 1, the line names where to resume; the batches bef
 from __future__ import annotations
 
 import json
-from decimal import Decimal as D
 from io import StringIO
 
 import pytest
@@ -13,19 +12,10 @@ from django.core.management.base import CommandError
 
 from api.models import TenantConfig
 from stopmonitor.exchange.base import ExchangeUnavailable
-from stopmonitor.exchange.paper import PaperExchange
 
-from .conftest import NOW
+from .test_protect_operations_command import paper  # noqa: F401 - the same paper account
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def paper(monkeypatch):
-    ex = PaperExchange(now=NOW, balances={"BTC": D("10"), "USDT": D("0")})
-    ex.set_quote("BTCUSDT", "9300", "9300.01")
-    monkeypatch.setattr("stopmonitor.exchange.factory.build_exchange", lambda venue=None: ex)
-    return ex
 
 
 def text(*args) -> list[str]:

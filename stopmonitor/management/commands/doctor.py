@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import socket
 import sys
@@ -763,7 +764,7 @@ class Command(BaseCommand):
         if options["skip_dependencies"] and options["dependencies_only"]:
             sys.stderr.write("doctor: --skip-dependencies and --dependencies-only exclude each other\n")
             sys.exit(2)
-        if not 0 <= options["wait"] < float("inf"):
+        if not (math.isfinite(options["wait"]) and options["wait"] >= 0):
             sys.stderr.write(f"doctor: --wait must be a number of seconds, 0 or more (got {options['wait']})\n")
             sys.exit(2)
         environment, venue, config = _read_configuration()
