@@ -65,10 +65,20 @@ def _apply_timeouts(sender, connection, **kwargs) -> None:
     if connection.vendor != "postgresql":
         return
     knobs = getattr(settings, "STOPMONITOR", {})
+    lock_ms = int(knobs.get('ENGINE_LOCK_TIMEOUT_MS', 2000))
     with connection.cursor() as cursor:
         cursor.execute("SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
-                       [f"{int(knobs.get('ENGINE_STATEMENT_TIMEOUT_MS', 30000))}ms",
-                        f"{int(knobs.get('ENGINE_LOCK_TIMEOUT_MS', 2000))}ms"])
+                       [f"{int(knobs.get('ENGINE_STATEMENT_TIMEOUT_MS', 30000))}ms", f"{lock_ms}ms"])
+    connection.stopmonitor_session_lock_timeout = (connection.connection, lock_ms)
+
+
+def session_lock_timeout_ms(connection) -> int | None:
+    """The ``lock_timeout`` (ms) :func:`engine_timeouts` set on ``connection``'s current database
+    session, or None (not set on this session: another process kind, or a new session it did not see)."""
+    mark = getattr(connection, "stopmonitor_session_lock_timeout", None)
+    if mark is None or connection.connection is None or mark[0] is not connection.connection:
+        return None
+    return mark[1]
 
 
 def is_lock_timeout(exc: BaseException) -> bool:

@@ -115,16 +115,21 @@ def lock_operation(operation_id: int) -> Operation:
     Raises ``Operation.DoesNotExist``. Must run inside ``transaction.atomic``.
 
     The wait for the lock (and for every later lock of the transaction) is bounded by
-    ``ENGINE_LOCK_TIMEOUT_MS`` (``SET LOCAL lock_timeout``, PostgreSQL): one row held elsewhere
-    raises ``OperationalError`` (55P03), which the pass reports as a skipped decision and takes
-    next pass (issue #12 item 12), instead of stalling every other close behind it.
+    ``ENGINE_LOCK_TIMEOUT_MS`` (``SET LOCAL lock_timeout``, PostgreSQL; not repeated on a session
+    :func:`~stopmonitor.dbhealth.engine_timeouts` already set to it: a statement fewer in each of
+    the close's transactions): one row held elsewhere raises ``OperationalError`` (55P03), which
+    the pass reports as a skipped decision and takes next pass (issue #12 item 12), instead of
+    stalling every other close behind it.
     """
     if connection.vendor == "postgresql":
         from django.conf import settings
 
+        from stopmonitor.dbhealth import session_lock_timeout_ms
+
         ms = int(getattr(settings, "STOPMONITOR", {}).get("ENGINE_LOCK_TIMEOUT_MS", 2000))
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{ms}ms"])
+        if session_lock_timeout_ms(connection) != ms:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{ms}ms"])
     return Operation.objects.select_for_update(no_key=True).select_related("symbol").get(pk=operation_id)
 
 

@@ -72,7 +72,45 @@ def test_a_row_lock_held_elsewhere_is_waited_for_at_most_the_lock_timeout(settin
         connection_created.disconnect(dispatch_uid="stopmonitor-engine-timeouts")
         with connection.cursor() as cursor:
             cursor.execute("RESET lock_timeout; RESET statement_timeout")
+        connection.stopmonitor_session_lock_timeout = None
     waited = time.monotonic() - started
 
     assert is_lock_timeout(info.value)
     assert waited < 2.0
+
+
+def test_lock_operation_sets_the_lock_timeout_only_where_the_session_does_not_have_it(settings, open_op):
+    """monitor_stops sets ENGINE_LOCK_TIMEOUT_MS on its sessions (engine_timeouts): the close's
+    transactions then skip their SET LOCAL (a statement fewer before the order); any other session
+    (the API's, a shell's) or another value still gets it in the transaction."""
+    from django.test.utils import CaptureQueriesContext
+
+    from stopmonitor.dbhealth import session_lock_timeout_ms
+    from stopmonitor.engine.store import lock_operation
+
+    settings.STOPMONITOR = {**settings.STOPMONITOR, "ENGINE_LOCK_TIMEOUT_MS": 700}
+    op = open_op()
+
+    def statements():
+        with CaptureQueriesContext(connection) as ctx, transaction.atomic():
+            lock_operation(op.pk)
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW lock_timeout")
+                shown = cursor.fetchone()[0]
+        return [q["sql"] for q in ctx.captured_queries if "lock_timeout" in q["sql"]], shown
+
+    assert session_lock_timeout_ms(connection) is None
+    assert statements() == (["SELECT set_config('lock_timeout', '700ms', true)", "SHOW lock_timeout"], "700ms")
+    engine_timeouts()
+    try:
+        assert session_lock_timeout_ms(connection) == 700
+        assert statements() == (["SHOW lock_timeout"], "700ms")  # the session's own
+        settings.STOPMONITOR = {**settings.STOPMONITOR, "ENGINE_LOCK_TIMEOUT_MS": 900}
+        assert statements() == (["SELECT set_config('lock_timeout', '900ms', true)", "SHOW lock_timeout"], "900ms")
+    finally:
+        from django.db.backends.signals import connection_created
+
+        connection_created.disconnect(dispatch_uid="stopmonitor-engine-timeouts")
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout; RESET statement_timeout")
+        connection.stopmonitor_session_lock_timeout = None

@@ -712,6 +712,38 @@ def locmem_cache(settings):
     cache.clear()
 
 
+def test_symbol_entry_of_the_shared_cache_is_answered_from_memory_for_a_minute(locmem_cache, monkeypatch):
+    """A close reads its symbol's filters before its order: another process's entry costs one cache
+    read, then this process's copy answers for SHARED_COPY_SECONDS; what it fetched itself answers
+    for the entry's own TTL without the cache."""
+    from stopmonitor.exchange import state as state_module
+
+    entry = load("exchangeInfo_BTCUSDT_ETHUSDT_ADAUSDT_NOTIONAL.json")["symbols"][0]
+    locmem_cache.set("stopmonitor:binance:copy:symbol:BTCUSDT", entry)  # written by another process
+    state = CacheState(prefix="stopmonitor:binance:copy:")
+    reads = []
+    real_get = locmem_cache.get
+    monkeypatch.setattr(locmem_cache, "get", lambda key, *a, **k: reads.append(key) or real_get(key, *a, **k))
+    clock = [1000.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: clock[0])
+
+    assert state.get_symbol_info("BTCUSDT") == entry
+    assert state.get_symbol_info("BTCUSDT") == entry
+    assert reads == ["stopmonitor:binance:copy:symbol:BTCUSDT"]
+    clock[0] += state_module.SHARED_COPY_SECONDS + 1
+    locmem_cache.set("stopmonitor:binance:copy:symbol:BTCUSDT", {**entry, "status": "HALT"})  # refreshed elsewhere
+    assert state.get_symbol_info("BTCUSDT")["status"] == "HALT"
+    assert len(reads) == 2
+
+    state.set_symbol_info("ETHUSDT", entry, ttl_seconds=3600)  # fetched here
+    clock[0] += 3000
+    assert state.get_symbol_info("ETHUSDT") == entry
+    assert len(reads) == 2
+    clock[0] += 601
+    assert state.get_symbol_info("ETHUSDT") == entry  # expired here: read from the shared cache again
+    assert len(reads) == 3
+
+
 def test_default_state_is_the_django_cache_per_venue(fake_binance, locmem_cache):
     first = BinanceExchange(API_KEY, API_SECRET, testnet=True, api_url=fake_binance.url)
     fake_binance.script("GET", BOOK, status=418, body={"code": -1003, "msg": "banned"}, headers={"Retry-After": "600"})
