@@ -27,10 +27,29 @@ class ConcurrencyConflict(Exception):
     re-read the stream and decide again (another writer got there first)."""
 
 
+_STORED_COLUMNS = ("operation_id", "tenant_id", "symbol", "version", "event_type", "execution_token", "source",
+                   "venue", "payload", "created_at")
+
+
 def stream_head(operation_id: int) -> tuple[int, StoredEvent | None]:
-    """``(current version, last event)`` of an operation's stream; ``(0, None)`` when empty."""
+    """``(current version, last event)`` of an operation's stream; ``(0, None)`` when empty.
+
+    On PostgreSQL one hand-written statement over the (operation, version) index (each of the
+    close's transactions reads it before its order: no query compiled, no model built)."""
     from api.models import StopMonitorEvent
 
+    if connection.vendor == "postgresql":
+        field = StopMonitorEvent._meta.get_field("payload")
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {', '.join(_STORED_COLUMNS)} FROM "
+                           f"{connection.ops.quote_name(StopMonitorEvent._meta.db_table)} "
+                           "WHERE operation_id = %s ORDER BY version DESC LIMIT 1", [operation_id])
+            row = cursor.fetchone()
+        if row is None:
+            return 0, None
+        values = dict(zip(_STORED_COLUMNS, row))
+        values["payload"] = field.from_db_value(values["payload"], None, connection)
+        return values["version"], StoredEvent(**values)
     last = StopMonitorEvent.objects.filter(operation_id=operation_id).order_by("-version").first()
     if last is None:
         return 0, None
@@ -471,9 +490,47 @@ def _project(saved: Iterable) -> None:
             _project_protection(row)
         if not row.execution_token:
             continue
+        if connection.vendor == "postgresql":  # hand-written: no query compiled, no model built
+            current = _execution_state_pg(row.execution_token)
+            state = apply(current, to_stored(row))
+            _save_execution_state_pg(state, exists=current is not None)
+            continue
         current = StopMonitorExecution.objects.filter(pk=row.execution_token).first()
         state = apply(execution_state_of(current) if current else None, to_stored(row))
         save_execution_state(state, exists=current is not None)
+
+
+def _execution_state_pg(token: str):
+    """PostgreSQL: the :class:`~stopmonitor.execution.ExecutionState` of ``token``'s projection row, or None."""
+    from api.models import StopMonitorExecution
+    from stopmonitor.execution import ExecutionState, state_field_names
+
+    names = state_field_names()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(names)} FROM {connection.ops.quote_name(StopMonitorExecution._meta.db_table)} "
+                       "WHERE execution_token = %s", [token])
+        found = cursor.fetchone()
+    return ExecutionState(**dict(zip(names, found))) if found is not None else None
+
+
+def _save_execution_state_pg(state, exists: bool) -> None:
+    """PostgreSQL: :func:`save_execution_state` as one hand-written UPDATE or INSERT; each value
+    prepared by its model field as the ORM prepares it (Decimals rounded to the column's places the
+    same way, so a rebuild through the ORM writes the same rows)."""
+    from api.models import StopMonitorExecution
+    from stopmonitor.execution import state_field_names
+
+    meta = StopMonitorExecution._meta
+    names = state_field_names()
+    values = [meta.get_field(n.removesuffix("_id") if n in ("operation_id", "tenant_id") else n)
+              .get_db_prep_save(getattr(state, n), connection) for n in names]
+    table = connection.ops.quote_name(meta.db_table)
+    with connection.cursor() as cursor:
+        if exists:
+            cursor.execute(f"UPDATE {table} SET {', '.join(f'{n} = %s' for n in names[1:])} WHERE execution_token = %s",
+                           [*values[1:], values[0]])
+        else:
+            cursor.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})", values)
 
 
 def _project_protection(row) -> None:

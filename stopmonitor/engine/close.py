@@ -22,7 +22,7 @@ from stopmonitor.close_plan import Close, CloseAsDust, CloseSnapshot, Hold, Skip
 from stopmonitor.engine import store
 from stopmonitor.engine.context import EngineContext, EngineSettings
 from stopmonitor.engine.decisions import Action, Decision, EngineUnavailable
-from stopmonitor.engine.protection import place_close, plus_own_protection
+from stopmonitor.engine.protection import place_close
 from stopmonitor.vocabulary import SkipReason
 from stopmonitor.events import append_events, stream_head
 from stopmonitor.exchange.base import (
@@ -171,7 +171,7 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
     cfg = store.tenant_config(op.client_id, lock=True)
     breaker_row = store.breaker(symbol, lock=True)
     in_flight = breaker_row.state == BreakerPosition.HALF_OPEN and store.close_in_flight(symbol)
-    last_minute, last_hour = store.recent_triggers(op.client_id, ctx.now)
+    last_minute, last_hour, attempts = store.trigger_counts(op.client_id, op.pk, ctx.now)
     limits = market_limits(account.filters.get(symbol), op.symbol)
     funds = close_funds(op, account)
     snapshot = CloseSnapshot(
@@ -184,7 +184,7 @@ def load_snapshot(op, account: AccountView, ctx: EngineContext):
         max_slippage_pct=Decimal(cfg.max_slippage_pct), slippage_action=cfg.slippage_action,
         step_size=limits.step_size, min_qty=limits.min_qty, min_notional=limits.min_notional, max_qty=limits.max_qty,
         free_base=funds.free_base, free_quote=funds.free_quote,
-        attempt=store.attempts_so_far(op.pk) + 1,
+        attempt=attempts + 1,
         position=op.quantity,
         dust_tolerance_pct=ctx.settings.fee_dust_tolerance_pct,
         symbol_status=limits.symbol_status,
@@ -251,8 +251,7 @@ def credit_for_protection(op, account: AccountView, base: str) -> tuple[Decimal,
     reserved, never exceeds free + locked − what the others need: another operation's coins are
     never sold, whichever protection is really resting. Without a locked figure the projection is
     trusted (a venue that does not report it)."""
-    own = plus_own_protection(op.pk, "SELL", Decimal("0")) or Decimal("0")
-    others_need, others_protected = store.reserved_for_others(op, account.closing_now)
+    own, others_need, others_protected = store.protection_shares(op, account.closing_now)
     locked = account.locked_of(base)
     if locked is not None:
         own = min(own, max(locked, Decimal("0")))

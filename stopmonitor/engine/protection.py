@@ -651,14 +651,6 @@ def _move(operation_id: int, state: p.ProtectionState, move: p.Move, exchange, *
 
 # ---------------------------------------------------------------------------------------- the monitor's close (P2)
 
-def plus_own_protection(operation_id: int, closing: str, available: Decimal | None) -> Decimal | None:
-    """What a close may sell with its protection resting (P6): the free balance plus what the
-    operation's own protection locks (its cancelReplace releases exactly that). None stays None."""
-    if available is None:
-        return None
-    return available + (store.own_protection_quantity(operation_id, closing) or Decimal(0))
-
-
 class ProtectionFired(OrderRejected):
     """The close was not sent: the exchange-held stop fired first and its fill is recorded
     (the execution is already FAILED with reason PROTECTION_TRIGGERED)."""
