@@ -24,6 +24,7 @@ from api.models import (
     StopMonitorEvent,
     StopMonitorExecution,
     StopMonitorProtection,
+    Symbol,
     TenantConfig,
     current_venue,
     recorded_venue,
@@ -130,7 +131,35 @@ def lock_operation(operation_id: int) -> Operation:
         if session_lock_timeout_ms(connection) != ms:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{ms}ms"])
+        return _lock_operation_pg(operation_id)
     return Operation.objects.select_for_update(no_key=True).select_related("symbol").get(pk=operation_id)
+
+
+def _columns(model, alias: str) -> str:
+    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in model._meta.concrete_fields)
+
+
+def _from_row(model, row):
+    """A model instance from the values of its concrete fields, in their order (as the ORM builds it)."""
+    return model.from_db(connection.alias, [f.attname for f in model._meta.concrete_fields], row)
+
+
+def _lock_operation_pg(operation_id: int) -> Operation:
+    """:func:`lock_operation`'s query hand-written (PostgreSQL): the same ``FOR NO KEY UPDATE`` of the
+    operation and its symbol row, the same instances, without compiling the query each time (each of
+    the close's transactions starts with it)."""
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {_columns(Operation, 'o')}, {_columns(Symbol, 's')} FROM {qn(Operation._meta.db_table)} o "
+                       f"JOIN {qn(Symbol._meta.db_table)} s ON s.id = o.symbol_id WHERE o.id = %s FOR NO KEY UPDATE",
+                       [operation_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise Operation.DoesNotExist(f"Operation matching id={operation_id} does not exist.")
+    n = len(Operation._meta.concrete_fields)
+    op = _from_row(Operation, row[:n])
+    Operation.symbol.field.set_cached_value(op, _from_row(Symbol, row[n:]))
+    return op
 
 
 def get_operation(operation_id: int) -> Operation:
@@ -244,16 +273,53 @@ def tenant_config(client_id: int, lock: bool) -> TenantConfig:
     """The tenant's risk configuration (defaults when it has none). ``lock``: the row is the
     tenant's mutex for the rate limit, created so there is one to lock."""
     if lock:
+        found = _one(TenantConfig, "client_id", client_id, lock=True)
+        if found is not None:
+            return found
         cfg, _ = TenantConfig.objects.select_for_update().get_or_create(client_id=client_id)
         return cfg
+    if connection.vendor == "postgresql":
+        return _one(TenantConfig, "client_id", client_id, lock=False) or TenantConfig(client_id=client_id)
     return TenantConfig.objects.filter(client_id=client_id).first() or TenantConfig(client_id=client_id)
+
+
+def _one(model, column: str, value, *, lock: bool):
+    """PostgreSQL: the row of ``model`` whose unique ``column`` is ``value`` (``lock``: ``FOR UPDATE``)
+    in one hand-written statement; None when there is none (the caller creates it) or elsewhere."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {_columns(model, 't')} FROM {connection.ops.quote_name(model._meta.db_table)} t "
+                       f"WHERE t.{connection.ops.quote_name(column)} = %s{' FOR UPDATE' if lock else ''}", [value])
+        row = cursor.fetchone()
+    return _from_row(model, row) if row is not None else None
+
+
+def _create_missing(model, **fields) -> None:
+    """PostgreSQL: insert ``model(**fields)`` with its defaults unless its unique key exists already
+    (``ON CONFLICT DO NOTHING``: no savepoint, unlike ``get_or_create``); values prepared by the fields."""
+    row = model(**fields)
+    concrete = [f for f in model._meta.concrete_fields if not f.primary_key or f.attname in fields]
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {qn(model._meta.db_table)} ({', '.join(qn(f.column) for f in concrete)}) "
+                       f"VALUES ({', '.join(['%s'] * len(concrete))}) ON CONFLICT DO NOTHING",
+                       [f.get_db_prep_save(f.pre_save(row, add=True), connection) for f in concrete])
 
 
 def breaker(symbol: str, lock: bool) -> CircuitBreakerState:
     """The symbol's circuit-breaker row (``lock``: created and locked)."""
     if lock:
+        if connection.vendor == "postgresql":  # every symbol's first close creates its row: no savepoint
+            found = _one(CircuitBreakerState, "symbol", symbol, lock=True)
+            if found is None:
+                _create_missing(CircuitBreakerState, symbol=symbol)
+                found = _one(CircuitBreakerState, "symbol", symbol, lock=True)
+            return found
         row, _ = CircuitBreakerState.objects.select_for_update().get_or_create(symbol=symbol)
         return row
+    if connection.vendor == "postgresql":
+        return _one(CircuitBreakerState, "symbol", symbol, lock=False) or CircuitBreakerState(symbol=symbol)
     return CircuitBreakerState.objects.filter(symbol=symbol).first() or CircuitBreakerState(symbol=symbol)
 
 
