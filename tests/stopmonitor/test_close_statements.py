@@ -5,7 +5,6 @@ give what the ORM gives."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
